@@ -1,0 +1,151 @@
+"""compile(): load -> export -> passes -> lower -> bundle, top to bottom."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from specee_compile import __version__, bundle, load
+from specee_compile.config import CompileConfig
+from specee_compile.errors import BackendError
+from specee_compile.passes import FuseOrtTransformersPass, run_passes
+
+logger = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+PROTOCOL = """\
+Greedy decoding with graph `step` and a preallocated KV cache:
+1. Allocate, per layer i, two float32 buffers past_key_values.{i}.key / .value of shape
+   [1, kv_heads, capacity, head_dim] (zeros are fine).
+2. Prefill: run `step` with input_ids = the prompt ids [1, S] and past_sequence_length = [0].
+   Bind each present.{i}.key|value output to the SAME buffer as the matching past input:
+   ONNX Runtime's GroupQueryAttention then writes the new positions in place.
+   (Without binding, copy present.* into the buffers yourself before the next call.)
+3. The next token is argmax(logits[0]). Stop at any of eos_token_ids.
+4. Decode: run `step` with input_ids = [[token]] and past_sequence_length = [tokens so far
+   in the cache], the same buffers bound as before. Repeat from 3.
+5. The cache holds `capacity` positions: prompt + generated tokens must not exceed it.
+"""
+
+
+def disabled_backend_reason(backend: str) -> str | None:
+    """Why a backend cannot run on this machine, or None when it can."""
+    if backend != "trt":
+        return None
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the TensorRT Python package is not installed (pip install 'specee-compile[gpu]')"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no NVIDIA GPU is visible to CUDA"
+    except ImportError:
+        return "torch is not installed"
+    return None
+
+
+def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001 (the verb)
+    """Compile ``config.model`` into a bundle at ``config.out`` and return its path."""
+    reason = disabled_backend_reason(config.backend)
+    if reason:
+        raise BackendError(
+            f"cannot build a TensorRT engine: {reason}. Compile an ONNX Runtime bundle instead "
+            f"with --out {config.out.with_suffix('.onnx')}."
+        )
+    if reason is None and config.backend == "trt":
+        raise BackendError(
+            "TensorRT lowering is not implemented yet; compile an ONNX Runtime bundle with "
+            f"--out {config.out.with_suffix('.onnx')}."
+        )
+    bundle.check_output(config.out, config.force)
+    stages = tqdm(total=5, desc="compile", unit="stage", disable=not progress)
+    stages.set_postfix_str("resolve model")
+    model_dir = load.resolve(config.model)
+    info = load.inspect(model_dir)
+    capacity = min(config.max_context, info.max_positions)
+    stages.update()
+
+    stages.set_postfix_str("load weights")
+    hf_model, tokenizer = load.load(model_dir)
+    window = getattr(hf_model.config, "sliding_window", None)
+    if window and getattr(hf_model.config, "use_sliding_window", True):
+        capacity = min(capacity, int(window))
+    stages.update()
+
+    stages.set_postfix_str("export (torch.export + ONNX)")
+    from specee_compile.export import export_step
+
+    model, shapes = export_step(hf_model, capacity)
+    stages.update()
+
+    stages.set_postfix_str("passes")
+    passes = [FuseOrtTransformersPass()] if config.opt_level != "O0" else []
+    model, pass_log = run_passes(model, passes, skip=config.skip_passes)
+    stages.update()
+
+    stages.set_postfix_str("write bundle")
+    with bundle.staging(config.out, config.force) as tmp:
+        ir.save(model, tmp / GRAPH_FILE, external_data=GRAPH_FILE + ".data")
+        tokenizer.save_pretrained(tmp)
+        hf_model.generation_config.save_pretrained(tmp)
+        manifest = {
+            "format": bundle.FORMAT,
+            "format_version": bundle.FORMAT_VERSION,
+            "producer": f"specee-compile {__version__}",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "backend": "onnxruntime",
+            "model": {
+                "source": str(config.model),
+                "family": info.family,
+                "num_layers": shapes.num_layers,
+                "hidden_size": shapes.hidden_size,
+                "num_heads": shapes.num_heads,
+                "num_kv_heads": shapes.num_kv_heads,
+                "head_dim": shapes.head_dim,
+                "vocab_size": shapes.vocab_size,
+                "eos_token_ids": _eos_ids(hf_model, tokenizer),
+                "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            },
+            "cache": {
+                "capacity": capacity,
+                "layout": "[batch, kv_heads, capacity, head_dim]",
+                "dtype": "float32",
+                "update": "in place when present.* is bound to the past buffer (shared buffer)",
+            },
+            "graphs": {"step": {"file": GRAPH_FILE, **io_contract(model)}},
+            "protocol": PROTOCOL,
+            "compile": config.to_dict(),
+            "passes": pass_log,
+        }
+        bundle.finish_manifest(tmp, manifest)
+    stages.update()
+    stages.close()
+    return config.out
+
+
+def io_contract(model: ir.Model) -> dict:
+    """Names, dtypes and shapes (symbolic dims as strings) of a graph's inputs and outputs."""
+
+    def describe(v: ir.Value) -> dict:
+        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        dtype = str(v.dtype.numpy()) if v.dtype is not None else None
+        return {"name": v.name, "dtype": dtype, "shape": dims}
+
+    return {
+        "inputs": [describe(v) for v in model.graph.inputs],
+        "outputs": [describe(v) for v in model.graph.outputs],
+    }
+
+
+def _eos_ids(hf_model, tokenizer) -> list[int]:
+    ids = hf_model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

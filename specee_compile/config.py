@@ -1,0 +1,84 @@
+"""Compile configuration: one frozen, validated dataclass, presets and checked overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specee_compile.errors import ConfigError
+
+BACKENDS = ("ort", "trt")
+OPT_LEVELS = ("O0", "O1")
+BUNDLE_SUFFIXES = {".onnx": "ort", ".plan": "trt", ".engine": "trt"}
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything `compile()` needs. Validated on construction.
+
+    Attributes:
+        model: a Hugging Face model directory, a .gguf file, or a built-in name.
+        out: the bundle directory to write; its suffix (.onnx / .plan) picks the backend.
+        backend: "ort" (ONNX Runtime) or "trt" (TensorRT); derived from ``out`` if empty.
+        max_context: KV-cache capacity in tokens (prompt + generated).
+        opt_level: "O0" exports only; "O1" adds ONNX Runtime's transformer fusions.
+        force: replace an existing bundle at ``out`` (only once the new one is complete).
+    """
+
+    model: str
+    out: Path
+    backend: str = ""
+    max_context: int = 2048
+    opt_level: str = "O1"
+    force: bool = False
+    skip_passes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        if not self.backend:
+            object.__setattr__(self, "backend", BUNDLE_SUFFIXES.get(self.out.suffix, "ort"))
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend '{self.backend}' is unknown; choose one of {BACKENDS}.")
+        if self.out.suffix and self.out.suffix not in BUNDLE_SUFFIXES:
+            raise ConfigError(
+                f"output suffix '{self.out.suffix}' is unknown; use .onnx (ONNX Runtime bundle), "
+                ".plan or .engine (TensorRT bundle), or a directory name without a suffix."
+            )
+        if not isinstance(self.max_context, int) or not 16 <= self.max_context <= 1 << 20:
+            raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
+        if self.opt_level not in OPT_LEVELS:
+            raise ConfigError(f"opt_level '{self.opt_level}' is unknown; choose one of {OPT_LEVELS}.")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        d["skip_passes"] = list(self.skip_passes)
+        return d
+
+
+def with_overrides(config: CompileConfig, overrides: list[str]) -> CompileConfig:
+    """Apply ``key=value`` overrides, checked against the dataclass fields."""
+    fields = {f.name: f for f in dataclasses.fields(CompileConfig)}
+    changes = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields or key in ("model", "out"):
+            valid = ", ".join(k for k in fields if k not in ("model", "out"))
+            raise ConfigError(f"override '{item}' is not key=value with a known key ({valid}).")
+        current = getattr(config, key)
+        try:
+            if isinstance(current, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("true", "1")
+            elif isinstance(current, int):
+                value = int(raw)
+            elif isinstance(current, tuple):
+                value = tuple(v for v in raw.split(",") if v)
+            else:
+                value = raw
+        except ValueError as e:
+            raise ConfigError(f"override '{item}': '{raw}' is not a valid {type(current).__name__}.") from e
+        changes[key] = value
+    return dataclasses.replace(config, **changes)

