@@ -192,9 +192,12 @@ class OrtEngine:
             n += 1
             steps += 1
         end = time.perf_counter()
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        if stream is not None and len(text) > len(printed):
+            stream(text[len(printed):])  # what was held back as an incomplete character
         return Generation(
             token_ids=out,
-            text=self.tokenizer.decode(out, skip_special_tokens=True),
+            text=text,
             prompt_tokens=len(ids),
             stop_reason=stop,
             time_to_first_token=first_token_at - start,

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo   install, compile the built-in SmolLM2 and generate with it
+#   make test   install and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned to the CPU build 2.13.0, so nothing pulls a CUDA torch.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+demo: install
+	$(BIN)/specee-compile smollm2 --out out/smollm2.onnx --force
+	$(BIN)/specee-run out/smollm2.onnx --prompt "$(PROMPT)" --max-new-tokens 96
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/dense_speed.py --out bench-results
+
+clean:
+	rm -rf $(VENV) out bench-results

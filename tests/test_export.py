@@ -1,0 +1,75 @@
+"""Export semantics on tiny random models: ONNX Runtime step == eager PyTorch within 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from specee_compile.export import DecoderStep, export_step, layer_output_name
+from tests.conftest import FAMILIES, make_tiny_model
+
+CAPACITY = 32
+
+
+def _run_steps(session, shapes, prompt, continuation):
+    """Prefill with ``prompt`` then decode ``continuation`` token by token; return all logits."""
+    cache = [np.zeros((1, shapes.num_kv_heads, CAPACITY, shapes.head_dim), np.float32)
+             for _ in range(2 * shapes.num_layers)]
+    names = [f"past_key_values.{i}.{k}" for i in range(shapes.num_layers) for k in ("key", "value")]
+    logits = []
+    past = 0
+    for chunk in [prompt] + [[t] for t in continuation]:
+        feeds = {"input_ids": np.array([chunk], np.int64), "past_sequence_length": np.array([past], np.int64)}
+        feeds.update(zip(names, cache))
+        out = session.run(None, feeds)
+        logits.append(out[0][0])
+        cache = out[1:]
+        past += len(chunk)
+    return logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_logits_match_eager(family, tmp_path):
+    model = make_tiny_model(family)
+    onnx_model, shapes = export_step(model, CAPACITY)
+    path = tmp_path / "step.onnx"
+    ir.save(onnx_model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    prompt, continuation = [1, 17, 42, 99, 5], [7, 250, 3, 64]
+    got = _run_steps(session, shapes, prompt, continuation)
+    ids = prompt + continuation
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    expected = [ref[len(prompt) - 1]] + [ref[len(prompt) + k] for k in range(len(continuation))]
+    for step, (g, e) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(g, e, atol=1e-4, rtol=0, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_step_module_matches_hf(family):
+    model = make_tiny_model(family, seed=1)
+    step = DecoderStep(model, CAPACITY).eval()
+    shapes_kv = (1, step.kv_heads, CAPACITY, step.head_dim)
+    past = [torch.zeros(shapes_kv) for _ in range(2 * len(step.blocks))]
+    ids = [1, 9, 33, 200]
+    with torch.no_grad():
+        out = step(torch.tensor([ids[:3]]), torch.tensor([0]), past)
+        out2 = step(torch.tensor([ids[3:]]), torch.tensor([3]), list(out[1:]))
+        ref = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(out[0][0], ref[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out2[0][0], ref[3], atol=1e-5, rtol=0)
+
+
+def test_exported_graph_names_every_layer_output():
+    model = make_tiny_model("llama")
+    onnx_model, shapes = export_step(model, CAPACITY)
+    names = {v.name for node in onnx_model.graph for v in node.outputs}
+    assert {layer_output_name(i) for i in range(shapes.num_layers)} <= names
+    assert "final_norm.output" in names
+    inputs = [v.name for v in onnx_model.graph.inputs]
+    assert inputs[:2] == ["input_ids", "past_sequence_length"]
+    assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [v.name for v in onnx_model.graph.outputs][:3] == ["logits", "present.0.key", "present.0.value"]

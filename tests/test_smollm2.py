@@ -1,0 +1,41 @@
+"""End to end on the real SmolLM2-135M: the bundle's greedy tokens equal transformers' eager greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specee_compile import resources
+from specee_compile.compiler import compile as compile_bundle
+from specee_compile.config import CompileConfig
+from specee_compile.load import resolve
+from specee_compile.runtimes import load
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = 10
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2.onnx"
+    return compile_bundle(CompileConfig(model="smollm2", out=out, max_context=512), progress=False)
+
+
+def test_bundle_matches_transformers_greedy_on_mtbench(smollm2_bundle):
+    from transformers import AutoModelForCausalLM
+
+    engine = load(smollm2_bundle, threads=2)
+    hf = AutoModelForCausalLM.from_pretrained(resolve("smollm2"), dtype=torch.float32).eval()
+    mismatches = []
+    for k, question in enumerate(resources.mtbench_questions(QUESTIONS)):
+        ids = engine.encode(question)
+        got = engine.generate(ids, max_new_tokens=NEW_TOKENS).token_ids
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              eos_token_id=sorted(engine.eos_token_ids), pad_token_id=2)
+        ref = [t for t in ref[0, len(ids):].tolist() if t not in engine.eos_token_ids]
+        if got != ref:
+            mismatches.append((k, got, ref))
+    assert not mismatches, f"{len(mismatches)} of {QUESTIONS} questions differ: {mismatches[:1]}"
