@@ -30,7 +30,9 @@ def _gqa_schema() -> OpSchema:
              ("scale", OpSchema.AttrType.FLOAT), ("do_rotary", OpSchema.AttrType.INT)]
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[param(n, t) for n, t in zip(names, types)],
+        inputs=[param(n, t, "", param_option=OpSchema.FormalParameterOption.Optional
+                      if n in ("key", "value") else OpSchema.FormalParameterOption.Single)
+                for n, t in zip(names, types)],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[OpSchema.Attribute(n, t, "") for n, t in attrs],
@@ -42,9 +44,7 @@ GROUP_QUERY_ATTENTION = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gq
 
 @torch.library.custom_op("specee::cached_attention", mutates_args=())
 def cached_attention(
-    query: torch.Tensor,  # [B, S, H*D], before RoPE
-    key: torch.Tensor,  # [B, S, KVH*D], before RoPE
-    value: torch.Tensor,  # [B, S, KVH*D]
+    qkv: torch.Tensor,  # [B, S, (H + 2*KVH)*D]: packed q, k, v projections, before RoPE
     past_key: torch.Tensor,  # [B, KVH, CAP, D]
     past_value: torch.Tensor,  # [B, KVH, CAP, D]
     seqlens_k: torch.Tensor,  # [B] int32: past_len + S - 1
@@ -55,8 +55,9 @@ def cached_attention(
     kv_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, s, _ = query.shape
+    b, s, _ = qkv.shape
     d = past_key.shape[-1]
+    query, key, value = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
     total = int(total_length)
     past = total - s
     pos = torch.arange(past, total)
@@ -84,18 +85,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 @cached_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+def _(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
       num_heads, kv_heads, scale):
-    return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(
+    out_shape = (*qkv.shape[:2], num_heads * past_key.shape[-1])
+    return qkv.new_empty(out_shape), past_key.new_empty(past_key.shape), past_value.new_empty(
         past_value.shape
     )
 
 
-def cached_attention_ort(query, key, value, past_key, past_value, seqlens_k, total_length,
+def cached_attention_ort(qkv, past_key, past_value, seqlens_k, total_length,
                          cos_cache, sin_cache, num_heads: int, kv_heads: int, scale: float):
-    """ONNX Runtime lowering: one GroupQueryAttention node with in-kernel RoPE."""
+    """ONNX Runtime lowering: one GroupQueryAttention node, packed QKV, in-kernel RoPE."""
     return GROUP_QUERY_ATTENTION(
-        query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+        qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
     )
 

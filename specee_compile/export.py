@@ -98,17 +98,33 @@ class StepLayer(nn.Module):
         self.num_heads = num_heads
         self.kv_heads = kv_heads
         self.scale = float(layer.self_attn.scaling)
+        self.qkv_proj = _packed_linear(
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        )
 
     def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache):
         attn = self.layer.self_attn
         x = self.layer.input_layernorm(h)  # [1, S, d]
         out, present_key, present_value = torch.ops.specee.cached_attention(
-            attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past_key, past_value,
-            seqlens_k, total, cos_cache, sin_cache, self.num_heads, self.kv_heads, self.scale,
+            self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, self.num_heads, self.kv_heads, self.scale,
         )
         h = h + attn.o_proj(out)
         h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
         return h, present_key, present_value
+
+
+def _packed_linear(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing several projections of the same input, outputs concatenated."""
+    weight = torch.cat([lin.weight for lin in linears], dim=0)
+    has_bias = [lin.bias is not None for lin in linears]
+    packed = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias))
+    with torch.no_grad():
+        packed.weight.copy_(weight)
+        if any(has_bias):
+            packed.bias.copy_(torch.cat([
+                lin.bias if lin.bias is not None else torch.zeros(lin.out_features) for lin in linears
+            ]))
+    return packed
 
 
 def _rope_tables(rotary_emb: nn.Module, capacity: int, head_dim: int):
