@@ -55,9 +55,14 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+    """TensorRT and CUDA execution providers when onnxruntime-gpu has them, then the CPU.
+
+    ORT assigns each node to the first provider that can run it, so the com.microsoft
+    GroupQueryAttention nodes TensorRT cannot take fall back to CUDA.
+    """
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in wanted if p in available]
 
 
 class _CacheState:
