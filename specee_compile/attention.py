@@ -19,6 +19,8 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
+from specee_compile.functional import apply_rope
+
 
 def _gqa_schema() -> OpSchema:
     """The part of ORT's GroupQueryAttention contract this project uses (onnx has no copy)."""
@@ -61,8 +63,8 @@ def cached_attention(
     total = int(total_length)
     past = total - s
     pos = torch.arange(past, total)
-    q = _rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
-    k = _rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
+    q = apply_rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
+    k = apply_rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
     v = value.view(b, s, kv_heads, d).transpose(1, 2)
     present_key = past_key.clone()
     present_value = past_value.clone()
@@ -75,13 +77,6 @@ def cached_attention(
         q, keys, values, attn_mask=causal, scale=scale
     )  # [B, H, S, D]
     return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, S, D]; cos/sin: [S, D/2]; non-interleaved (rotate_half) layout as in HF.
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 @cached_attention.register_fake

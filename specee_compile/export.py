@@ -27,6 +27,7 @@ from torch import nn
 
 from specee_compile.attention import ORT_TRANSLATIONS, cached_attention  # noqa: F401
 from specee_compile.errors import ExportError
+from specee_compile.functional import rope_tables
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class DecoderStep(nn.Module):
         self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.capacity = capacity
-        cos, sin = _rope_tables(base.rotary_emb, capacity, self.head_dim)
+        cos, sin = rope_tables(base.rotary_emb, capacity, self.head_dim)
         self.register_buffer("cos_cache", cos, persistent=False)  # [CAP, D/2]
         self.register_buffer("sin_cache", sin, persistent=False)
         self.blocks = nn.ModuleList(
@@ -125,16 +126,6 @@ def _packed_linear(linears: list[nn.Linear]) -> nn.Linear:
                 lin.bias if lin.bias is not None else torch.zeros(lin.out_features) for lin in linears
             ]))
     return packed
-
-
-def _rope_tables(rotary_emb: nn.Module, capacity: int, head_dim: int):
-    """cos/sin of every cache position, first half of the rotate_half layout: [CAP, D/2]."""
-    positions = torch.arange(capacity)[None, :]
-    dummy = torch.zeros(1, dtype=torch.float32)
-    with torch.no_grad():
-        cos, sin = rotary_emb(dummy, positions)  # [1, CAP, D]
-    half = head_dim // 2
-    return cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
 
 
 def input_names(num_layers: int) -> list[str]:

