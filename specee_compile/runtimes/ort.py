@@ -106,6 +106,7 @@ class OrtEngine:
         except Exception as e:  # ORT raises its own exception types for damaged graphs
             raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
         _check_io(self.session, graph, self.path / graph["file"])
+        _check_shapes(self.session, manifest, self.path / graph["file"])
         self._pool: list[_CacheState] = []
         self._lock = threading.Lock()
 
@@ -246,3 +247,25 @@ def _check_io(session: ort.InferenceSession, graph: dict, file: Path) -> None:
             f"{file} has inputs/outputs {actual} but the manifest promises {promised}; "
             "the bundle is damaged or mixed from two compiles. Recompile it."
         )
+
+
+def _check_shapes(session: ort.InferenceSession, manifest: dict, file: Path) -> None:
+    """The layer count, cache and vocabulary sizes in the manifest must be those of the graph."""
+    m = manifest["model"]
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    if len(past) != 2 * m["num_layers"]:
+        raise BundleError(
+            f"{file} has {len(past) // 2} layers of cache inputs but the manifest's 'model.num_layers' "
+            f"says {m['num_layers']}; the bundle is damaged. Recompile it."
+        )
+    cache = [1, m["num_kv_heads"], manifest["cache"]["capacity"], m["head_dim"]]
+    checks = [(i, cache, "'model.num_kv_heads', 'cache.capacity', 'model.head_dim'") for i in past]
+    logits = [o for o in session.get_outputs() if o.name == "logits"]
+    checks += [(o, [1, m["vocab_size"]], "'model.vocab_size'") for o in logits]
+    for value, promised, fields in checks:
+        shape = value.shape  # symbolic dims are strings and match anything
+        if len(shape) != len(promised) or any(isinstance(d, int) and d != p for d, p in zip(shape, promised)):
+            raise BundleError(
+                f"{file}: {value.name} has shape {shape} but the manifest ({fields}) implies "
+                f"{promised}; the bundle is damaged. Recompile it."
+            )

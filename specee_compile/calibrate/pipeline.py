@@ -1,0 +1,373 @@
+"""The calibration pipeline, top to bottom, and the artifact it writes and reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from specee_compile import load as model_load
+from specee_compile import resources
+from specee_compile.calibrate import data
+from specee_compile.calibrate.collect import layer_argmax, target_pass
+from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+from specee_compile.calibrate.predictors import PredictorBank, candidate_features, layer_metrics, train_bank
+from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window
+from specee_compile.errors import ConfigError, ModelLoadError
+from specee_compile.reference import DecodeSettings
+from specee_compile.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_VERSION = 1
+WEIGHTS = "calibration.safetensors"
+META = "calibration.json"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What calibration uses and trains. Part of the artifact's cache key."""
+
+    calib_file: str | None = None  # JSONL of prompts/responses; default: ShareGPT
+    draft_sequences: int = 160
+    predictor_sequences: int = 48
+    max_seq_len: int = 384
+    generate_tokens: int = 96  # continuation length for examples without a response
+    draft_vocab: int = 6144
+    draft_epochs: int = 3
+    draft_lr: float = 3e-4
+    exit_feature_rate: float = 0.5  # share of draft inputs fed an intermediate layer's feature
+    predictor_hidden: int = 512
+    predictor_epochs: int = 100
+    positions_per_sequence: int = 128
+    rule: str = "full"
+    target_agreement: float = 0.98
+    history: int = 5
+    offsets: tuple[int, ...] = (-2, 0, 2)
+    seed: int = 0
+
+    def __post_init__(self):
+        DecodeSettings(rule=self.rule)
+        for name in ("draft_sequences", "predictor_sequences", "max_seq_len", "draft_vocab", "draft_epochs",
+                     "predictor_hidden", "predictor_epochs", "positions_per_sequence"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"calibration setting {name} must be positive, got {getattr(self, name)}.")
+        if not 0 < self.target_agreement <= 1:
+            raise ConfigError("target_agreement must be in (0, 1].")
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        if self.calib_file:
+            blob += hashlib.sha256(Path(self.calib_file).read_bytes()).hexdigest()
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Calibration:
+    draft: EagleDraft
+    bank: PredictorBank
+    schedule: Schedule
+    threshold: float
+    meta: dict
+
+
+def artifact_dir(model_dir: Path, settings: CalibrationSettings) -> Path:
+    weights = sorted(model_dir.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for w in weights:
+        with open(w, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return resources.cache_dir() / "calibration" / f"{h.hexdigest()[:16]}-{settings.key()}"
+
+
+def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSettings(),
+              force: bool = False, progress: bool = True) -> Path:
+    """Calibrate ``model`` (as ``specee-compile`` accepts it) once; return the artifact folder."""
+    model_dir = model_load.resolve(model)
+    model_load.inspect(model_dir)
+    out = artifact_dir(model_dir, settings)
+    if (out / META).is_file() and not force:
+        logger.info("reusing calibration %s", out)
+        return out
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    target, tokenizer = model_load.load(model_dir)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    L = target.config.num_hidden_layers
+
+    sequences = _sequences(target, tokenizer, settings, progress)
+    split = min(settings.draft_sequences, max(1, len(sequences) - 2))
+    draft_seqs, pred_seqs = sequences[:split], sequences[split:]
+
+    passes = [target_pass(target, ids) for ids in tqdm(draft_seqs, desc="target passes (draft)", disable=not progress)]
+    vocab_map = reduced_vocabulary(torch.cat([p.next_token for p in passes]), settings.draft_vocab,
+                                   target.config.vocab_size)
+    draft = EagleDraft(target, vocab_map)
+    exit_lo = L // 2
+    train_log = _train_draft(draft, passes, settings, exit_lo, rng, progress)
+    del passes
+
+    pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
+                                                            disable=not progress)]
+    draft_metrics = _draft_metrics(draft, pred_passes, exit_lo)
+    feats, labels, windows = _predictor_data(target, draft, pred_passes, settings, progress)
+    n = feats.shape[1]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
+    train_idx, test_idx = order[: int(0.8 * n)], order[int(0.8 * n):]
+    bank = PredictorBank(L, settings.predictor_hidden)
+    bar = tqdm(total=settings.predictor_epochs, desc="train predictors", unit="epoch", disable=not progress)
+    train_bank(bank, feats[:, train_idx], labels[:, train_idx], epochs=settings.predictor_epochs, progress=bar)
+    bar.close()
+    metrics = layer_metrics(bank, feats[:, test_idx], labels[:, test_idx])
+
+    costs = measure_costs(target, draft, bank)
+    choice, sweep = _choose_schedule(target, draft, bank, windows, settings, costs, L, progress)
+    meta = {
+        "artifact_version": ARTIFACT_VERSION,
+        "model_dir": str(model_dir),
+        "num_layers": L,
+        "settings": dataclasses.asdict(settings),
+        "schedule": choice["schedule"].to_dict(),
+        "threshold": choice["threshold"],
+        "rule": settings.rule,
+        "draft": {"vocab_size": len(vocab_map), "hidden_size": target.config.hidden_size, **draft_metrics,
+                  "training": train_log},
+        "predictors": {"hidden": settings.predictor_hidden, "samples": n, "test_samples": len(test_idx),
+                       "per_layer": metrics},
+        "cost_model": dataclasses.asdict(costs),
+        "schedule_search": sweep,
+        "chosen": {k: v for k, v in choice.items() if k != "schedule"},
+    }
+    _save(out, draft, bank, meta)
+    return out
+
+
+def load_calibration(path: Path, target) -> Calibration:
+    """Rebuild the draft, predictors and schedule of an artifact for ``target``."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        tensors = load_file(path / WEIGHTS)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"calibration artifact {path} cannot be read ({e}); recalibrate with --recalibrate.") from e
+    if meta.get("artifact_version") != ARTIFACT_VERSION:
+        raise ModelLoadError(f"calibration artifact {path} has version {meta.get('artifact_version')}; "
+                             f"this specee-compile reads version {ARTIFACT_VERSION}. Recalibrate.")
+    draft = EagleDraft(target, tensors["draft.vocab_map"])
+    draft.load_state_dict({k[len("draft."):]: v for k, v in tensors.items() if k.startswith("draft.")}, strict=False)
+    bank = PredictorBank(meta["num_layers"], meta["predictors"]["hidden"])
+    bank.load_state_dict({k[len("predictors."):]: v for k, v in tensors.items() if k.startswith("predictors.")})
+    return Calibration(draft.eval(), bank, Schedule.from_dict(meta["schedule"]), meta["threshold"], meta)
+
+
+def _save(out: Path, draft: EagleDraft, bank: PredictorBank, meta: dict) -> None:
+    """Write to a temporary sibling, then rename: the cache never holds a half-written artifact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        tensors = {f"draft.{k}": v.contiguous() for k, v in draft.trainable_state().items()}
+        tensors.update({f"predictors.{k}": v.detach().contiguous() for k, v in bank.state_dict().items()})
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sequences(target, tokenizer, settings: CalibrationSettings, progress: bool) -> list[list[int]]:
+    """Token sequences (chat-formatted prompt + response), truncated to max_seq_len."""
+    wanted = settings.draft_sequences + settings.predictor_sequences
+    examples = data.jsonl(settings.calib_file) if settings.calib_file else data.sharegpt(wanted)
+    if len(examples) < 3:
+        raise ConfigError(f"calibration needs at least 3 examples, got {len(examples)}.")
+    out = []
+    for ex in tqdm(examples[:wanted], desc="tokenize", disable=not progress):
+        prompt = _chat_ids(tokenizer, ex.prompt)[: settings.max_seq_len // 2]
+        if ex.response is not None:
+            reply = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+            ids = prompt + reply
+        else:
+            with torch.no_grad():
+                gen = target.generate(torch.tensor([prompt]), max_new_tokens=settings.generate_tokens,
+                                      do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            ids = gen[0].tolist()
+        out.append(ids[: settings.max_seq_len])
+    return out
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return list(tokenizer(text)["input_ids"])
+
+
+def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
+    """Features fed at positions 1..S-1: the previous position's final or intermediate feature."""
+    L, S, _ = p.z.shape
+    prev = p.z[-1, :-1].clone()  # [S-1, d]
+    use_exit = torch.rand(S - 1, generator=gen) < rate
+    layers = torch.randint(exit_lo, L - 1, (S - 1,), generator=gen)
+    idx = torch.nonzero(use_exit).flatten()
+    prev[idx] = p.z[layers[idx], idx]
+    return prev
+
+
+def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) -> dict:
+    inverse = torch.full((draft.embed.num_embeddings,), -100, dtype=torch.long)
+    inverse[draft.vocab_map] = torch.arange(len(draft.vocab_map))
+    params = [p for n, p in draft.named_parameters() if not n.startswith("embed.")]
+    opt = torch.optim.AdamW(params, lr=settings.draft_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(settings.seed)
+    steps = settings.draft_epochs * len(passes)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.draft_lr, total_steps=steps, pct_start=0.1)
+    bar = tqdm(total=steps, desc="train draft", disable=not progress)
+    draft.train()
+    log = []
+    for epoch in range(settings.draft_epochs):
+        order = list(range(len(passes)))
+        rng.shuffle(order)
+        total = 0.0
+        for k in order:
+            p = passes[k]
+            if p.ids.numel() < 3:
+                bar.update()
+                continue
+            feats = _draft_inputs(p, exit_lo, settings.exit_feature_rate, gen)
+            f_hat, logits, _ = draft(p.ids[None, 1:], feats[None], None, 1)
+            ce = torch.nn.functional.cross_entropy(logits[0], inverse[p.next_token[1:]], ignore_index=-100)
+            reg = torch.nn.functional.smooth_l1_loss(f_hat[0], p.z[-1, 1:])
+            loss = ce + reg
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            total += loss.item()
+            bar.update()
+        log.append({"epoch": epoch, "mean_loss": total / max(len(passes), 1)})
+    bar.close()
+    draft.eval()
+    return {"epochs": log}
+
+
+@torch.no_grad()
+def _draft_metrics(draft: EagleDraft, passes, exit_lo: int) -> dict:
+    """Top-1 / top-4 hit rate of the target's next token on held-out sequences, fed the
+    previous position's final feature ("after a full-depth step") or an intermediate
+    layer's ("after an exit", layers L/2 .. L-2)."""
+    hits = {"full": [0, 0], "exit": [0, 0]}
+    total = 0
+    gen = torch.Generator().manual_seed(123)
+    for p in passes:
+        if p.ids.numel() < 3:
+            continue
+        target = p.next_token[1:]
+        for kind, rate in (("full", 0.0), ("exit", 1.0)):
+            feats = _draft_inputs(p, exit_lo, rate, gen)
+            _, logits, _ = draft(p.ids[None, 1:], feats[None], None, 1)
+            top = draft.vocab_map[logits[0].topk(4).indices]  # [S-1, 4]
+            hits[kind][0] += (top[:, 0] == target).sum().item()
+            hits[kind][1] += (top == target[:, None]).any(-1).sum().item()
+        total += target.numel()
+    in_vocab = sum(torch.isin(p.next_token, draft.vocab_map).sum().item() for p in passes)
+    return {
+        "top1_after_full": hits["full"][0] / total, "top4_after_full": hits["full"][1] / total,
+        "top1_after_exit": hits["exit"][0] / total, "top4_after_exit": hits["exit"][1] / total,
+        "target_tokens_in_vocab": in_vocab / sum(p.ids.numel() for p in passes), "positions": total,
+    }
+
+
+@torch.no_grad()
+def _predictor_data(target, draft, passes, settings, progress):
+    """Features [L, N, 12] and labels [L, N] at a window of positions of every sequence,
+    plus the windows themselves for the schedule search."""
+    w = target.lm_head.weight
+    feats, labels, windows = [], [], []
+    for p in tqdm(passes, desc="predictor features", disable=not progress):
+        S = p.ids.numel()
+        if S < 8:
+            continue
+        lo = max(1, S - settings.positions_per_sequence)
+        _, logits, _ = draft(p.ids[None, 1:], p.z[-1, :-1][None], None, 1)
+        ids = draft.vocab_map[logits[0].topk(4).indices][lo - 1:]  # candidates at positions lo..S-1
+        z = p.z[:, lo:]  # [L, N, d]
+        rows = w[ids]  # [N, 4, d]
+        prev = None
+        layer_feats = []
+        for layer in range(z.shape[0]):
+            f, prev = candidate_features(z[layer], rows, prev)
+            layer_feats.append(f)
+        argmax = layer_argmax(target, z)
+        feats.append(torch.stack(layer_feats))
+        labels.append(argmax == p.next_token[lo:][None, :])
+        windows.append((p, lo))
+    return torch.cat(feats, dim=1), torch.cat(labels, dim=1), windows
+
+
+@torch.no_grad()
+def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L: int, progress):
+    """Rank layers by exit frequency with every predictor on, then pick the top-N and the
+    threshold with the lowest mean step cost whose teacher-forced agreement on held-out
+    windows reaches the target (or the highest agreement if none does)."""
+    every = Schedule(L, tuple(range(L - 1)), settings.history, settings.offsets, online=False)
+    counts = torch.zeros(L, dtype=torch.long)
+    runs = _replay_all(target, draft, bank, every, DecodeSettings(rule=settings.rule, threshold=0.5), windows)
+    for r in runs:
+        for e in r.exit_layers:
+            counts[e] += 1
+    ranked = [int(i) for i in counts[: L - 1].argsort(descending=True) if counts[i] > 0]
+    ranked += [i for i in range(L - 1) if i not in ranked]
+    candidates = sorted({n for n in (4, 8, 12, 16, L - 1) if n <= L - 1})
+    sweep = []
+    best = None
+    dense = costs.dense_cost(L)
+    combos = [(n, t) for n in candidates for t in (0.5, 0.8, 0.9)]
+    for n, threshold in tqdm(combos, desc="schedule search", disable=not progress):
+        schedule = Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True)
+        runs = _replay_all(target, draft, bank, schedule, DecodeSettings(rule=settings.rule, threshold=threshold),
+                           windows)
+        row = _summarize(runs, windows, costs, dense)
+        row.update(top_n=n, threshold=threshold)
+        sweep.append(row)
+        ok = row["agreement"] >= settings.target_agreement
+        key = (ok, -row["relative_cost"] if ok else row["agreement"])
+        if best is None or key > best[0]:
+            best = (key, row, schedule)
+    _, row, schedule = best
+    return {**row, "schedule": schedule}, {"exit_counts_all_on": counts.tolist(), "ranked_layers": ranked,
+                                            "rows": sweep}
+
+
+def _replay_all(target, draft, bank, schedule, settings, windows):
+    return [replay_window(target, draft, bank, schedule, settings, p, lo) for p, lo in windows]
+
+
+def _summarize(runs, windows, costs: CostModel, dense: float) -> dict:
+    agree = total = 0
+    cost = layers = 0.0
+    hits = 0
+    for r, (p, lo) in zip(runs, windows):
+        dense_tokens = p.next_token[lo:].tolist()
+        agree += sum(a == b for a, b in zip(r.emitted, dense_tokens))
+        total += len(dense_tokens)
+        cost += sum(costs.step_cost(s) for s in r.steps)
+        layers += sum(s.layers for s in r.steps)
+        hits += sum(r.draft_hits)
+    return {"agreement": agree / total, "relative_cost": cost / total / dense, "mean_layers": layers / total,
+            "draft_top4_hit": hits / total, "positions": total}

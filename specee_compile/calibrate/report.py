@@ -1,0 +1,94 @@
+"""The calibration report, printed from an artifact's JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from specee_compile.calibrate.pipeline import META
+
+
+def format_report(artifact: Path) -> str:
+    meta = json.loads((Path(artifact) / META).read_text())
+    d, c, cost = meta["draft"], meta["chosen"], meta["cost_model"]
+    lines = [
+        f"calibration of {meta['model_dir']} ({meta['num_layers']} layers)",
+        f"draft: vocabulary {d['vocab_size']} ({d['target_tokens_in_vocab']:.1%} of target tokens inside), "
+        f"top-1/top-4 hit of the target's next token after a full-depth step "
+        f"{d['top1_after_full']:.1%}/{d['top4_after_full']:.1%}, after an exit "
+        f"{d['top1_after_exit']:.1%}/{d['top4_after_exit']:.1%} ({d['positions']} held-out positions)",
+        "cost model (layer-equivalents, measured): "
+        + ", ".join(f"{k} {cost[k]:.2f}" for k in ("full_head", "reduced_head", "draft", "predictor", "kv_projection")),
+        "predictors on held-out samples (layer: accuracy / precision / recall, positive rate):",
+    ]
+    per = meta["predictors"]["per_layer"]
+    for row in per:
+        lines.append(f"  {row['layer']:>3}: {row['accuracy']:.3f} / {row['precision']:.3f} / {row['recall']:.3f}"
+                     f"  ({row['positive_rate']:.1%})")
+    search = meta["schedule_search"]
+    lines += [
+        f"exit counts with every predictor on: {search['exit_counts_all_on']}",
+        f"chosen: rule {meta['rule']}, threshold {meta['threshold']}, offline layers "
+        f"{meta['schedule']['offline_layers']} (top-{c['top_n']}), online window history "
+        f"{meta['schedule']['history']} offsets {meta['schedule']['offsets']}",
+        f"teacher-forced on held-out windows: agreement {c['agreement']:.2%}, mean executed layers "
+        f"{c['mean_layers']:.2f}, mean step cost {c['relative_cost']:.1%} of dense, draft top-4 hit "
+        f"{c['draft_top4_hit']:.1%}",
+        "schedule search (top-N, threshold: agreement, cost):",
+    ]
+    for row in search["rows"]:
+        lines.append(f"  N={row['top_n']:>2} t={row['threshold']:.2f}: {row['agreement']:.2%}, "
+                     f"{row['relative_cost']:.1%}, {row['mean_layers']:.2f} layers")
+    return "\n".join(lines)
+
+
+def evaluate_and_report(model, artifact: Path, questions: int, free: int, new_tokens: int,
+                        dense_bundle: str | None = None, progress: bool = True) -> str:
+    """Run the MT-Bench evaluation, write evaluation.json next to the artifact, return a table."""
+    from specee_compile import load as model_load
+    from specee_compile import resources
+    from specee_compile.calibrate.evaluate import dense_greedy, free_running, teacher_forced
+    from specee_compile.calibrate.pipeline import load_calibration
+    from specee_compile.calibrate.simulate import CostModel
+
+    model_dir = model_load.resolve(model)
+    target, tokenizer = model_load.load(model_dir)
+    cal = load_calibration(artifact, target)
+    costs = CostModel(**cal.meta["cost_model"])
+    eos = {tokenizer.eos_token_id} | set(_as_list(target.generation_config.eos_token_id))
+    eos.discard(None)
+    chat = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False))
+            for q in resources.mtbench_questions(questions)]
+    if dense_bundle:
+        from specee_compile.runtimes import load
+
+        engine = load(dense_bundle)
+        dense = [engine.generate(ids, max_new_tokens=new_tokens).token_ids for ids in chat]
+    else:
+        dense = dense_greedy(target, chat, new_tokens, eos, progress)
+    thresholds = sorted({0.3, 0.5, 0.7, 0.8, 0.9, 0.95, cal.threshold})
+    tf = teacher_forced(target, cal, costs, chat, dense, thresholds, progress=progress)
+    fr = free_running(target, cal, chat[:free], dense[:free], new_tokens, eos, cal.threshold,
+                      progress=progress) if free else []
+    result = {"questions": questions, "new_tokens": new_tokens, "default_threshold": cal.threshold,
+              "teacher_forced": tf, "free_running": fr}
+    (Path(artifact) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"MT-Bench first {questions} questions x {new_tokens} tokens, teacher-forced "
+             "(cost in layer-equivalents relative to dense; mask / propagate):",
+             "| rule | threshold | agreement | cost mask | cost propagate | mean layers | draft top-4 hit |",
+             "|---|---|---|---|---|---|---|"]
+    for r in tf:
+        lines.append(f"| {r['rule']} | {r['threshold']} | {r['agreement']:.2%} | {r['relative_cost_mask']:.1%} "
+                     f"| {r['relative_cost_propagate']:.1%} | {r['mean_layers']:.2f} | {r['draft_top4_hit']:.1%} |")
+    if fr:
+        lines += ["", f"free-running, first {free} questions, threshold {cal.threshold}:",
+                  "| rule | KV policy | exact match | mean first divergence | mean layers |", "|---|---|---|---|---|"]
+        for r in fr:
+            lines.append(f"| {r['rule']} | {r['kv_policy']} | {r['exact_match']:.1%} | "
+                         f"{r['mean_first_divergence']:.1f} | {r['mean_layers']:.2f} |")
+    return "\n".join(lines)
+
+
+def _as_list(x):
+    return [] if x is None else [x] if isinstance(x, int) else list(x)

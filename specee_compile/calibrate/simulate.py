@@ -1,0 +1,136 @@
+"""Teacher-forced SpecEE decisions over precomputed hidden states, and the cost model.
+
+Given a dense pass over a sequence (every layer's normed state at every position), replay
+the SpecEE step at each position exactly as the reference decoder makes it: the draft is
+fed the previous position's exit-layer feature, the schedule follows the exit history, the
+predictors and exit rule decide. "Teacher-forced" means every step sees the dense prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specee_compile.reference import DecodeSettings, StepCounts, exit_decision
+from specee_compile.schedule import Schedule
+
+
+@dataclass
+class Replay:
+    emitted: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    steps: list[StepCounts] = field(default_factory=list)
+    draft_hits: list[bool] = field(default_factory=list)  # dense token among the 4 candidates
+
+
+@torch.no_grad()
+def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z, tokens_in, dense_next,
+           feature_before, draft_cache, start_position: int) -> Replay:
+    """z [L, N, d] at consecutive positions; tokens_in [N] fed at them; dense_next [N] the dense tokens."""
+    L = z.shape[0]
+    w = target.lm_head.weight
+    out = Replay()
+    feature = feature_before
+    history: list[int] = []
+    for t in range(z.shape[1]):
+        ids, draft_cache = draft.propose(int(tokens_in[t]), feature, draft_cache, start_position + t)
+        rows = w[ids]
+        counts = StepCounts()
+        prev_p = None
+        emitted, exit_layer = None, L - 1
+        for layer in sorted(schedule.active(history)):
+            token, prev_p, c = exit_decision(z[layer, t], rows, ids, prev_p, bank, layer, settings, w,
+                                             draft.vocab_map)
+            counts.predictors += c.predictors
+            counts.full_heads += c.full_heads
+            counts.reduced_heads += c.reduced_heads
+            if token is not None:
+                emitted, exit_layer = token, layer
+                break
+        if emitted is None:
+            emitted = int(dense_next[t])
+            counts.full_heads += 1
+        counts.layers = exit_layer + 1
+        if settings.kv_policy == "propagate":
+            counts.kv_projections = L - 1 - exit_layer
+        feature = z[exit_layer, t]
+        history.append(exit_layer)
+        out.emitted.append(emitted)
+        out.exit_layers.append(exit_layer)
+        out.steps.append(counts)
+        out.draft_hits.append(int(dense_next[t]) in ids.tolist())
+    return out
+
+
+def replay_window(target, draft, bank, schedule, settings, p, lo: int, end: int | None = None) -> Replay:
+    """Replay the decode steps at positions lo..end-1 of a dense pass ``p`` (collect.TargetPass);
+    positions before ``lo`` are the prompt, run through the draft as its prefill."""
+    end = p.ids.numel() if end is None else end
+    _, _, cache = draft(p.ids[None, 1:lo], p.z[-1, : lo - 1][None], None, 1)
+    return replay(target, draft, bank, schedule, settings, p.z[:, lo:end], p.ids[lo:end], p.next_token[lo:end],
+                  p.z[-1, lo - 1], cache, lo)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured time of each part of a decode step, in units of one decoder layer."""
+
+    layer: float = 1.0
+    full_head: float = 0.0
+    reduced_head: float = 0.0
+    draft: float = 0.0
+    predictor: float = 0.0
+    kv_projection: float = 0.0
+    seconds_per_layer: float = 0.0
+
+    def step_cost(self, c: StepCounts, with_draft: bool = True) -> float:
+        return (c.layers + c.full_heads * self.full_head + c.reduced_heads * self.reduced_head
+                + c.predictors * self.predictor + c.kv_projections * self.kv_projection
+                + (self.draft if with_draft else 0.0))
+
+    def dense_cost(self, num_layers: int) -> float:
+        return num_layers + self.full_head
+
+
+def _time(fn, repeats: int = 30) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+@torch.no_grad()
+def measure_costs(target, draft, bank, context: int = 256) -> CostModel:
+    """Time each part at batch 1 in eager PyTorch on this machine, relative to one layer."""
+    from specee_compile.functional import key_value, layer_step, rope_tables
+
+    cfg = target.config
+    layer = target.model.layers[0]
+    heads = cfg.num_attention_heads
+    kv_heads = cfg.num_key_value_heads or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    cos, sin = rope_tables(target.model.rotary_emb, context + 8, head_dim)
+    past = torch.randn(1, kv_heads, context, head_dim)
+    h = torch.randn(1, 1, cfg.hidden_size)
+    pos = torch.tensor([context])
+    w = target.lm_head.weight
+    z = torch.randn(cfg.hidden_size)
+    reduced = w[draft.vocab_map]
+    feats = torch.randn(12)
+    t_layer = _time(lambda: layer_step(layer, h, past, past, pos, cos, sin, heads, kv_heads))
+    dcache = (past[:, :, :64], past[:, :, :64])
+    return CostModel(
+        layer=1.0,
+        full_head=_time(lambda: (w @ z).argmax()) / t_layer,
+        reduced_head=_time(lambda: (reduced @ z).argmax()) / t_layer,
+        draft=_time(lambda: draft.propose(5, z, dcache, 64)) / t_layer,
+        predictor=_time(lambda: bank.score(0, feats)) / t_layer,
+        kv_projection=_time(lambda: key_value(layer, h, pos, cos, sin, kv_heads)) / t_layer,
+        seconds_per_layer=t_layer,
+    )

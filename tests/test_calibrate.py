@@ -1,0 +1,100 @@
+"""Calibration end to end on a tiny random model with a JSONL calibration file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
+from specee_compile.calibrate import pipeline
+from specee_compile.calibrate.report import format_report
+from specee_compile.errors import ConfigError
+from specee_compile.reference import DecodeSettings, ReferenceDecoder
+from tests.conftest import make_tiny_model
+
+TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
+            positions_per_sequence=16, draft_epochs=1)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    rows = [{"prompt": f"hello world {i}", "response": "the quick brown fox jumps over the lazy dog " * 3}
+            for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def settings(calib_file):
+    return CalibrationSettings(calib_file=str(calib_file), **TINY)
+
+
+def test_calibration_writes_a_loadable_artifact_and_reuses_it(tiny_dirs, settings):
+    out = calibrate(tiny_dirs["llama"], settings, progress=False)
+    meta = json.loads((out / pipeline.META).read_text())
+    assert meta["num_layers"] == 3 and len(meta["predictors"]["per_layer"]) == 3
+    assert set(meta["draft"]) >= {"top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit"}
+    assert meta["cost_model"]["full_head"] > 0
+    mtime = (out / pipeline.WEIGHTS).stat().st_mtime_ns
+    assert calibrate(tiny_dirs["llama"], settings, progress=False) == out
+    assert (out / pipeline.WEIGHTS).stat().st_mtime_ns == mtime, "a cached calibration must be reused"
+    target = make_tiny_model("llama")
+    cal = load_calibration(out, target)
+    result = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
+                              DecodeSettings(threshold=cal.threshold)).generate([1, 40, 41], 6)
+    assert len(result.tokens) == len(result.exit_layers) <= 6
+    assert "teacher-forced on held-out windows" in format_report(out)
+
+
+def test_recalibration_replaces_the_artifact(tiny_dirs, settings):
+    out = calibrate(tiny_dirs["llama"], settings, progress=False)
+    before = (out / pipeline.WEIGHTS).stat().st_mtime_ns
+    calibrate(tiny_dirs["llama"], settings, force=True, progress=False)
+    assert (out / pipeline.WEIGHTS).stat().st_mtime_ns != before
+
+
+def test_failed_save_leaves_no_artifact_and_no_partial(tiny_dirs, calib_file, monkeypatch):
+    settings = CalibrationSettings(calib_file=str(calib_file), seed=7, **TINY)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        calibrate(tiny_dirs["llama"], settings, progress=False)
+    out = pipeline.artifact_dir(tiny_dirs["llama"], settings)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+def test_settings_change_the_cache_key(calib_file):
+    a = CalibrationSettings(calib_file=str(calib_file), **TINY)
+    b = CalibrationSettings(calib_file=str(calib_file), **{**TINY, "draft_vocab": 32})
+    assert a.key() != b.key()
+
+
+@pytest.mark.parametrize("field, value", [("draft_vocab", 0), ("predictor_epochs", -1), ("target_agreement", 1.5)])
+def test_bad_calibration_settings_raise(field, value):
+    with pytest.raises(ConfigError, match=field if field != "target_agreement" else "target_agreement"):
+        CalibrationSettings(**{field: value})
+
+
+def test_unknown_rule_in_settings_raises():
+    with pytest.raises(ValueError, match="exit rule"):
+        CalibrationSettings(rule="sometimes")
+
+
+def test_artifact_from_another_version_is_refused(tiny_dirs, settings, tmp_path):
+    from specee_compile.errors import ModelLoadError
+
+    out = calibrate(tiny_dirs["llama"], settings, progress=False)
+    meta = json.loads((out / pipeline.META).read_text())
+    meta["artifact_version"] = 99
+    copy = tmp_path / "cal"
+    copy.mkdir()
+    (copy / pipeline.META).write_text(json.dumps(meta))
+    (copy / pipeline.WEIGHTS).write_bytes((out / pipeline.WEIGHTS).read_bytes())
+    with pytest.raises(ModelLoadError, match="version 99"):
+        load_calibration(copy, make_tiny_model("llama"))
