@@ -85,12 +85,14 @@ def compile_parser() -> argparse.ArgumentParser:
         prog="specee-compile",
         description="Compile a Hugging Face causal LM into an engine bundle.",
     )
-    p.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2)")
-    p.add_argument("--out", required=True, help="bundle to write: NAME.onnx (ONNX Runtime) or NAME.plan (TensorRT)")
+    p.add_argument("model", nargs="?", help="model directory, .gguf file, or built-in name (smollm2)")
+    p.add_argument("--out", help="bundle to write: NAME.onnx (ONNX Runtime) or NAME.plan (TensorRT)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle once the new one is complete")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens (default 2048)")
     p.add_argument("--opt", choices=["O0", "O1"], default="O1", help="O0: export only; O1: + ORT fusions")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="skip a pass by name")
+    p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
+    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     _common(p)
     return p
@@ -102,7 +104,7 @@ def _compile_main(args) -> int:
 
     config = CompileConfig(
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
-        force=args.force, skip_passes=tuple(args.skip_pass),
+        force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -114,7 +116,15 @@ def _compile_main(args) -> int:
 
 
 def compile_main(argv=None) -> int:
-    args = compile_parser().parse_args(argv)
+    parser = compile_parser()
+    args = parser.parse_args(argv)
+    if args.list_passes:
+        from specee_compile.passes import default_pipeline
+
+        print(default_pipeline(args.opt).describe())
+        return 0
+    if not args.model or not args.out:
+        parser.error("MODEL and --out are required (or use --list-passes)")
     _setup_logging(args.verbose, args.quiet)
     return _run(_compile_main, args)
 

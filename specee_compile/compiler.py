@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from specee_compile import __version__, bundle, load
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BackendError
-from specee_compile.passes import FuseOrtTransformersPass, run_passes
+from specee_compile.passes import default_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
     stages.update()
 
     stages.set_postfix_str("passes")
-    passes = [FuseOrtTransformersPass()] if config.opt_level != "O0" else []
-    model, pass_log = run_passes(model, passes, skip=config.skip_passes)
+    pipeline = config.pipeline or default_pipeline(config.opt_level)
+    model, pass_log = pipeline(model, skip=config.skip_passes, dump_dir=config.dump_ir)
     stages.update()
 
     stages.set_postfix_str("write bundle")

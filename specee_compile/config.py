@@ -24,6 +24,10 @@ class CompileConfig:
         max_context: KV-cache capacity in tokens (prompt + generated).
         opt_level: "O0" exports only; "O1" adds ONNX Runtime's transformer fusions.
         force: replace an existing bundle at ``out`` (only once the new one is complete).
+        skip_passes: names of passes to leave out.
+        dump_ir: a folder to write the graph's text IR to after every phase.
+        pipeline: a :class:`specee_compile.passes.Pipeline` replacing the default one
+            (custom passes); its pass names are recorded in the manifest.
     """
 
     model: str
@@ -33,6 +37,8 @@ class CompileConfig:
     opt_level: str = "O1"
     force: bool = False
     skip_passes: tuple[str, ...] = field(default_factory=tuple)
+    dump_ir: Path | None = None
+    pipeline: object | None = field(default=None, compare=False)  # a passes.Pipeline to use instead
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -51,15 +57,17 @@ class CompileConfig:
             raise ConfigError(f"opt_level '{self.opt_level}' is unknown; choose one of {OPT_LEVELS}.")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["out"] = str(self.out)
         d["skip_passes"] = list(self.skip_passes)
+        d["dump_ir"] = str(self.dump_ir) if self.dump_ir else None
+        d["pipeline"] = self.pipeline.names() if self.pipeline is not None else None
         return d
 
 
 def with_overrides(config: CompileConfig, overrides: list[str]) -> CompileConfig:
     """Apply ``key=value`` overrides to a compile config, checked against its fields."""
-    return apply_overrides(config, overrides, frozen=("model", "out"))
+    return apply_overrides(config, overrides, frozen=("model", "out", "pipeline", "dump_ir"))
 
 
 def apply_overrides(config, overrides: list[str], frozen: tuple[str, ...] = ()):

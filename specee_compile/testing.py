@@ -1,0 +1,65 @@
+"""Tiny random-weight models of each supported family, for tests and runnable examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "mistral")
+TINY_VOCAB = 320
+
+
+def tiny_config(family: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=128)
+    raise ValueError(family)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory, with the tiny models' vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, compile me fast"] * 20
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    # Random init makes near-uniform logits; scale up so greedy tokens are well separated.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny random model directory (config, safetensors, tokenizer) and return it."""
+    path = Path(path)
+    make_tiny_model(family, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
