@@ -77,8 +77,12 @@ class DecodeState:
     draft_cache: tuple | None = None
 
 
-def exit_decision(z, rows, draft_ids, prev_p, bank, layer, settings, head_weight, vocab_map):
-    """Run the predictor at ``layer`` and the exit rule. Returns (token or None, p, counts)."""
+def exit_decision(z, rows, draft_ids, prev_p, bank, layer, settings, head_weight, vocab_map, head_token=None):
+    """Run the predictor at ``layer`` and the exit rule. Returns (token or None, p, counts).
+
+    ``head_token``, when given, is the rule's head argmax already known for this z (the
+    calibration replay precomputes them); the counts still charge the head product.
+    """
     counts = StepCounts(predictors=1)
     feats, p = candidate_features(z, rows, prev_p)
     if bank.score(layer, feats).item() <= settings.threshold:
@@ -87,10 +91,10 @@ def exit_decision(z, rows, draft_ids, prev_p, bank, layer, settings, head_weight
         return int(draft_ids[feats[:4].argmax()]), p, counts
     if settings.rule == "full":
         counts.full_heads = 1
-        token = int((head_weight @ z).argmax())
+        token = head_token if head_token is not None else int((head_weight @ z).argmax())
     else:
         counts.reduced_heads = 1
-        token = int(vocab_map[(head_weight[vocab_map] @ z).argmax()])
+        token = head_token if head_token is not None else int(vocab_map[(head_weight[vocab_map] @ z).argmax()])
     return (token if token in draft_ids.tolist() else None), p, counts
 
 

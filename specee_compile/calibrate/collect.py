@@ -27,13 +27,3 @@ def target_pass(model, ids: list[int]) -> TargetPass:
     z = torch.stack([norm(h[0]) for h in hs[1:-1]] + [hs[-1][0]])  # [L, S, d]
     next_token = (z[-1] @ model.lm_head.weight.T).argmax(-1)
     return TargetPass(torch.tensor(ids), z, next_token)
-
-
-@torch.no_grad()
-def layer_argmax(model, z: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Full-vocabulary argmax of every layer's normed state z [L, N, d] -> [L, N]."""
-    w = model.lm_head.weight
-    out = torch.empty(z.shape[:2], dtype=torch.long)
-    for start in range(0, z.shape[1], chunk):
-        out[:, start:start + chunk] = (z[:, start:start + chunk] @ w.T).argmax(-1)
-    return out

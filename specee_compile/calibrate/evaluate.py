@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.pipeline import Calibration
-from specee_compile.calibrate.simulate import CostModel, replay_window
+from specee_compile.calibrate.simulate import CostModel, replay_window, rule_tokens
 from specee_compile.reference import KV_POLICIES, RULES, DecodeSettings, ReferenceDecoder
 
 
@@ -43,15 +43,16 @@ def teacher_forced(target, cal: Calibration, costs: CostModel, prompts, dense, t
         p = target_pass(target, ids + cont)
         windows.append((p, len(ids)))
     rows = []
+    heads = {rule: [rule_tokens(target, cal.draft, p.z[:, lo:-1], rule) for p, lo in windows] for rule in rules}
     combos = [(r, t) for r in rules for t in thresholds]
     for rule, threshold in tqdm(combos, desc="teacher-forced sweep", disable=not progress):
         settings = DecodeSettings(rule=rule, threshold=threshold)
         agree = total = 0
         cost = {policy: 0.0 for policy in KV_POLICIES}
         layers = hits = 0
-        for p, lo in windows:
+        for (p, lo), known in zip(windows, heads[rule]):
             end = p.ids.numel() - 1  # the last position predicts past the dense continuation
-            r = replay_window(target, cal.draft, cal.bank, cal.schedule, settings, p, lo, end)
+            r = replay_window(target, cal.draft, cal.bank, cal.schedule, settings, p, lo, end, known)
             dense_tokens = p.next_token[lo:end].tolist()
             agree += sum(a == b for a, b in zip(r.emitted, dense_tokens))
             total += len(dense_tokens)

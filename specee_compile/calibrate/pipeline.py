@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from tqdm.auto import tqdm
 from specee_compile import load as model_load
 from specee_compile import resources
 from specee_compile.calibrate import data
-from specee_compile.calibrate.collect import layer_argmax, target_pass
+from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
 from specee_compile.calibrate.predictors import PredictorBank, candidate_features, layer_metrics, train_bank
-from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window
+from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window, rule_tokens
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings
 from specee_compile.schedule import Schedule
@@ -103,12 +104,14 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         return out
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
+    clock = _Clock()
     target, tokenizer = model_load.load(model_dir)
     for p in target.parameters():
         p.requires_grad_(False)
     L = target.config.num_hidden_layers
 
     sequences = _sequences(target, tokenizer, settings, progress)
+    clock.lap("data")
     split = min(settings.draft_sequences, max(1, len(sequences) - 2))
     draft_seqs, pred_seqs = sequences[:split], sequences[split:]
 
@@ -117,13 +120,16 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
                                    target.config.vocab_size)
     draft = EagleDraft(target, vocab_map)
     exit_lo = L // 2
+    clock.lap("target passes (draft)")
     train_log = _train_draft(draft, passes, settings, exit_lo, rng, progress)
     del passes
+    clock.lap("draft training")
 
     pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
                                                             disable=not progress)]
     draft_metrics = _draft_metrics(draft, pred_passes, exit_lo)
     feats, labels, windows = _predictor_data(target, draft, pred_passes, settings, progress)
+    clock.lap("predictor data")
     n = feats.shape[1]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
     train_idx, test_idx = order[: int(0.8 * n)], order[int(0.8 * n):]
@@ -132,9 +138,10 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     train_bank(bank, feats[:, train_idx], labels[:, train_idx], epochs=settings.predictor_epochs, progress=bar)
     bar.close()
     metrics = layer_metrics(bank, feats[:, test_idx], labels[:, test_idx])
-
+    clock.lap("predictor training")
     costs = measure_costs(target, draft, bank)
     choice, sweep = _choose_schedule(target, draft, bank, windows, settings, costs, L, progress)
+    clock.lap("schedule search")
     meta = {
         "artifact_version": ARTIFACT_VERSION,
         "model_dir": str(model_dir),
@@ -150,9 +157,22 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "cost_model": dataclasses.asdict(costs),
         "schedule_search": sweep,
         "chosen": {k: v for k, v in choice.items() if k != "schedule"},
+        "seconds": clock.laps,
     }
     _save(out, draft, bank, meta)
     return out
+
+
+class _Clock:
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 1)
+        self.laps["total"] = round(now - self.start, 1)
+        self.last = now
 
 
 def load_calibration(path: Path, target) -> Calibration:
@@ -313,10 +333,11 @@ def _predictor_data(target, draft, passes, settings, progress):
         for layer in range(z.shape[0]):
             f, prev = candidate_features(z[layer], rows, prev)
             layer_feats.append(f)
-        argmax = layer_argmax(target, z)
+        argmax = rule_tokens(target, draft, z, "full")
         feats.append(torch.stack(layer_feats))
         labels.append(argmax == p.next_token[lo:][None, :])
-        windows.append((p, lo))
+        heads = argmax if settings.rule == "full" else rule_tokens(target, draft, z, settings.rule)
+        windows.append((p, lo, heads))
     return torch.cat(feats, dim=1), torch.cat(labels, dim=1), windows
 
 
@@ -327,7 +348,8 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
     windows reaches the target (or the highest agreement if none does)."""
     every = Schedule(L, tuple(range(L - 1)), settings.history, settings.offsets, online=False)
     counts = torch.zeros(L, dtype=torch.long)
-    runs = _replay_all(target, draft, bank, every, DecodeSettings(rule=settings.rule, threshold=0.5), windows)
+    runs = _replay_all(target, draft, bank, every, DecodeSettings(rule=settings.rule, threshold=0.5), windows,
+                       progress, "exits with every predictor on")
     for r in runs:
         for e in r.exit_layers:
             counts[e] += 1
@@ -354,15 +376,16 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
                                             "rows": sweep}
 
 
-def _replay_all(target, draft, bank, schedule, settings, windows):
-    return [replay_window(target, draft, bank, schedule, settings, p, lo) for p, lo in windows]
+def _replay_all(target, draft, bank, schedule, settings, windows, progress=False, desc=""):
+    return [replay_window(target, draft, bank, schedule, settings, p, lo, head_tokens=heads)
+            for p, lo, heads in tqdm(windows, desc=desc, disable=not progress, leave=False)]
 
 
 def _summarize(runs, windows, costs: CostModel, dense: float) -> dict:
     agree = total = 0
     cost = layers = 0.0
     hits = 0
-    for r, (p, lo) in zip(runs, windows):
+    for r, (p, lo, _) in zip(runs, windows):
         dense_tokens = p.next_token[lo:].tolist()
         agree += sum(a == b for a, b in zip(r.emitted, dense_tokens))
         total += len(dense_tokens)

@@ -12,7 +12,7 @@ def format_report(artifact: Path) -> str:
     meta = json.loads((Path(artifact) / META).read_text())
     d, c, cost = meta["draft"], meta["chosen"], meta["cost_model"]
     lines = [
-        f"calibration of {meta['model_dir']} ({meta['num_layers']} layers)",
+        f"calibration of {meta['model_dir']} ({meta['num_layers']} layers), seconds: {meta.get('seconds')}",
         f"draft: vocabulary {d['vocab_size']} ({d['target_tokens_in_vocab']:.1%} of target tokens inside), "
         f"top-1/top-4 hit of the target's next token after a full-depth step "
         f"{d['top1_after_full']:.1%}/{d['top4_after_full']:.1%}, after an exit "

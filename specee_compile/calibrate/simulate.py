@@ -27,8 +27,11 @@ class Replay:
 
 @torch.no_grad()
 def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z, tokens_in, dense_next,
-           feature_before, draft_cache, start_position: int) -> Replay:
-    """z [L, N, d] at consecutive positions; tokens_in [N] fed at them; dense_next [N] the dense tokens."""
+           feature_before, draft_cache, start_position: int, head_tokens=None) -> Replay:
+    """z [L, N, d] at consecutive positions; tokens_in [N] fed at them; dense_next [N] the dense tokens.
+
+    ``head_tokens`` [L, N], if given, holds the exit rule's head argmax at every layer and
+    position (precomputed once, so a sweep does not repeat the head products)."""
     L = z.shape[0]
     w = target.lm_head.weight
     out = Replay()
@@ -41,8 +44,9 @@ def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z,
         prev_p = None
         emitted, exit_layer = None, L - 1
         for layer in sorted(schedule.active(history)):
+            known = int(head_tokens[layer, t]) if head_tokens is not None else None
             token, prev_p, c = exit_decision(z[layer, t], rows, ids, prev_p, bank, layer, settings, w,
-                                             draft.vocab_map)
+                                             draft.vocab_map, known)
             counts.predictors += c.predictors
             counts.full_heads += c.full_heads
             counts.reduced_heads += c.reduced_heads
@@ -64,13 +68,28 @@ def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z,
     return out
 
 
-def replay_window(target, draft, bank, schedule, settings, p, lo: int, end: int | None = None) -> Replay:
+def replay_window(target, draft, bank, schedule, settings, p, lo: int, end: int | None = None,
+                  head_tokens=None) -> Replay:
     """Replay the decode steps at positions lo..end-1 of a dense pass ``p`` (collect.TargetPass);
-    positions before ``lo`` are the prompt, run through the draft as its prefill."""
+    positions before ``lo`` are the prompt, run through the draft as its prefill.
+    ``head_tokens`` [L, end-lo] are the rule's precomputed head argmaxes, if known."""
     end = p.ids.numel() if end is None else end
     _, _, cache = draft(p.ids[None, 1:lo], p.z[-1, : lo - 1][None], None, 1)
     return replay(target, draft, bank, schedule, settings, p.z[:, lo:end], p.ids[lo:end], p.next_token[lo:end],
-                  p.z[-1, lo - 1], cache, lo)
+                  p.z[-1, lo - 1], cache, lo, head_tokens)
+
+
+@torch.no_grad()
+def rule_tokens(target, draft, z: torch.Tensor, rule: str, chunk: int = 64):
+    """The exit rule's head argmax at every layer and position of z [L, N, d] ([L, N] target ids),
+    or None for the draft-only rule, which needs no head."""
+    if rule == "draft":
+        return None
+    w = target.lm_head.weight if rule == "full" else target.lm_head.weight[draft.vocab_map]
+    out = torch.empty(z.shape[:2], dtype=torch.long)
+    for start in range(0, z.shape[1], chunk):
+        out[:, start:start + chunk] = (z[:, start:start + chunk] @ w.T).argmax(-1)
+    return out if rule == "full" else draft.vocab_map[out]
 
 
 @dataclass(frozen=True)
