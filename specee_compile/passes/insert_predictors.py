@@ -1,0 +1,114 @@
+"""InsertPredictorsPass: SpecEE exit predictors after the scheduled decoder layers.
+
+Rewrite, for every layer i in ``layers`` (ascending), on the value ``layers.{i}.output``:
+
+    rows   = Gather(lm_head.weight, draft_ids)               # [4, d]   draft tokens' head rows
+    score_i, p_i = If(active_layers[i],
+        then: z = final_norm(h_i[:, -1])                       # [1, d]
+              l = z @ rows.T; p = Softmax(l)                   # [1, 4]
+              dp = p - p_prev if a predictor ran before, else p
+              s = Sigmoid(Relu([l, p, dp] @ W1_i + b1_i) @ w2_i + b2_i)
+        else: 0, p_prev)                                       # an inactive predictor costs nothing
+
+New graph inputs: ``draft_ids`` int64 [4] and ``active_layers`` bool [L]. New outputs:
+``exit_score.{i}`` float [1] per predictor. Every predictor gathers its own rows here;
+FuseDraftGathersPass shares one gather. Raises PassError when a layer is out of range or
+is the last layer (stopping there is not an early exit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from specee_compile.errors import PassError
+from specee_compile.passes.analysis import find_decoder
+
+ROLE = "specee.role"
+
+
+@dataclasses.dataclass
+class InsertPredictorsPass(ir.passes.InPlacePass):
+    """Insert gated SpecEE predictors after the given decoder layers."""
+
+    layers: tuple[int, ...] = ()
+    w1: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L, 12, H]
+    b1: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L, H]
+    w2: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L, H]
+    b2: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L]
+    name: str = "insert_predictors"
+    fired: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        dec = find_decoder(model, self.name)
+        L = dec.num_layers
+        bad = [i for i in self.layers if not 0 <= i < L - 1]
+        if bad or not self.layers:
+            raise PassError(f"{self.name}: predictor layers {bad or 'none'} must be in [0, {L - 2}] "
+                            f"(the model has {L} layers; the last cannot exit early).")
+        if self.w1 is None or self.w1.shape[0] != L:
+            raise PassError(f"{self.name}: predictor weights for {L} layers are required.")
+        graph = model.graph
+        draft_ids = ir.val("draft_ids", ir.DataType.INT64, [4])
+        active = ir.val("active_layers", ir.DataType.BOOL, [L])
+        graph.inputs.extend([draft_ids, active])
+        tape = ir.tape.Tape(graph)
+        p_prev = tape.initializer(ir.tensor(np.zeros((1, 4), np.float32)), name="specee.p_init")
+        has_prev = tape.initializer(ir.tensor(np.array(False)), name="specee.has_prev_init")
+        for i in sorted(self.layers):
+            p_prev, has_prev, score = self._predictor(tape, dec, i, draft_ids, active, p_prev, has_prev)
+            score.name = f"exit_score.{i}"
+            graph.outputs.append(score)
+        graph.sort()
+        self.fired = {"predictors": len(self.layers)}
+        return ir.passes.PassResult(model, modified=True)
+
+    def _predictor(self, tape, dec, i, draft_ids, active, p_prev, has_prev):
+        c = lambda arr, n: tape.initializer(ir.tensor(np.asarray(arr, np.float32)), name=f"specee.{n}.{i}")  # noqa: E731
+        idx = tape.initializer(ir.tensor(np.array(i, np.int64)), name=f"specee.layer_index.{i}")
+        is_active = tape.op("Gather", [active, idx], {"axis": 0})
+        then = ir.tape.Tape()
+        h = then.op("Gather", [dec.layer_outputs[i], _const(then, np.array(-1, np.int64))], {"axis": 1})  # [1, d]
+        ms = then.op("ReduceMean", [then.op("Mul", [h, h]), _const(then, np.array([-1], np.int64))],
+                     {"keepdims": 1})
+        inv = then.op("Reciprocal", [then.op("Sqrt", [then.op("Add", [ms, _const(then, np.float32(dec.norm_eps))])])])
+        xn = then.op("Mul", [h, inv])
+        z = then.op("Mul", [xn, dec.norm_weight], metadata_props={ROLE: "norm_weight"})
+        rows = then.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0},
+                       metadata_props={ROLE: "draft_rows"})
+        logits = then.op("MatMul", [z, rows] if dec.head_transposed else [z, then.op("Transpose", [rows])],
+                         metadata_props={ROLE: "candidate_logits"})  # [1, 4]
+        p = then.op("Softmax", [logits], {"axis": -1})
+        dp = then.op("Where", [has_prev, then.op("Sub", [p, p_prev]), p])
+        feats = then.op("Concat", [logits, p, dp], {"axis": -1})  # [1, 12]
+        hidden = then.op("Relu", [then.op("Add", [then.op("MatMul", [feats, c(self.w1[i], "w1")]), c(self.b1[i], "b1")])])
+        score = then.op("Sigmoid", [then.op("Add", [then.op("MatMul", [hidden, c(self.w2[i][:, None], "w2")]),
+                                                     c(self.b2[i:i + 1], "b2")])])
+        score = then.op("Reshape", [score, _const(then, np.array([1], np.int64))])
+        other = ir.tape.Tape()
+        zero = other.op("Identity", [_const(other, np.zeros(1, np.float32))])
+        same_p = other.op("Identity", [p_prev])
+        branch = lambda t, outs, name: ir.Graph([], outs, nodes=_named(t, name), name=name)  # noqa: E731
+        score_out, p_out = tape.op_multi_out(
+            "If", [is_active],
+            {"then_branch": branch(then, [score, p], f"predictor_{i}"),
+             "else_branch": branch(other, [zero, same_p], f"skip_predictor_{i}")},
+            num_outputs=2, name=f"predictor.{i}",
+        )
+        has_prev = tape.op("Or", [has_prev, is_active])
+        return p_out, has_prev, score_out
+
+
+def _named(tape: ir.tape.Tape, prefix: str) -> list[ir.Node]:
+    """Give a subgraph's nodes and values unique names (ONNX needs SSA across all graphs)."""
+    for k, node in enumerate(tape.nodes):
+        node.name = f"{prefix}/{node.op_type}_{k}"
+        for j, out in enumerate(node.outputs):
+            out.name = f"{prefix}/{node.op_type}_{k}:{j}"
+    return list(tape.nodes)
+
+
+def _const(tape: ir.tape.Tape, array) -> ir.Value:
+    return tape.op("Constant", [], {"value": ir.tensor(np.asarray(array))})
