@@ -6,13 +6,14 @@ The exported graph serves prefill (S = prompt length, past length 0) and decode 
              past_sequence_length          int64  [1]        valid positions in the cache
              past_key_values.{i}.key|value float32 [1, KVH, CAP, D]
     outputs  logits                        float32 [1, V]     for the last position only
+             features                      float32 [1, S, d]  final-normed hidden states
              present.{i}.key|value         float32 [1, KVH, CAP, D]
 
 The cache is a preallocated buffer of CAP positions; ``present`` is ``past`` with the new
 positions written in. ONNX Runtime writes them in place when the runtime binds the same
 buffer to both (see attention.py). Every decoder layer's output hidden state is named
-``layers.{i}.output`` in the graph and the final norm's output ``final_norm.output``:
-passes find the decoder structure by these names.
+``layers.{i}.output`` in the graph, and the final norm's output is the graph output
+``features``: passes find the decoder structure by these names.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def layer_output_name(i: int) -> str:
     return f"layers.{i}.output"
 
 
-FINAL_NORM_OUTPUT = "final_norm.output"
+FINAL_NORM_OUTPUT = "features"
 
 
 class DecoderStep(nn.Module):
@@ -86,8 +87,8 @@ class DecoderStep(nn.Module):
             h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32,
                               self.cos_cache, self.sin_cache)
             presents += [pk, pv]
-        z = self.norm(h[:, -1])  # [1, d]
-        return (self.lm_head(z), *presents)
+        z = self.norm(h)  # [1, S, d]: the draft's input features
+        return (self.lm_head(z[:, -1]), z, *presents)
 
 
 class StepLayer(nn.Module):
@@ -136,7 +137,7 @@ def input_names(num_layers: int) -> list[str]:
 
 
 def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
+    names = ["logits", "features"]
     for i in range(num_layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
     return names
@@ -191,7 +192,7 @@ def _name_structure(model: ir.Model, num_layers: int) -> None:
     """Name each decoder layer's output and the final norm's output in the exported graph.
 
     A layer's output is the last Add directly in scope ``blocks.{i}`` (the second residual
-    add); the final norm's output is the last node in scope ``norm``.
+    add); the final norm's output (last node in scope ``norm``) is the graph output ``features``.
     """
     layer_out: dict[int, ir.Value] = {}
     norm_out = None
@@ -209,4 +210,6 @@ def _name_structure(model: ir.Model, num_layers: int) -> None:
         )
     for i, value in layer_out.items():
         value.name = layer_output_name(i)
-    norm_out.name = FINAL_NORM_OUTPUT
+    if norm_out.name != FINAL_NORM_OUTPUT:
+        raise ExportError(f"the final norm's output is '{norm_out.name}', expected the graph output "
+                          f"'{FINAL_NORM_OUTPUT}'; the exporter's naming changed.")

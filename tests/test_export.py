@@ -26,7 +26,7 @@ def _run_steps(session, shapes, prompt, continuation):
         feeds.update(zip(names, cache))
         out = session.run(None, feeds)
         logits.append(out[0][0])
-        cache = out[1:]
+        cache = out[2:]
         past += len(chunk)
     return logits
 
@@ -57,7 +57,7 @@ def test_eager_step_module_matches_hf(family):
     ids = [1, 9, 33, 200]
     with torch.no_grad():
         out = step(torch.tensor([ids[:3]]), torch.tensor([0]), past)
-        out2 = step(torch.tensor([ids[3:]]), torch.tensor([3]), list(out[1:]))
+        out2 = step(torch.tensor([ids[3:]]), torch.tensor([3]), list(out[2:]))
         ref = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(out[0][0], ref[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(out2[0][0], ref[3], atol=1e-5, rtol=0)
@@ -68,8 +68,22 @@ def test_exported_graph_names_every_layer_output():
     onnx_model, shapes = export_step(model, CAPACITY)
     names = {v.name for node in onnx_model.graph for v in node.outputs}
     assert {layer_output_name(i) for i in range(shapes.num_layers)} <= names
-    assert "final_norm.output" in names
+    assert "features" in names
     inputs = [v.name for v in onnx_model.graph.inputs]
     assert inputs[:2] == ["input_ids", "past_sequence_length"]
     assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert [v.name for v in onnx_model.graph.outputs][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert [v.name for v in onnx_model.graph.outputs][:4] == ["logits", "features", "present.0.key", "present.0.value"]
+
+
+def test_features_output_is_the_final_normed_hidden_state_of_every_position(tmp_path):
+    model = make_tiny_model("llama")
+    onnx_model, shapes = export_step(model, CAPACITY)
+    ir.save(onnx_model, tmp_path / "step.onnx")
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {f"past_key_values.{i}.{k}": np.zeros((1, shapes.num_kv_heads, CAPACITY, shapes.head_dim), np.float32)
+             for i in range(shapes.num_layers) for k in ("key", "value")}
+    ids = [1, 17, 42]
+    out = session.run(["features"], {"input_ids": np.array([ids]), "past_sequence_length": np.array([0]), **feeds})
+    with torch.no_grad():
+        ref = model.model(torch.tensor([ids])).last_hidden_state.numpy()
+    np.testing.assert_allclose(out[0], ref, atol=1e-5)

@@ -1,7 +1,7 @@
 """Find the decoder's structure in an exported graph from names and metadata, not model classes.
 
 The export names every decoder layer's output ``layers.{i}.output`` and the final norm's
-output ``final_norm.output``; the final norm's weight and epsilon and the LM head's weight
+output is the graph output ``features``; the final norm's weight and epsilon and the LM head's weight
 are read from the nodes in the exporter's ``norm`` and ``lm_head`` name scopes.
 """
 

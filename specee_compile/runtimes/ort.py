@@ -215,6 +215,7 @@ class OrtEngine:
         b = state.binding
         b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         b.bind_cpu_input("past_sequence_length", np.zeros((1,), np.int64))
+        b.bind_output("features")  # [1, S, d], allocated by ORT for this shape
         self.session.run_with_iobinding(b)
         return state.logits
 
@@ -224,6 +225,7 @@ class OrtEngine:
         b = state.binding
         b.bind_ortvalue_input("input_ids", state.token_value)
         b.bind_ortvalue_input("past_sequence_length", state.past_len_value)
+        b.bind_output("features")
         self.session.run_with_iobinding(b)
         return state.logits
 
