@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
-from specee_compile.passes.insert_predictors import _const, _named
+from specee_compile.passes.insert_predictors import SEGMENT, _const, _named
 
 RULES = ("full", "reduced", "draft")
 
@@ -64,6 +64,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
         d = dec.norm_weight.shape[0]
         for node in predictors:
             i = int(node.name.split(".")[1])
+            start = len(tape.nodes)
             fire = tape.op("And", [node.inputs[0], tape.op("Greater", [node.outputs[0], thr])])
             then = self._check(dec, i, draft_ids, reduced)
             other = ir.tape.Tape()
@@ -78,6 +79,8 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
             for value, kind in zip(outs, ("exit_flag", "exit_token", "exit_feature")):
                 value.name = f"{kind}.{i}"
                 graph.outputs.append(value)
+            for new in tape.nodes[start:]:
+                new.metadata_props[SEGMENT] = str(i)
         graph.sort()
         self.fired = {"exits": len(predictors)}
         return ir.passes.PassResult(model, modified=True)

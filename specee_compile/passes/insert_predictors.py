@@ -27,6 +27,7 @@ from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
 
 ROLE = "specee.role"
+SEGMENT = "specee.segment_layer"  # the predictor layer whose segment a node belongs to
 
 
 @dataclasses.dataclass
@@ -58,7 +59,10 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         p_prev = tape.initializer(ir.tensor(np.zeros((1, 4), np.float32)), name="specee.p_init")
         has_prev = tape.initializer(ir.tensor(np.array(False)), name="specee.has_prev_init")
         for i in sorted(self.layers):
+            start = len(tape.nodes)
             p_prev, has_prev, score = self._predictor(tape, dec, i, draft_ids, active, p_prev, has_prev)
+            for node in tape.nodes[start:]:
+                node.metadata_props[SEGMENT] = str(i)
             score.name = f"exit_score.{i}"
             graph.outputs.append(score)
         graph.sort()

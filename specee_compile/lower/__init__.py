@@ -1,0 +1,1 @@
+"""Lowering: turn the pass-processed SpecEE decode graph into what a runtime executes."""
