@@ -93,6 +93,16 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
     model, pass_log = pipeline(model, skip=config.skip_passes, dump_dir=config.dump_ir)
     stages.update()
 
+    spec_graphs = None
+    if config.specee:
+        from specee_compile.lower import specee as specee_lowering
+
+        stages.set_postfix_str("SpecEE: calibration, passes, segments, draft")
+        spec_graphs = specee_lowering.build(
+            config.model, hf_model, capacity, calib_file=config.calib_file, rule=config.exit_rule,
+            threshold=config.threshold, opt_level=config.opt_level, progress=stages.disable is False,
+            calibration=config.calibration)
+
     stages.set_postfix_str("write bundle")
     with bundle.staging(config.out, config.force) as tmp:
         ir.save(model, tmp / GRAPH_FILE, external_data=GRAPH_FILE + ".data")
@@ -127,6 +137,9 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
             "compile": config.to_dict(),
             "passes": pass_log,
         }
+        if spec_graphs is not None:
+            manifest["specee"] = specee_lowering.save(spec_graphs, tmp)
+            manifest["passes"] = pass_log + spec_graphs.pass_log
         bundle.finish_manifest(tmp, manifest)
     stages.update()
     return config.out

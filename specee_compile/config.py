@@ -28,6 +28,10 @@ class CompileConfig:
         dump_ir: a folder to write the graph's text IR to after every phase.
         pipeline: a :class:`specee_compile.passes.Pipeline` replacing the default one
             (custom passes); its pass names are recorded in the manifest.
+        specee: also build the SpecEE decode graphs (calibrating first when needed).
+        calib_file: calibration JSONL (default ShareGPT).
+        exit_rule: "full" (paper), "reduced" (draft vocabulary) or "draft" (no head product).
+        threshold: predictor threshold; 0 takes the calibrated one.
     """
 
     model: str
@@ -38,6 +42,11 @@ class CompileConfig:
     force: bool = False
     skip_passes: tuple[str, ...] = field(default_factory=tuple)
     dump_ir: Path | None = None
+    specee: bool = False
+    calib_file: str | None = None
+    exit_rule: str = "full"
+    threshold: float = 0.0  # 0: the calibrated threshold
+    calibration: Path | None = None  # a calibration artifact folder to use as is
     pipeline: object | None = field(default=None, compare=False)  # a passes.Pipeline to use instead
 
     def __post_init__(self):
@@ -53,6 +62,10 @@ class CompileConfig:
             )
         if not isinstance(self.max_context, int) or not 16 <= self.max_context <= 1 << 20:
             raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
+        if self.exit_rule not in ("full", "reduced", "draft"):
+            raise ConfigError(f"exit_rule '{self.exit_rule}' is unknown; choose full, reduced or draft.")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:
             raise ConfigError(f"opt_level '{self.opt_level}' is unknown; choose one of {OPT_LEVELS}.")
 
@@ -61,6 +74,7 @@ class CompileConfig:
         d["out"] = str(self.out)
         d["skip_passes"] = list(self.skip_passes)
         d["dump_ir"] = str(self.dump_ir) if self.dump_ir else None
+        d["calibration"] = str(self.calibration) if self.calibration else None
         d["pipeline"] = self.pipeline.names() if self.pipeline is not None else None
         return d
 

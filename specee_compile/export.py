@@ -213,3 +213,69 @@ def _name_structure(model: ir.Model, num_layers: int) -> None:
     if norm_out.name != FINAL_NORM_OUTPUT:
         raise ExportError(f"the final norm's output is '{norm_out.name}', expected the graph output "
                           f"'{FINAL_NORM_OUTPUT}'; the exporter's naming changed.")
+
+
+class DraftStep(nn.Module):
+    """The draft's step over its own preallocated KV buffer (same attention op as the target).
+
+    inputs   input_ids [1, S], features [1, S, d] (the previous positions' features),
+             past_sequence_length [1], past_key_values.0.key|value [1, KVH, CAP, D]
+    outputs  draft_ids [4] (target ids of the top-4 at the last position), present.0.key|value
+    """
+
+    def __init__(self, draft: nn.Module, capacity: int):
+        super().__init__()
+        self.draft = draft
+        self.qkv_proj = _packed_linear([draft.layer.self_attn.q_proj, draft.layer.self_attn.k_proj,
+                                        draft.layer.self_attn.v_proj])
+        cos, sin = rope_tables_like(draft, capacity)
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+        self.scale = float(draft.layer.self_attn.scaling)
+
+    def forward(self, input_ids, features, past_sequence_length, past_key, past_value):
+        d = self.draft
+        s = input_ids.shape[1]
+        total = past_sequence_length + s
+        x = d.fc(torch.cat([d.embed(input_ids), features], dim=-1))
+        layer = d.layer
+        h = layer.input_layernorm(x)
+        out, pk, pv = torch.ops.specee.cached_attention(
+            self.qkv_proj(h), past_key, past_value, (total - 1).to(torch.int32), total.to(torch.int32).reshape(()),
+            self.cos_cache, self.sin_cache, d.num_heads, d.kv_heads, self.scale,
+        )
+        x = x + layer.self_attn.o_proj(out)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = d.head(x[:, -1])  # [1, Vd]
+        top = torch.topk(logits[0], 4).indices
+        return d.vocab_map[top], pk, pv
+
+
+def rope_tables_like(draft: nn.Module, capacity: int):
+    n = min(capacity, draft.cos.shape[0])
+    return draft.cos[:n].contiguous(), draft.sin[:n].contiguous()
+
+
+def export_draft(draft: nn.Module, capacity: int) -> ir.Model:
+    """Export the draft step (prefill over many positions and one-token steps) to onnx_ir."""
+    step = DraftStep(draft, capacity).eval()
+    d = draft.fc.out_features
+    past = torch.zeros(1, draft.kv_heads, capacity, draft.head_dim)
+    args = (torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3, d), torch.zeros(1, dtype=torch.int64),
+            past, past.clone())
+    seq = torch.export.Dim("sequence", min=1, max=capacity)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step, args, dynamo=True, opset_version=OPSET,
+                input_names=["input_ids", "features", "past_sequence_length", "past_key_values.0.key",
+                             "past_key_values.0.value"],
+                output_names=["draft_ids", "present.0.key", "present.0.value"],
+                dynamic_shapes={"input_ids": {1: seq}, "features": {1: seq}, "past_sequence_length": None,
+                                "past_key": None, "past_value": None},
+                custom_translation_table=ORT_TRANSLATIONS, optimize=True, verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed on the draft step: {type(e).__name__}: {e}") from e
+    return program.model

@@ -10,13 +10,14 @@ from specee_compile.errors import BundleError
 __all__ = ["load"]
 
 
-def load(path: str | Path, threads: int | None = None, verify: bool = True):
+def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False):
     """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
 
     Args:
         path: the bundle directory written by ``specee-compile``.
         threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores).
         verify: check every file against the manifest's SHA-256 (about 1 s per GB).
+        dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
     """
     from transformers import AutoTokenizer
 
@@ -31,4 +32,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True):
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
     from specee_compile.runtimes.ort import OrtEngine
 
+    if "specee" in manifest and not dense:
+        from specee_compile.runtimes.specee import SpecEEEngine
+
+        return SpecEEEngine(path, manifest, tokenizer, threads=threads)
     return OrtEngine(path, manifest, tokenizer, threads=threads)

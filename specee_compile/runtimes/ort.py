@@ -36,7 +36,7 @@ class Generation:
     time_to_first_token: float  # seconds, prefill included
     decode_seconds: float  # time of the decode steps (all steps after prefill)
     decode_steps: int = 0
-    exit_layers: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # per token; L-1 for prefill and full depth
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -70,13 +70,13 @@ class _CacheState:
 
     def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple, vocab: int):
         self.binding = session.io_binding()
-        self.buffers = []
+        self.arrays = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key_0, value_0, key_1, ...
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays
         for i in range(layers):
-            for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+            for j, kind in enumerate(("key", "value")):
+                buf = self.buffers[2 * i + j]
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
-                self.buffers.append(buf)
         self.logits = np.zeros((1, vocab), np.float32)
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.token = np.zeros((1, 1), np.int64)
@@ -169,7 +169,8 @@ class OrtEngine:
 
     def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
         start = time.perf_counter()
-        logits = self._prefill(state, ids)
+        token = self._first_token(state, ids)
+        exits: list[int] = []
         out: list[int] = []
         stop = "max_new_tokens"
         printed = ""
@@ -177,7 +178,6 @@ class OrtEngine:
         n = len(ids)
         steps = 0
         while True:
-            token = int(logits[0].argmax())
             if first_token_at is None:
                 first_token_at = decode_start = time.perf_counter()
             if token in self.eos_token_ids:
@@ -194,7 +194,8 @@ class OrtEngine:
             if n >= self.capacity:
                 stop = "capacity"
                 break
-            logits = self._decode(state, token, n)
+            token, exit_layer = self._next_token(state, token, n)
+            exits.append(exit_layer)
             n += 1
             steps += 1
         end = time.perf_counter()
@@ -209,7 +210,15 @@ class OrtEngine:
             time_to_first_token=first_token_at - start,
             decode_seconds=end - decode_start,
             decode_steps=steps,
+            exit_layers=[self.num_layers - 1] + exits[: max(len(out) - 1, 0)],
         )
+
+    def _first_token(self, state: _CacheState, ids: list[int]) -> int:
+        return int(self._prefill(state, ids)[0].argmax())
+
+    def _next_token(self, state: _CacheState, token: int, past_len: int) -> tuple[int, int]:
+        """Feed ``token`` at position ``past_len``; return (next token, layer it left from)."""
+        return int(self._decode(state, token, past_len)[0].argmax()), self.num_layers - 1
 
     def _prefill(self, state: _CacheState, ids: list[int]) -> np.ndarray:
         b = state.binding
@@ -233,6 +242,9 @@ class OrtEngine:
         with self._lock:
             if self._pool:
                 return self._pool.pop()
+        return self._new_state()
+
+    def _new_state(self) -> _CacheState:
         return _CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size)
 
     def _release(self, state: _CacheState) -> None:

@@ -1,0 +1,111 @@
+"""Build the SpecEE graphs of a bundle: predictors and exits by passes, then segments.
+
+    calibration (cached) -> export decode step -> specee passes (insert_predictors,
+    insert_early_exit, fuse_draft_gathers) -> segments (one per predictor layer + the rest)
+    -> per-segment ORT fusions;  draft step export;  K/V-propagation weights
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from safetensors.numpy import save_file
+
+from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
+from specee_compile.export import export_draft, export_step
+from specee_compile.functional import rope_tables
+from specee_compile.lower.segments import Segment, save_segments, split_segments
+from specee_compile.passes import FuseOrtTransformersPass, Pipeline
+from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
+from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
+from specee_compile.passes.insert_predictors import InsertPredictorsPass
+
+FOLDER = "specee"
+
+
+@dataclass
+class SpecEEGraphs:
+    segments: list[Segment]
+    draft: ir.Model
+    kv_fill: dict[str, np.ndarray]
+    manifest: dict
+    pass_log: list[dict]
+
+
+def specee_pipeline(cal, layers: tuple[int, ...], threshold: float, rule: str) -> Pipeline:
+    state = {k: v.detach().numpy() for k, v in cal.bank.state_dict().items()}
+    return Pipeline({"specee": [
+        InsertPredictorsPass(layers=layers, **state),
+        InsertEarlyExitPass(threshold=threshold, rule=rule, vocab_map=cal.draft.vocab_map.numpy()),
+        FuseDraftGathersPass(),
+    ]})
+
+
+def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full", threshold=0.0,
+          opt_level="O1", progress=True, calibration: Path | None = None) -> SpecEEGraphs:
+    cal_dir = calibration or calibrate(model_source, CalibrationSettings(calib_file=calib_file, rule=rule),
+                                       progress=progress)
+    cal = load_calibration(cal_dir, hf_model)
+    L = hf_model.config.num_hidden_layers
+    threshold = threshold or cal.threshold
+    reach = max(0, -min(cal.schedule.offsets, default=0))
+    lo = max(0, min(cal.schedule.offline_layers, default=0) - reach)
+    layers = tuple(range(lo, L - 1))  # every layer the online window can reach from the offline set
+    model, _ = export_step(hf_model, capacity)
+    model, log = specee_pipeline(cal, layers, threshold, rule)(model)
+    segments = split_segments(model, list(layers), L)
+    if opt_level != "O0":
+        for s in segments:
+            FuseOrtTransformersPass()(s.model)
+    draft = export_draft(cal.draft, capacity)
+    spec = {
+        "calibration": str(cal_dir),
+        "rule": rule,
+        "threshold": threshold,
+        "kv_policy": "propagate",
+        "predictor_layers": list(layers),
+        "schedule": cal.schedule.to_dict(),
+        "draft": {"file": f"{FOLDER}/draft.onnx", "vocab_size": int(len(cal.draft.vocab_map)),
+                  "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
+        "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},
+    }
+    return SpecEEGraphs(segments, draft, _kv_fill(hf_model, capacity), spec, log)
+
+
+def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
+    folder = bundle_dir / FOLDER
+    names = save_segments(graphs.segments, folder)
+    ir.save(graphs.draft, folder / "draft.onnx", external_data="draft.onnx.data")
+    save_file(graphs.kv_fill, folder / "kv_fill.safetensors")
+    spec = dict(graphs.manifest)
+    spec["segments"] = [
+        {"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
+         "exit_layer": s.exit_layer} for n, s in zip(names, graphs.segments)
+    ]
+    return spec
+
+
+def _eps(hf_model) -> float:
+    return float(getattr(hf_model.config, "rms_norm_eps", 1e-6))
+
+
+@torch.no_grad()
+def _kv_fill(hf_model, capacity: int) -> dict[str, np.ndarray]:
+    """What state propagation needs per layer: input norm weight, K and V projections; RoPE tables."""
+    out = {}
+    for j, layer in enumerate(hf_model.model.layers):
+        attn = layer.self_attn
+        out[f"{j}.norm"] = layer.input_layernorm.weight.numpy().copy()
+        out[f"{j}.k"] = attn.k_proj.weight.numpy().copy()
+        out[f"{j}.v"] = attn.v_proj.weight.numpy().copy()
+        if attn.k_proj.bias is not None:
+            out[f"{j}.k_bias"] = attn.k_proj.bias.numpy().copy()
+            out[f"{j}.v_bias"] = attn.v_proj.bias.numpy().copy()
+    head_dim = hf_model.model.layers[0].self_attn.head_dim
+    cos, sin = rope_tables(hf_model.model.rotary_emb, capacity, head_dim)
+    out["cos"], out["sin"] = cos.numpy().copy(), sin.numpy().copy()
+    return out

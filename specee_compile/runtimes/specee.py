@@ -1,0 +1,149 @@
+"""The SpecEE engine: dense prefill, then draft -> segments with early exit, per token.
+
+Per decode step (batch 1, greedy):
+1. the draft graph proposes 4 candidate target ids from the newest token and the feature
+   the previous token left from (its exit layer's normed hidden state);
+2. the active predictor layers come from this request's exit history (offline set first,
+   then the online window) and are passed as the ``active_layers`` mask;
+3. the segments run in order over the shared in-place KV buffers; after each, the
+   ``exit_flag`` of its predictor is read and the first set flag ends the step with that
+   segment's ``exit_token`` and ``exit_feature``;
+4. the layers the token skipped get K/V computed from the exit hidden state (state
+   propagation), so every cache stays complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+from specee_compile.errors import BundleError
+from specee_compile.runtimes.ort import OrtEngine, _CacheState, providers, session_options
+from specee_compile.schedule import Schedule
+
+
+class _SpecEEState(_CacheState):
+    def __init__(self, engine: "SpecEEEngine"):
+        super().__init__(engine.session, engine.num_layers, engine._cache_shape, engine.vocab_size)
+        self.seg_bindings = []
+        for sess, layers in zip(engine.segments, engine.segment_layers):
+            b = sess.io_binding()
+            for i in layers:
+                for j, kind in enumerate(("key", "value")):
+                    b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.buffers[2 * i + j])
+                    b.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
+            self.seg_bindings.append(b)
+        d_shape = (1, engine.draft_kv_heads, engine.capacity, engine.draft_head_dim)
+        self.draft_arrays = [np.zeros(d_shape, np.float32), np.zeros(d_shape, np.float32)]
+        self.draft_buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.draft_arrays]
+        self.draft_binding = engine.draft.io_binding()
+        for j, kind in enumerate(("key", "value")):
+            self.draft_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
+            self.draft_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
+        self.history: list[int] = []
+        self.feature = None  # [1, 1, d]
+        self.draft_len = 0
+
+
+class SpecEEEngine(OrtEngine):
+    """A SpecEE bundle: ``generate`` returns ``exit_layers`` for every token."""
+
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
+        super().__init__(path, manifest, tokenizer, threads)
+        spec = manifest["specee"]
+        so = session_options(threads)
+        try:
+            self.segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
+                             for g in spec["segments"]]
+            self.draft = ort.InferenceSession(str(self.path / spec["draft"]["file"]), so, providers=providers())
+            kv = load_file(self.path / spec["kv_fill"]["file"])
+        except Exception as e:
+            raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
+        self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
+        self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
+        self.candidates = frozenset(spec["predictor_layers"])
+        self.schedule = Schedule.from_dict(spec["schedule"])
+        self.draft_kv_heads = spec["draft"]["kv_heads"]
+        self.draft_head_dim = spec["draft"]["head_dim"]
+        self.kv = kv
+        self.kv_eps = float(spec["kv_fill"]["eps"])
+        self.kv_heads = int(manifest["model"]["num_kv_heads"])
+
+    def _new_state(self) -> _SpecEEState:
+        return _SpecEEState(self)
+
+    def _first_token(self, state: _SpecEEState, ids: list[int]) -> int:
+        logits = self._prefill(state, ids)
+        features = state.binding.get_outputs()[-1].numpy()  # [1, n, d]: bound last, so listed last
+        state.history = []
+        state.feature = features[:, -1:]
+        state.draft_len = 0
+        if len(ids) > 1:
+            self._draft(state, np.asarray([ids[1:]], np.int64), features[:, :-1])
+        return int(logits[0].argmax())
+
+    def _draft(self, state: _SpecEEState, ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+        b = state.draft_binding
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("features", np.ascontiguousarray(features, np.float32))
+        b.bind_cpu_input("past_sequence_length", np.array([state.draft_len], np.int64))
+        b.bind_output("draft_ids")
+        self.draft.run_with_iobinding(b)
+        state.draft_len += ids.shape[1]
+        return b.get_outputs()[-1].numpy()  # bound after the presents, so listed last
+
+    def _next_token(self, state: _SpecEEState, token: int, n: int) -> tuple[int, int]:
+        draft_ids = self._draft(state, np.array([[token]], np.int64), state.feature)
+        active = np.zeros(self.num_layers, dtype=bool)
+        active[[i for i in self.schedule.active(state.history) if i in self.candidates]] = True
+        values = {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
+                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active}
+        exit_layer = self.num_layers - 1
+        result = None
+        for sess, b, exit_at in zip(self.segments, state.seg_bindings, self.segment_exit):
+            for inp in sess.get_inputs():
+                if inp.name.startswith("past_key_values."):
+                    continue
+                v = values[inp.name]
+                if isinstance(v, np.ndarray):
+                    b.bind_cpu_input(inp.name, v)
+                else:
+                    b.bind_ortvalue_input(inp.name, v)
+            for out in sess.get_outputs():
+                if not out.name.startswith("present."):
+                    b.bind_output(out.name)
+            sess.run_with_iobinding(b)
+            # IOBinding lists outputs in first-bind order: the presents, then these.
+            names = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
+            got = b.get_outputs()
+            outs = dict(zip(names, got[len(got) - len(names):]))
+            values.update(outs)
+            if exit_at is not None and active[exit_at] and bool(outs[f"exit_flag.{exit_at}"].numpy()[0]):
+                exit_layer = exit_at
+                result = int(outs[f"exit_token.{exit_at}"].numpy()[0])
+                state.feature = outs[f"exit_feature.{exit_at}"].numpy()[:, None, :]
+                self._propagate(state, outs[f"layers.{exit_at}.output"].numpy()[0, -1], exit_at, n)
+                break
+        if result is None:
+            result = int(values["logits"].numpy()[0].argmax())
+            state.feature = values["features"].numpy()[:, -1:]
+        state.history.append(exit_layer)
+        return result, exit_layer
+
+    def _propagate(self, state: _SpecEEState, h: np.ndarray, exit_layer: int, n: int) -> None:
+        """K/V of the skipped layers at position n from the exit hidden state h [d]."""
+        kv = self.kv
+        cos, sin = kv["cos"][n], kv["sin"][n]
+        for j in range(exit_layer + 1, self.num_layers):
+            x = h / np.sqrt(np.mean(h * h) + self.kv_eps) * kv[f"{j}.norm"]
+            k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)
+            v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
+            k = k.reshape(self.kv_heads, -1)
+            half = k.shape[1] // 2
+            k1, k2 = k[:, :half], k[:, half:]
+            k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)
+            state.arrays[2 * j][0, :, n, :] = k
+            state.arrays[2 * j + 1][0, :, n, :] = v.reshape(self.kv_heads, -1)

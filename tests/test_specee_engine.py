@@ -1,0 +1,69 @@
+"""The compiled SpecEE engine against the eager reference decoder, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specee_compile.bundle import read_manifest
+from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
+from specee_compile.compiler import compile as compile_bundle
+from specee_compile.config import CompileConfig
+from specee_compile.reference import DecodeSettings, ReferenceDecoder
+from specee_compile.runtimes import load
+from specee_compile.testing import make_tiny_model
+
+PROMPTS = ([1, 40, 41, 42], [1, 7, 8, 9, 10, 11], [1, 200])
+TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
+            positions_per_sequence=16, draft_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def calibrations(tiny_dirs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"hello world {i}",
+                                          "response": "the quick brown fox jumps over the lazy dog " * 3})
+                              for i in range(12)))
+    settings = CalibrationSettings(calib_file=str(path), **TINY)
+    return {family: calibrate(d, settings, progress=False) for family, d in tiny_dirs.items()}
+
+
+def _bundle(tiny_dirs, calibrations, tmp_path, family, threshold, rule):
+    return compile_bundle(CompileConfig(model=str(tiny_dirs[family]), out=tmp_path / f"{family}.onnx", max_context=64,
+                                        specee=True, calibration=calibrations[family], threshold=threshold,
+                                        exit_rule=rule), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_predictors_that_never_fire_give_the_dense_engines_tokens(tiny_dirs, calibrations, tmp_path, family):
+    out = _bundle(tiny_dirs, calibrations, tmp_path, family, 0.999999, "full")
+    engine, dense = load(out), load(out, dense=True)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=12)
+        assert got.token_ids == dense.generate(prompt, max_new_tokens=12).token_ids
+        assert set(got.exit_layers) == {2}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("rule", ["draft", "full", "reduced"])
+def test_compiled_exits_equal_the_reference_decoder(tiny_dirs, calibrations, tmp_path, family, rule):
+    out = _bundle(tiny_dirs, calibrations, tmp_path, family, 0.3, rule)
+    engine = load(out)
+    target = make_tiny_model(family)
+    cal = load_calibration(calibrations[family], target)
+    ref = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
+                           DecodeSettings(rule=rule, kv_policy="propagate", threshold=0.3), capacity=64)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=12)
+        want = ref.generate(prompt, 12, eos_ids=engine.eos_token_ids)
+        assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
+
+
+def test_specee_bundle_manifest_lists_segments_draft_and_schedule(tiny_dirs, calibrations, tmp_path):
+    manifest = read_manifest(_bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "draft"))
+    spec = manifest["specee"]
+    assert [s["exit_layer"] for s in spec["segments"]][-1] is None
+    assert spec["segments"][0]["first_layer"] == 0 and spec["segments"][-1]["last_layer"] == 2
+    assert spec["kv_policy"] == "propagate" and spec["rule"] == "draft"
+    assert {"insert_predictors", "insert_early_exit", "fuse_draft_gathers"} <= {p["pass"] for p in manifest["passes"]}
