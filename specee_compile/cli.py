@@ -91,6 +91,12 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens (default 2048)")
     p.add_argument("--opt", choices=["O0", "O1"], default="O1", help="O0: export only; O1: + ORT fusions")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="skip a pass by name")
+    p.add_argument("--specee", action="store_true",
+                   help="build the SpecEE early-exit graphs too (calibrates first, cached)")
+    p.add_argument("--calib", default=None, metavar="FILE.jsonl", help="calibration prompts (default: ShareGPT)")
+    p.add_argument("--exit-rule", choices=["full", "reduced", "draft"], default="full",
+                   help="check at an exit: full LM head (paper), the draft's reduced vocabulary, or none")
+    p.add_argument("--threshold", type=float, default=0.0, help="predictor threshold (default: calibrated)")
     p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -105,6 +111,7 @@ def _compile_main(args) -> int:
     config = CompileConfig(
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
+        specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -136,6 +143,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--show-exits", action="store_true", help="annotate every token with its exit layer")
+    p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
     _common(p)
     return p
 
@@ -143,15 +152,20 @@ def run_parser() -> argparse.ArgumentParser:
 def _run_main(args) -> int:
     from specee_compile.runtimes import load
 
-    engine = load(args.bundle, threads=args.threads)
+    engine = load(args.bundle, threads=args.threads, dense=args.no_exit)
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
-        stream=None if args.quiet else lambda s: print(s, end="", flush=True),
+        stream=None if args.quiet or args.show_exits else lambda s: print(s, end="", flush=True),
     )
-    if args.quiet:
+    if args.show_exits:
+        print(annotate_exits(engine.tokenizer, result.token_ids, result.exit_layers, engine.num_layers))
+    elif args.quiet:
         print(result.text)
     else:
         print()
+    if result.exit_layers and not args.no_exit and "specee" in engine.manifest:
+        mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
+        print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
     print(
         f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, "
         f"decode {result.decode_tokens_per_second:.1f} tok/s, "
@@ -159,6 +173,16 @@ def _run_main(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def annotate_exits(tokenizer, tokens: list[int], exits: list[int], num_layers: int) -> str:
+    """Text with each early-exited token followed by its exit layer, e.g. ``Paris⁽²¹⁾``."""
+    sup = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+    parts = []
+    for token, layer in zip(tokens, exits):
+        piece = tokenizer.decode([token], skip_special_tokens=True)
+        parts.append(piece if layer == num_layers - 1 else f"{piece}⁽{str(layer).translate(sup)}⁾")
+    return "".join(parts)
 
 
 def run_main(argv=None) -> int:

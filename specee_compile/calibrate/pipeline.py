@@ -46,8 +46,9 @@ class CalibrationSettings:
     max_seq_len: int = 384
     generate_tokens: int = 96  # continuation length for examples without a response
     draft_vocab: int = 6144
-    draft_epochs: int = 3
-    draft_lr: float = 3e-4
+    draft_epochs: int = 8
+    draft_lr: float = 1e-3
+    feature_loss_weight: float = 0.1  # EAGLE's weighting of feature regression against token CE
     exit_feature_rate: float = 0.5  # share of draft inputs fed an intermediate layer's feature
     predictor_hidden: int = 512
     predictor_epochs: int = 100
@@ -262,7 +263,7 @@ def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) ->
     for epoch in range(settings.draft_epochs):
         order = list(range(len(passes)))
         rng.shuffle(order)
-        total = 0.0
+        total = total_ce = 0.0
         for k in order:
             p = passes[k]
             if p.ids.numel() < 3:
@@ -272,15 +273,17 @@ def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) ->
             f_hat, logits, _ = draft(p.ids[None, 1:], feats[None], None, 1)
             ce = torch.nn.functional.cross_entropy(logits[0], inverse[p.next_token[1:]], ignore_index=-100)
             reg = torch.nn.functional.smooth_l1_loss(f_hat[0], p.z[-1, 1:])
-            loss = ce + reg
+            loss = ce + settings.feature_loss_weight * reg
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             total += loss.item()
+            total_ce += ce.item()
             bar.update()
-        log.append({"epoch": epoch, "mean_loss": total / max(len(passes), 1)})
+        log.append({"epoch": epoch, "mean_loss": total / max(len(passes), 1),
+                    "mean_token_ce": total_ce / max(len(passes), 1)})
     bar.close()
     draft.eval()
     return {"epochs": log}
@@ -355,11 +358,11 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
             counts[e] += 1
     ranked = [int(i) for i in counts[: L - 1].argsort(descending=True) if counts[i] > 0]
     ranked += [i for i in range(L - 1) if i not in ranked]
-    candidates = sorted({n for n in (4, 8, 12, 16, L - 1) if n <= L - 1})
+    candidates = sorted({n for n in (4, 8, L - 1) if n <= L - 1})
     sweep = []
     best = None
     dense = costs.dense_cost(L)
-    combos = [(n, t) for n in candidates for t in (0.5, 0.8, 0.9)]
+    combos = [(n, t) for n in candidates for t in (0.5, 0.8)]
     for n, threshold in tqdm(combos, desc="schedule search", disable=not progress):
         schedule = Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True)
         runs = _replay_all(target, draft, bank, schedule, DecodeSettings(rule=settings.rule, threshold=threshold),
