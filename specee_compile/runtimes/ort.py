@@ -45,10 +45,14 @@ class Generation:
         return self.decode_steps / self.decode_seconds
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """Options for every session; ``spinning=False`` for engines that run many sessions per
+    step, whose idle thread pools would otherwise spin and steal the cores from the busy one."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so
@@ -88,6 +92,8 @@ class _CacheState:
 class OrtEngine:
     """A loaded ONNX Runtime bundle. Use :func:`specee_compile.runtimes.load` to create one."""
 
+    spinning = True  # one session per step: let its threads spin between runs
+
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
         self.path = Path(path)
         self.manifest = manifest
@@ -101,7 +107,7 @@ class OrtEngine:
         graph = manifest["graphs"]["step"]
         try:
             self.session = ort.InferenceSession(
-                str(self.path / graph["file"]), session_options(threads), providers=providers()
+                str(self.path / graph["file"]), session_options(threads, self.spinning), providers=providers()
             )
         except Exception as e:  # ORT raises its own exception types for damaged graphs
             raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e

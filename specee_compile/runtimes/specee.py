@@ -51,10 +51,12 @@ class _SpecEEState(_CacheState):
 class SpecEEEngine(OrtEngine):
     """A SpecEE bundle: ``generate`` returns ``exit_layers`` for every token."""
 
+    spinning = False  # many sessions per step
+
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
         super().__init__(path, manifest, tokenizer, threads)
         spec = manifest["specee"]
-        so = session_options(threads)
+        so = session_options(threads, spinning=False)
         try:
             self.segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
                              for g in spec["segments"]]
