@@ -65,6 +65,10 @@ class SpecEEEngine(OrtEngine):
         except Exception as e:
             raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
         self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
+        self.segment_inputs = [[i.name for i in s.get_inputs() if not i.name.startswith("past_key_values.")]
+                               for s in self.segments]
+        self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
+                                for s in self.segments]
         self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
         self.candidates = frozenset(spec["predictor_layers"])
         self.schedule = Schedule.from_dict(spec["schedule"])
@@ -105,21 +109,18 @@ class SpecEEEngine(OrtEngine):
                   "draft_ids": draft_ids.astype(np.int64), "active_layers": active}
         exit_layer = self.num_layers - 1
         result = None
-        for sess, b, exit_at in zip(self.segments, state.seg_bindings, self.segment_exit):
-            for inp in sess.get_inputs():
-                if inp.name.startswith("past_key_values."):
-                    continue
-                v = values[inp.name]
+        for k, (sess, b, exit_at) in enumerate(zip(self.segments, state.seg_bindings, self.segment_exit)):
+            for name in self.segment_inputs[k]:
+                v = values[name]
                 if isinstance(v, np.ndarray):
-                    b.bind_cpu_input(inp.name, v)
+                    b.bind_cpu_input(name, v)
                 else:
-                    b.bind_ortvalue_input(inp.name, v)
-            for out in sess.get_outputs():
-                if not out.name.startswith("present."):
-                    b.bind_output(out.name)
+                    b.bind_ortvalue_input(name, v)
+            names = self.segment_outputs[k]
+            for name in names:
+                b.bind_output(name)
             sess.run_with_iobinding(b)
             # IOBinding lists outputs in first-bind order: the presents, then these.
-            names = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
             got = b.get_outputs()
             outs = dict(zip(names, got[len(got) - len(names):]))
             values.update(outs)
