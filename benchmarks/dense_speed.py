@@ -1,4 +1,5 @@
-"""Dense decode speed, side by side in one run: the bundle vs transformers eager vs ORT GenAI.
+"""Decode speed side by side in one run: dense bundle vs transformers eager vs ORT GenAI,
+and a SpecEE bundle when ``--specee BUNDLE`` is given.
 
 For every prompt the three systems run back to back in a rotating order, so machine noise
 hits each alike; ratios are computed only between numbers from this run. Usage:
@@ -58,7 +59,8 @@ def run_hf(model, ids, new_tokens, eos):
 
 def run_bundle(engine, ids, new_tokens):
     g = engine.generate(ids, max_new_tokens=new_tokens)
-    return {"tokens": len(g.token_ids), "ttft": g.time_to_first_token, "decode_tps": g.decode_tokens_per_second}
+    return {"tokens": len(g.token_ids), "ttft": g.time_to_first_token, "decode_tps": g.decode_tokens_per_second,
+            "token_ids": g.token_ids, "exit_layers": g.exit_layers}
 
 
 def build_genai(model_dir: Path, out: Path, threads: int) -> Path:
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--specee", default=None, metavar="BUNDLE", help="also run this SpecEE bundle")
+    ap.add_argument("--no-hf", action="store_true", help="leave out transformers eager (slow)")
+    ap.add_argument("--no-genai", action="store_true", help="leave out ONNX Runtime GenAI")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,15 +126,18 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    systems = {
-        "transformers_eager": lambda ids: run_hf(hf, ids, args.new_tokens, eos),
-        "specee_dense_bundle": lambda ids: run_bundle(engine, ids, args.new_tokens),
-    }
+    systems = {"specee_dense_bundle": lambda ids: run_bundle(engine, ids, args.new_tokens)}
+    if not args.no_hf:
+        systems["transformers_eager"] = lambda ids: run_hf(hf, ids, args.new_tokens, eos)
+    if args.specee:
+        spec_engine = load(args.specee, threads=args.threads)
+        systems["specee_bundle"] = lambda ids: run_bundle(spec_engine, ids, args.new_tokens)
     try:
         import onnxruntime_genai as og
 
-        genai_model = og.Model(str(build_genai(model_dir, out / "genai", args.threads)))
-        systems["ort_genai"] = lambda ids: run_genai(og, genai_model, ids, args.new_tokens)
+        if not args.no_genai:
+            genai_model = og.Model(str(build_genai(model_dir, out / "genai", args.threads)))
+            systems["ort_genai"] = lambda ids: run_genai(og, genai_model, ids, args.new_tokens)
     except ImportError:
         print("onnxruntime-genai is not installed; skipping it", file=sys.stderr)
 
@@ -145,6 +153,17 @@ def main(argv=None) -> int:
             rows[name].append({"prompt": k, **systems[name](ids)})
 
     summary = {name: summarize(r) for name, r in rows.items()}
+    if "specee_bundle" in rows:
+        dense_rows, spec_rows = rows["specee_dense_bundle"], rows["specee_bundle"]
+        layers = [e + 1 for r in spec_rows for e in r["exit_layers"][1:]]
+        pairs = [(d["token_ids"], s["token_ids"]) for d, s in zip(dense_rows, spec_rows)]
+        summary["specee_bundle"].update(
+            mean_executed_layers=sum(layers) / max(len(layers), 1),
+            exit_histogram={str(k): v for k, v in sorted(_count([e for r in spec_rows for e in r["exit_layers"][1:]]).items())},
+            exact_match_vs_dense=sum(a == b for a, b in pairs) / len(pairs),
+            mean_first_divergence=statistics.mean(
+                next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in pairs),
+        )
     base = summary["specee_dense_bundle"]["decode_tps_median"]
     for name, s in summary.items():
         s["ratio_vs_dense_bundle"] = s["decode_tps_median"] / base
@@ -160,15 +179,27 @@ def main(argv=None) -> int:
         "settings": vars(args), "summary": summary, "rows": rows,
     }
     (out / "dense_speed.json").write_text(json.dumps(report, indent=2))
-    lines = ["| system | decode tok/s (median) | IQR | TTFT ms | bundle speed / this (paired median) |",
+    lines = ["| system | decode tok/s (median) | IQR | TTFT ms | dense bundle / this (paired median) |",
              "|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['decode_tps_median']:.1f} | {s['decode_tps_q1']:.1f}-{s['decode_tps_q3']:.1f} "
                      f"| {s['ttft_median_ms']:.0f} | {s['dense_bundle_over_this_paired_median']:.2f}x |")
+    if "specee_bundle" in summary:
+        s = summary["specee_bundle"]
+        lines.append(f"\nSpecEE: mean executed layers {s['mean_executed_layers']:.2f}, exact match vs dense "
+                     f"{s['exact_match_vs_dense']:.0%}, mean first divergence {s['mean_first_divergence']:.1f}, "
+                     f"exit histogram {s['exit_histogram']}")
     table = "\n".join(lines)
     (out / "dense_speed.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def _count(items):
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
 
 
 def _installed(name: str) -> bool:
