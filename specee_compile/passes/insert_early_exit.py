@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
-from specee_compile.passes.insert_predictors import SEGMENT, _const, _named
+from specee_compile.passes.insert_predictors import SEGMENT, _const, _named, normalized_last
 
 RULES = ("full", "reduced", "draft")
 
@@ -87,10 +87,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
 
     def _check(self, dec, i, draft_ids, reduced):
         t = ir.tape.Tape()
-        h = t.op("Gather", [dec.layer_outputs[i], _const(t, np.array(-1, np.int64))], {"axis": 1})  # [1, d]
-        ms = t.op("ReduceMean", [t.op("Mul", [h, h]), _const(t, np.array([-1], np.int64))], {"keepdims": 1})
-        inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, _const(t, np.float32(dec.norm_eps))])])])
-        z = t.op("Mul", [t.op("Mul", [h, inv]), dec.norm_weight])
+        z = t.op("Mul", [normalized_last(t, dec, i), dec.norm_weight])  # [1, d]
         trans = 0 if dec.head_transposed else 1
         if self.rule == "full":
             token = t.op("ArgMax", [t.op("Gemm", [z, dec.head_weight], {"transB": trans})], {"axis": -1, "keepdims": 0})

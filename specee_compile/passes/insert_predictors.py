@@ -74,12 +74,7 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         idx = tape.initializer(ir.tensor(np.array(i, np.int64)), name=f"specee.layer_index.{i}")
         is_active = tape.op("Gather", [active, idx], {"axis": 0})
         then = ir.tape.Tape()
-        h = then.op("Gather", [dec.layer_outputs[i], _const(then, np.array(-1, np.int64))], {"axis": 1})  # [1, d]
-        ms = then.op("ReduceMean", [then.op("Mul", [h, h]), _const(then, np.array([-1], np.int64))],
-                     {"keepdims": 1})
-        inv = then.op("Reciprocal", [then.op("Sqrt", [then.op("Add", [ms, _const(then, np.float32(dec.norm_eps))])])])
-        xn = then.op("Mul", [h, inv])
-        z = then.op("Mul", [xn, dec.norm_weight], metadata_props={ROLE: "norm_weight"})
+        z = then.op("Mul", [normalized_last(then, dec, i), dec.norm_weight], metadata_props={ROLE: "norm_weight"})
         rows = then.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0},
                        metadata_props={ROLE: "draft_rows"})
         logits = then.op("MatMul", [z, rows] if dec.head_transposed else [z, then.op("Transpose", [rows])],
@@ -103,6 +98,14 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         )
         has_prev = tape.op("Or", [has_prev, is_active])
         return p_out, has_prev, score_out
+
+
+def normalized_last(t: ir.tape.Tape, dec, i: int) -> ir.Value:
+    """The last position of layer i's output, RMS-normalized without the norm weight: [1, d]."""
+    h = t.op("Gather", [dec.layer_outputs[i], _const(t, np.array(-1, np.int64))], {"axis": 1})
+    ms = t.op("ReduceMean", [t.op("Mul", [h, h]), _const(t, np.array([-1], np.int64))], {"keepdims": 1})
+    inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, _const(t, np.float32(dec.norm_eps))])])])
+    return t.op("Mul", [h, inv])
 
 
 def _named(tape: ir.tape.Tape, prefix: str) -> list[ir.Node]:
