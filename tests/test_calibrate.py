@@ -98,3 +98,20 @@ def test_artifact_from_another_version_is_refused(tiny_dirs, settings, tmp_path)
     (copy / pipeline.WEIGHTS).write_bytes((out / pipeline.WEIGHTS).read_bytes())
     with pytest.raises(ModelLoadError, match="version 99"):
         load_calibration(copy, make_tiny_model("llama"))
+
+
+def test_evaluation_reports_bounds_sweep_and_free_running(tiny_dirs, settings):
+    from specee_compile.calibrate.evaluate import dense_greedy, free_running, teacher_forced
+    from specee_compile.calibrate.simulate import CostModel
+
+    target = make_tiny_model("llama")
+    cal = load_calibration(calibrate(tiny_dirs["llama"], settings, progress=False), target)
+    costs = CostModel(**cal.meta["cost_model"])
+    prompts = [[1, 40, 41, 42], [1, 7, 8, 9]]
+    dense = dense_greedy(target, prompts, 8, {2}, progress=False)
+    rows = teacher_forced(target, cal, costs, prompts, dense, [0.5, 0.9], progress=False)
+    bounds, sweep = rows[0], rows[1:]
+    assert bounds["rule"] == "bounds" and 1 <= bounds["ideal_mean_layers"] <= bounds["oracle_mean_layers"] <= 3
+    assert len(sweep) == 6 and all(0 <= r["agreement"] <= 1 and r["relative_cost_mask"] > 0 for r in sweep)
+    free = free_running(target, cal, prompts, dense, 8, {2}, 0.5, progress=False)
+    assert len(free) == 6 and all(0 <= r["exact_match"] <= 1 for r in free)

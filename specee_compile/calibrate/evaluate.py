@@ -42,7 +42,7 @@ def teacher_forced(target, cal: Calibration, costs: CostModel, prompts, dense, t
             continue
         p = target_pass(target, ids + cont)
         windows.append((p, len(ids)))
-    rows = []
+    rows = [_bounds(target, cal, costs, windows)]
     heads = {rule: [rule_tokens(target, cal.draft, p.z[:, lo:-1], rule) for p, lo in windows] for rule in rules}
     combos = [(r, t) for r in rules for t in thresholds]
     for rule, threshold in tqdm(combos, desc="teacher-forced sweep", disable=not progress):
@@ -67,6 +67,34 @@ def teacher_forced(target, cal: Calibration, costs: CostModel, prompts, dense, t
                      "mean_layers": layers / total, "draft_top4_hit": hits / total, "positions": total,
                      **{f"relative_cost_{k}": v / total / dense_cost for k, v in cost.items()}})
     return rows
+
+
+@torch.no_grad()
+def _bounds(target, cal: Calibration, costs: CostModel, windows) -> dict:
+    """The ideal bound (every token stops for free at its first layer whose full-head argmax
+    is the dense token) and the draft oracle (a perfect predictor with this draft: it stops
+    there only when the dense token is among the draft's 4 candidates)."""
+    L = target.config.num_hidden_layers
+    ideal, oracle, hits, n = [], [], 0, 0
+    for p, lo in windows:
+        argmax = rule_tokens(target, cal.draft, p.z[:, lo:-1], "full")  # [L, N]
+        dense = p.next_token[lo:-1]
+        correct = argmax == dense[None, :]
+        first = correct.float().argmax(0)  # the last layer is always correct
+        _, logits, _ = cal.draft(p.ids[None, 1:-1], p.z[-1, :-2][None], None, 1)
+        top = cal.draft.vocab_map[logits[0].topk(4).indices][lo - 1:]  # candidates at positions lo..
+        hit = (top == dense[:, None]).any(-1)
+        ideal += first.tolist()
+        oracle += torch.where(hit, first, torch.full_like(first, L - 1)).tolist()
+        hits += int(hit.sum())
+        n += dense.numel()
+    dense_cost = costs.dense_cost(L)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"rule": "bounds", "ideal_mean_layers": mean(ideal) + 1,
+            "ideal_relative_cost": (mean(ideal) + 1 + costs.full_head) / dense_cost,
+            "oracle_mean_layers": mean(oracle) + 1,
+            "oracle_relative_cost": (mean(oracle) + 1 + costs.full_head + costs.draft) / dense_cost,
+            "draft_top4_hit_full_depth": hits / n, "positions": n}
 
 
 @torch.no_grad()

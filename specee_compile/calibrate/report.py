@@ -72,12 +72,17 @@ def evaluate_and_report(model, artifact: Path, questions: int, free: int, new_to
     fr = free_running(target, cal, chat[:free], dense[:free], new_tokens, eos, cal.threshold,
                       progress=progress) if free else []
     result = {"questions": questions, "new_tokens": new_tokens, "default_threshold": cal.threshold,
-              "teacher_forced": tf, "free_running": fr}
+              "bounds": tf[0], "teacher_forced": tf[1:], "free_running": fr}
     (Path(artifact) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"MT-Bench first {questions} questions x {new_tokens} tokens, teacher-forced "
              "(cost in layer-equivalents relative to dense; mask / propagate):",
              "| rule | threshold | agreement | cost mask | cost propagate | mean layers | draft top-4 hit |",
              "|---|---|---|---|---|---|---|"]
+    bounds, tf = tf[0], tf[1:]
+    lines.insert(1, f"ideal bound (stop for free at the first correct layer): {bounds['ideal_mean_layers']:.2f} layers, "
+                    f"cost {bounds['ideal_relative_cost']:.1%}; perfect predictor with this draft: "
+                    f"{bounds['oracle_mean_layers']:.2f} layers, cost {bounds['oracle_relative_cost']:.1%}; "
+                    f"draft top-4 hit {bounds['draft_top4_hit_full_depth']:.1%}")
     for r in tf:
         lines.append(f"| {r['rule']} | {r['threshold']} | {r['agreement']:.2%} | {r['relative_cost_mask']:.1%} "
                      f"| {r['relative_cost_propagate']:.1%} | {r['mean_layers']:.2f} | {r['draft_top4_hit']:.1%} |")
