@@ -72,7 +72,7 @@ def providers() -> list[str]:
 class _CacheState:
     """One request's KV buffers, bound once to an IOBinding that later steps reuse."""
 
-    def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple, vocab: int):
+    def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple, vocab: int, hidden: int):
         self.binding = session.io_binding()
         self.arrays = [np.zeros(shape, np.float32) for _ in range(2 * layers)]  # key_0, value_0, key_1, ...
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays
@@ -83,6 +83,8 @@ class _CacheState:
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
         self.logits = np.zeros((1, vocab), np.float32)
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        # decode steps write the [1, 1, d] features into one preallocated buffer
+        self.step_features = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, hidden), np.float32))
         self.token = np.zeros((1, 1), np.int64)
         self.past_len = np.zeros((1,), np.int64)
         self.token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
@@ -101,6 +103,7 @@ class OrtEngine:
         m = manifest["model"]
         self.num_layers = int(m["num_layers"])
         self.vocab_size = int(m["vocab_size"])
+        self.hidden_size = int(m["hidden_size"])
         self.eos_token_ids = set(m["eos_token_ids"])
         self.capacity = int(manifest["cache"]["capacity"])
         self._cache_shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
@@ -240,7 +243,7 @@ class OrtEngine:
         b = state.binding
         b.bind_ortvalue_input("input_ids", state.token_value)
         b.bind_ortvalue_input("past_sequence_length", state.past_len_value)
-        b.bind_output("features")
+        b.bind_ortvalue_output("features", state.step_features)
         self.session.run_with_iobinding(b)
         return state.logits
 
@@ -251,7 +254,7 @@ class OrtEngine:
         return self._new_state()
 
     def _new_state(self) -> _CacheState:
-        return _CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size)
+        return _CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size, self.hidden_size)
 
     def _release(self, state: _CacheState) -> None:
         with self._lock:

@@ -27,7 +27,8 @@ from specee_compile.schedule import Schedule
 
 class _SpecEEState(_CacheState):
     def __init__(self, engine: "SpecEEEngine"):
-        super().__init__(engine.session, engine.num_layers, engine._cache_shape, engine.vocab_size)
+        super().__init__(engine.session, engine.num_layers, engine._cache_shape, engine.vocab_size,
+                         engine.hidden_size)
         self.seg_bindings = []
         for sess, layers in zip(engine.segments, engine.segment_layers):
             b = sess.io_binding()
