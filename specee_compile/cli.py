@@ -198,6 +198,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2)")
     p.add_argument("--calib", default=None, metavar="FILE.jsonl", help="calibration prompts (default: ShareGPT)")
+    p.add_argument("--draft", default=None, metavar="FILE.safetensors",
+                   help="use this trained draft instead of training one (this project's draft layout)")
     p.add_argument("--recalibrate", action="store_true", help="ignore a cached calibration and train again")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a calibration setting")
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -215,7 +217,8 @@ def _calibrate_main(args) -> int:
     from specee_compile.calibrate.report import format_report
     from specee_compile.config import apply_overrides
 
-    settings = apply_overrides(CalibrationSettings(calib_file=args.calib), args.set, frozen=("calib_file",))
+    settings = apply_overrides(CalibrationSettings(calib_file=args.calib, draft_file=args.draft), args.set,
+                               frozen=("calib_file", "draft_file"))
     out = calibrate(args.model, settings, force=args.recalibrate, progress=not args.quiet)
     print(format_report(out), file=sys.stderr if args.quiet else sys.stdout)
     print(f"calibration: {out}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.calibrate import pipeline
@@ -115,3 +116,30 @@ def test_evaluation_reports_bounds_sweep_and_free_running(tiny_dirs, settings):
     assert len(sweep) == 6 and all(0 <= r["agreement"] <= 1 and r["relative_cost_mask"] > 0 for r in sweep)
     free = free_running(target, cal, prompts, dense, 8, {2}, 0.5, progress=False)
     assert len(free) == 6 and all(0 <= r["exact_match"] <= 1 for r in free)
+
+
+def test_a_supplied_draft_is_used_instead_of_training(tiny_dirs, settings, tmp_path):
+    import dataclasses
+
+    from specee_compile.calibrate.pipeline import save_draft
+
+    target = make_tiny_model("llama")
+    trained = load_calibration(calibrate(tiny_dirs["llama"], settings, progress=False), target)
+    path = tmp_path / "draft.safetensors"
+    save_draft(trained.draft, path)
+    supplied = dataclasses.replace(settings, draft_file=str(path))
+    out = calibrate(tiny_dirs["llama"], supplied, progress=False)
+    meta = json.loads((out / pipeline.META).read_text())
+    assert meta["draft"]["training"] == {"supplied": str(path)}
+    again = load_calibration(out, target)
+    for name, tensor in trained.draft.trainable_state().items():
+        assert (again.draft.state_dict()[name] == tensor).all(), name
+
+
+def test_a_draft_of_another_shape_is_refused(tiny_dirs, settings, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"vocab_map": torch.arange(4), "head.weight": torch.zeros(4, 7)}, path)
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        pipeline.load_draft(path, make_tiny_model("llama"))

@@ -41,6 +41,7 @@ class CalibrationSettings:
     """What calibration uses and trains. Part of the artifact's cache key."""
 
     calib_file: str | None = None  # JSONL of prompts/responses; default: ShareGPT
+    draft_file: str | None = None  # a trained draft (safetensors, this project's layout) to use as is
     draft_sequences: int = 160
     predictor_sequences: int = 48
     max_seq_len: int = 384
@@ -70,8 +71,9 @@ class CalibrationSettings:
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        if self.calib_file:
-            blob += hashlib.sha256(Path(self.calib_file).read_bytes()).hexdigest()
+        for f in (self.calib_file, self.draft_file):
+            if f:
+                blob += hashlib.sha256(Path(f).read_bytes()).hexdigest()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -116,15 +118,20 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     split = min(settings.draft_sequences, max(1, len(sequences) - 2))
     draft_seqs, pred_seqs = sequences[:split], sequences[split:]
 
-    passes = [target_pass(target, ids) for ids in tqdm(draft_seqs, desc="target passes (draft)", disable=not progress)]
-    vocab_map = reduced_vocabulary(torch.cat([p.next_token for p in passes]), settings.draft_vocab,
-                                   target.config.vocab_size)
-    draft = EagleDraft(target, vocab_map)
     exit_lo = L // 2
-    clock.lap("target passes (draft)")
-    train_log = _train_draft(draft, passes, settings, exit_lo, rng, progress)
-    del passes
-    clock.lap("draft training")
+    if settings.draft_file:
+        draft = load_draft(Path(settings.draft_file), target)
+        train_log = {"supplied": settings.draft_file}
+    else:
+        passes = [target_pass(target, ids)
+                  for ids in tqdm(draft_seqs, desc="target passes (draft)", disable=not progress)]
+        vocab_map = reduced_vocabulary(torch.cat([p.next_token for p in passes]), settings.draft_vocab,
+                                       target.config.vocab_size)
+        draft = EagleDraft(target, vocab_map)
+        clock.lap("target passes (draft)")
+        train_log = _train_draft(draft, passes, settings, exit_lo, rng, progress)
+        del passes
+        clock.lap("draft training")
 
     pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
                                                             disable=not progress)]
@@ -151,7 +158,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "schedule": choice["schedule"].to_dict(),
         "threshold": choice["threshold"],
         "rule": settings.rule,
-        "draft": {"vocab_size": len(vocab_map), "hidden_size": target.config.hidden_size, **draft_metrics,
+        "draft": {"vocab_size": len(draft.vocab_map), "hidden_size": target.config.hidden_size, **draft_metrics,
                   "training": train_log},
         "predictors": {"hidden": settings.predictor_hidden, "samples": n, "test_samples": len(test_idx),
                        "per_layer": metrics},
@@ -189,9 +196,37 @@ def load_calibration(path: Path, target) -> Calibration:
                              f"this specee-compile reads version {ARTIFACT_VERSION}. Recalibrate.")
     draft = EagleDraft(target, tensors["draft.vocab_map"])
     draft.load_state_dict({k[len("draft."):]: v for k, v in tensors.items() if k.startswith("draft.")}, strict=False)
+    draft.eval()
     bank = PredictorBank(meta["num_layers"], meta["predictors"]["hidden"])
     bank.load_state_dict({k[len("predictors."):]: v for k, v in tensors.items() if k.startswith("predictors.")})
     return Calibration(draft.eval(), bank, Schedule.from_dict(meta["schedule"]), meta["threshold"], meta)
+
+
+def save_draft(draft: EagleDraft, path: Path) -> None:
+    """Write a draft alone (``--draft`` reads it back): its weights and vocabulary map."""
+    save_file({k: v.contiguous() for k, v in draft.trainable_state().items()}, path)
+
+
+def load_draft(path: Path, target) -> EagleDraft:
+    """A user-supplied draft: safetensors with this project's draft keys (fc.*, layer.*, head.weight,
+    vocab_map), e.g. written by ``save_draft`` or taken from an artifact's ``draft.*`` tensors."""
+    try:
+        tensors = load_file(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"draft file {path} cannot be read as safetensors ({e}).") from e
+    tensors = {k[len("draft."):] if k.startswith("draft.") else k: v for k, v in tensors.items()}
+    if "vocab_map" not in tensors or "head.weight" not in tensors:
+        raise ConfigError(f"draft file {path} has no 'vocab_map'/'head.weight'; it is not a specee-compile draft.")
+    draft = EagleDraft(target, tensors["vocab_map"])
+    try:
+        missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        missing, unexpected = [str(e).splitlines()[-1].strip()], []
+    missing = [k for k in missing if not k.startswith("embed.")]
+    if missing or unexpected:
+        raise ConfigError(f"draft file {path} does not fit this model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); it was trained for another architecture.")
+    return draft.eval()
 
 
 def _save(out: Path, draft: EagleDraft, bank: PredictorBank, meta: dict) -> None:
