@@ -19,7 +19,7 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
-from specee_compile.functional import apply_rope
+from specee_compile.functional import apply_rope, attention
 
 
 def _gqa_schema() -> OpSchema:
@@ -70,12 +70,7 @@ def cached_attention(
     present_value = past_value.clone()
     present_key[:, :, past:total] = k
     present_value[:, :, past:total] = v
-    keys = present_key[:, :, :total].repeat_interleave(num_heads // kv_heads, dim=1)
-    values = present_value[:, :, :total].repeat_interleave(num_heads // kv_heads, dim=1)
-    causal = torch.arange(total)[None, :] <= pos[:, None]  # [S, T]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=causal, scale=scale
-    )  # [B, H, S, D]
+    out = attention(q, present_key[:, :, :total], present_value[:, :, :total], pos, scale=scale)  # [B, H, S, D]
     return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
 
 
