@@ -179,16 +179,14 @@ class OrtEngine:
     def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
         start = time.perf_counter()
         token = self._first_token(state, ids)
+        first_token_at = time.perf_counter()
         exits: list[int] = []
         out: list[int] = []
         stop = "max_new_tokens"
         printed = ""
-        first_token_at = decode_start = None
         n = len(ids)
         steps = 0
         while True:
-            if first_token_at is None:
-                first_token_at = decode_start = time.perf_counter()
             if token in self.eos_token_ids:
                 stop = "eos"
                 break
@@ -217,7 +215,7 @@ class OrtEngine:
             prompt_tokens=len(ids),
             stop_reason=stop,
             time_to_first_token=first_token_at - start,
-            decode_seconds=end - decode_start,
+            decode_seconds=end - first_token_at,
             decode_steps=steps,
             exit_layers=[self.num_layers - 1] + exits[: max(len(out) - 1, 0)],
         )
