@@ -67,3 +67,36 @@ def test_specee_bundle_manifest_lists_segments_draft_and_schedule(tiny_dirs, cal
     assert spec["segments"][0]["first_layer"] == 0 and spec["segments"][-1]["last_layer"] == 2
     assert spec["kv_policy"] == "propagate" and spec["rule"] == "draft"
     assert {"insert_predictors", "insert_early_exit", "fuse_draft_gathers"} <= {p["pass"] for p in manifest["passes"]}
+
+
+def test_threshold_is_chosen_at_load_time_without_recompiling(tiny_dirs, calibrations, tmp_path):
+    out = _bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "full")
+    dense = load(out, dense=True)
+    never = load(out, threshold=1.0)
+    engine = load(out)
+    assert engine.threshold == pytest.approx(0.3)
+    exits = []
+    for prompt in PROMPTS:
+        assert never.generate(prompt, max_new_tokens=12).token_ids == dense.generate(prompt, max_new_tokens=12).token_ids
+        exits += engine.generate(prompt, max_new_tokens=12).exit_layers[1:]
+        engine.threshold = 1.0
+        assert set(engine.generate(prompt, max_new_tokens=12).exit_layers) == {2}
+        engine.threshold = 0.3
+    assert min(exits) < 2  # the calibrated threshold does exit early on these prompts
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_score_teacher_forces_the_engine(tiny_dirs, calibrations, tmp_path, dense):
+    out = _bundle(tiny_dirs, calibrations, tmp_path, "qwen2", 0.3, "full")
+    engine = load(out, dense=dense)
+    head = make_tiny_model("qwen2").lm_head.weight.detach().numpy()
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=10)
+        scored = engine.score(prompt, got.token_ids)
+        # teacher forcing on the engine's own output is free-running decoding
+        assert scored.predicted == got.token_ids
+        assert scored.exit_layers == got.exit_layers
+        # the features are those the tokens came from: under rule "full" the argmax of the head
+        assert (scored.features @ head.T).argmax(-1).tolist() == got.token_ids
+        forced = [(t + 1) % 256 for t in got.token_ids]  # any other text is fed as given
+        assert len(engine.score(prompt, forced).predicted) == len(forced)

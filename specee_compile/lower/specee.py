@@ -36,11 +36,11 @@ class SpecEEGraphs:
     pass_log: list[dict]
 
 
-def specee_pipeline(cal, layers: tuple[int, ...], threshold: float, rule: str) -> Pipeline:
+def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
     state = {k: v.detach().numpy() for k, v in cal.bank.state_dict().items()}
     return Pipeline({"specee": [
         InsertPredictorsPass(layers=layers, **state),
-        InsertEarlyExitPass(threshold=threshold, rule=rule, vocab_map=cal.draft.vocab_map.numpy()),
+        InsertEarlyExitPass(rule=rule, vocab_map=cal.draft.vocab_map.numpy()),
         FuseDraftGathersPass(),
     ]})
 
@@ -56,7 +56,7 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     lo = max(0, min(cal.schedule.offline_layers, default=0) - reach)
     layers = tuple(range(lo, L - 1))  # every layer the online window can reach from the offline set
     model, _ = export_step(hf_model, capacity)
-    model, log = specee_pipeline(cal, layers, threshold, rule)(model)
+    model, log = specee_pipeline(cal, layers, rule)(model)
     segments = split_segments(model, list(layers), L)
     if opt_level != "O0":
         for s in segments:

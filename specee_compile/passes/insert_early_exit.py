@@ -2,7 +2,7 @@
 
 Rewrite, for each predictor ``predictor.{i}`` (from InsertPredictorsPass) with score s_i:
 
-    fire_i = active_layers[i] and s_i > threshold
+    fire_i = active_layers[i] and s_i > exit_threshold
     exit_flag.{i}, exit_token.{i}, exit_feature.{i} = If(fire_i,
         then: z = final_norm(h_i[:, -1])                                  # [1, d]
               rule full:    t = argmax(z @ lm_head.T);   ok = t in draft_ids
@@ -14,6 +14,9 @@ Rewrite, for each predictor ``predictor.{i}`` (from InsertPredictorsPass) with s
 The head product of the rule runs only when the predictor fires. ``exit_feature`` is what
 the draft is fed at the next step. The runtime (or the segmented lowering) stops at the
 first layer whose ``exit_flag`` is set; ``features`` gives the full-depth feature otherwise.
+
+``exit_threshold`` (float32 [1]) is a graph input, so one compiled graph serves every
+threshold: the runtime feeds the calibrated one unless asked for another trade-off.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from specee_compile.passes.analysis import find_decoder
 from specee_compile.passes.insert_predictors import SEGMENT, _const, _named, normalized_last
 
 RULES = ("full", "reduced", "draft")
+THRESHOLD_INPUT = "exit_threshold"
 
 
 @dataclasses.dataclass
 class InsertEarlyExitPass(ir.passes.InPlacePass):
-    """Add exit flag, token and feature outputs after every predictor."""
+    """Add exit flag, token and feature outputs after every predictor, and the
+    ``exit_threshold`` graph input they compare the scores with."""
 
-    threshold: float = 0.5
     rule: str = "full"
     vocab_map: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for rule "reduced"
     name: str = "insert_early_exit"
@@ -60,7 +64,8 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
             w = w.T if dec.head_transposed else w
             reduced = (tape.initializer(ir.tensor(np.ascontiguousarray(w[self.vocab_map])), name="specee.reduced_head"),
                        tape.initializer(ir.tensor(np.asarray(self.vocab_map, np.int64)), name="specee.vocab_map"))
-        thr = tape.initializer(ir.tensor(np.array([self.threshold], np.float32)), name="specee.threshold")
+        thr = ir.Value(name=THRESHOLD_INPUT, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+        graph.inputs.append(thr)
         d = dec.norm_weight.shape[0]
         for node in predictors:
             i = int(node.name.split(".")[1])

@@ -10,7 +10,8 @@ from specee_compile.errors import BundleError
 __all__ = ["load"]
 
 
-def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False):
+def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,
+         threshold: float | None = None, profile_dir: str | Path | None = None):
     """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
 
     Args:
@@ -18,6 +19,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores).
         verify: check every file against the manifest's SHA-256 (about 1 s per GB).
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
+        threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
+        profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
     """
     from transformers import AutoTokenizer
 
@@ -35,5 +38,7 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
     if "specee" in manifest and not dense:
         from specee_compile.runtimes.specee import SpecEEEngine
 
-        return SpecEEEngine(path, manifest, tokenizer, threads=threads)
-    return OrtEngine(path, manifest, tokenizer, threads=threads)
+        return SpecEEEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, threshold=threshold)
+    if threshold is not None:
+        raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
+    return OrtEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir)

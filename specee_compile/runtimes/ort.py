@@ -37,6 +37,7 @@ class Generation:
     decode_seconds: float  # time of the decode steps (all steps after prefill)
     decode_steps: int = 0
     exit_layers: list[int] = field(default_factory=list)  # per token; L-1 for prefill and full depth
+    breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per engine part (SpecEE)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -45,10 +46,25 @@ class Generation:
         return self.decode_steps / self.decode_seconds
 
 
-def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+@dataclass
+class Scored:
+    """The result of ``score``: what the engine predicts at every position of a given text."""
+
+    predicted: list[int]  # predicted[k]: the engine's token after prompt + continuation[:k]
+    exit_layers: list[int]  # the layer each prediction left from
+    features: np.ndarray  # [len(continuation), d]: the normed hidden state each prediction came from
+
+
+def session_options(threads: int | None = None, spinning: bool = True,
+                    profile_dir: Path | None = None) -> ort.SessionOptions:
     """Options for every session; ``spinning=False`` for engines that run many sessions per
-    step, whose idle thread pools would otherwise spin and steal the cores from the busy one."""
+    step, whose idle thread pools would otherwise spin and steal the cores from the busy one.
+    ``profile_dir``: write ONNX Runtime's per-node profile (Chrome trace JSON) there."""
     so = ort.SessionOptions()
+    if profile_dir is not None:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / "ort")
     if threads:
         so.intra_op_num_threads = threads
     if not spinning:
@@ -89,6 +105,8 @@ class _CacheState:
         self.past_len = np.zeros((1,), np.int64)
         self.token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
         self.past_len_value = ort.OrtValue.ortvalue_from_numpy(self.past_len)
+        self.last_features = self.step_features
+        self.breakdown: dict[str, float] = {}  # decode seconds per engine part, for engines that split a step
 
 
 class OrtEngine:
@@ -96,8 +114,10 @@ class OrtEngine:
 
     spinning = True  # one session per step: let its threads spin between runs
 
-    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
+                 profile_dir: Path | None = None):
         self.path = Path(path)
+        self.profile_dir = profile_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
         m = manifest["model"]
@@ -110,7 +130,8 @@ class OrtEngine:
         graph = manifest["graphs"]["step"]
         try:
             self.session = ort.InferenceSession(
-                str(self.path / graph["file"]), session_options(threads, self.spinning), providers=providers()
+                str(self.path / graph["file"]), session_options(threads, self.spinning, profile_dir),
+                providers=providers()
             )
         except Exception as e:  # ORT raises its own exception types for damaged graphs
             raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
@@ -176,7 +197,40 @@ class OrtEngine:
         finally:
             self._release(state)
 
+    def score(self, prompt, continuation: Sequence[int], chat: bool | None = None) -> Scored:
+        """Teacher forcing: feed ``continuation`` after the prompt token by token, whatever the
+        engine would have emitted, and record what it predicts at every position (and from
+        which layer). Agreement with a reference and perplexity are computed from this."""
+        ids = self.encode(prompt, chat)
+        continuation = [int(t) for t in continuation]
+        if not continuation:
+            raise GenerationError("score needs a non-empty continuation.")
+        if len(ids) + len(continuation) > self.capacity:
+            raise GenerationError(
+                f"prompt ({len(ids)}) + continuation ({len(continuation)}) tokens exceed the bundle's context "
+                f"of {self.capacity}; shorten them or recompile with a larger --max-context."
+            )
+        state = self._acquire()
+        try:
+            state.breakdown = {}
+            predicted = [self._first_token(state, ids)]
+            exits = [self.num_layers - 1]
+            features = [self._last_feature(state)]
+            for n, token in enumerate(continuation[:-1], start=len(ids)):
+                nxt, layer = self._next_token(state, token, n)
+                predicted.append(nxt)
+                exits.append(layer)
+                features.append(self._last_feature(state))
+        finally:
+            self._release(state)
+        return Scored(predicted, exits, np.stack(features))
+
+    def _last_feature(self, state: _CacheState) -> np.ndarray:
+        """[d]: the final-normed hidden state the last prediction came from."""
+        return state.last_features.numpy()[0, -1].copy()
+
     def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
+        state.breakdown = {}
         start = time.perf_counter()
         token = self._first_token(state, ids)
         first_token_at = time.perf_counter()
@@ -218,6 +272,7 @@ class OrtEngine:
             decode_seconds=end - first_token_at,
             decode_steps=steps,
             exit_layers=[self.num_layers - 1] + exits[: max(len(out) - 1, 0)],
+            breakdown=dict(state.breakdown),
         )
 
     def _first_token(self, state: _CacheState, ids: list[int]) -> int:
@@ -233,6 +288,7 @@ class OrtEngine:
         b.bind_cpu_input("past_sequence_length", np.zeros((1,), np.int64))
         b.bind_output("features")  # [1, S, d], allocated by ORT for this shape
         self.session.run_with_iobinding(b)
+        state.last_features = b.get_outputs()[-1]  # bound last, so listed last
         return state.logits
 
     def _decode(self, state: _CacheState, token: int, past_len: int) -> np.ndarray:
@@ -243,7 +299,15 @@ class OrtEngine:
         b.bind_ortvalue_input("past_sequence_length", state.past_len_value)
         b.bind_ortvalue_output("features", state.step_features)
         self.session.run_with_iobinding(b)
+        state.last_features = state.step_features
         return state.logits
+
+    def end_profiling(self) -> list[Path]:
+        """Stop profiling (``load(..., profile_dir=)``) and return the trace files written."""
+        return [Path(s.end_profiling()) for s in self._sessions() if s.get_session_options().enable_profiling]
+
+    def _sessions(self) -> list[ort.InferenceSession]:
+        return [self.session]
 
     def _acquire(self) -> _CacheState:
         with self._lock:

@@ -14,6 +14,7 @@ Per decode step (batch 1, greedy):
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,12 @@ class SpecEEEngine(OrtEngine):
 
     spinning = False  # many sessions per step
 
-    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None):
-        super().__init__(path, manifest, tokenizer, threads)
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
+                 profile_dir: Path | None = None, threshold: float | None = None):
+        super().__init__(path, manifest, tokenizer, threads, profile_dir)
         spec = manifest["specee"]
-        so = session_options(threads, spinning=False)
+        self.threshold = float(spec["threshold"]) if threshold is None else threshold
+        so = session_options(threads, spinning=False, profile_dir=profile_dir)
         try:
             self.segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
                              for g in spec["segments"]]
@@ -78,6 +81,23 @@ class SpecEEEngine(OrtEngine):
         self.kv = kv
         self.kv_eps = float(spec["kv_fill"]["eps"])
         self.kv_heads = int(manifest["model"]["num_kv_heads"])
+
+    @property
+    def threshold(self) -> float:
+        """The predictor score a layer must exceed to exit (the graphs' ``exit_threshold``)."""
+        return float(self._threshold[0])
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise BundleError(f"the exit threshold must be in [0, 1], got {value}.")
+        self._threshold = np.array([value], np.float32)
+
+    def _sessions(self) -> list[ort.InferenceSession]:
+        return [self.session, self.draft, *self.segments]
+
+    def _last_feature(self, state: _SpecEEState) -> np.ndarray:
+        return state.feature[0, -1].copy()
 
     def _new_state(self) -> _SpecEEState:
         return _SpecEEState(self)
@@ -103,11 +123,14 @@ class SpecEEEngine(OrtEngine):
         return b.get_outputs()[-1].numpy()  # bound after the presents, so listed last
 
     def _next_token(self, state: _SpecEEState, token: int, n: int) -> tuple[int, int]:
+        clock = time.perf_counter()
         draft_ids = self._draft(state, np.array([[token]], np.int64), state.feature)
+        clock = _lap(state.breakdown, "draft", clock)
         active = np.zeros(self.num_layers, dtype=bool)
         active[[i for i in self.schedule.active(state.history) if i in self.candidates]] = True
         values = {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
-                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active}
+                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
+                  "exit_threshold": self._threshold}
         exit_layer = self.num_layers - 1
         result = None
         for k, (sess, b, exit_at) in enumerate(zip(self.segments, state.seg_bindings, self.segment_exit)):
@@ -129,11 +152,14 @@ class SpecEEEngine(OrtEngine):
                 exit_layer = exit_at
                 result = int(outs[f"exit_token.{exit_at}"].numpy()[0])
                 state.feature = outs[f"exit_feature.{exit_at}"].numpy()[:, None, :]
+                clock = _lap(state.breakdown, "segments", clock)
                 self._propagate(state, outs[f"layers.{exit_at}.output"].numpy()[0, -1], exit_at, n)
+                _lap(state.breakdown, "kv_propagation", clock)
                 break
         if result is None:
             result = int(values["logits"].numpy()[0].argmax())
             state.feature = values["features"].numpy()[:, -1:]
+            _lap(state.breakdown, "segments", clock)
         state.history.append(exit_layer)
         return result, exit_layer
 
@@ -151,3 +177,9 @@ class SpecEEEngine(OrtEngine):
             k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)
             state.arrays[2 * j][0, :, n, :] = k
             state.arrays[2 * j + 1][0, :, n, :] = v.reshape(self.kv_heads, -1)
+
+
+def _lap(breakdown: dict[str, float], part: str, since: float) -> float:
+    now = time.perf_counter()
+    breakdown[part] = breakdown.get(part, 0.0) + now - since
+    return now

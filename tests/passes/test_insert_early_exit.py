@@ -22,22 +22,22 @@ IDS = [1, 5, 9, 33]
 VOCAB = np.arange(0, TINY_VOCAB, 2, dtype=np.int64)  # a reduced vocabulary: the even ids
 
 
-def _graph(torch_model, bank, rule, threshold, fuse):
+def _graph(torch_model, bank, rule, fuse):
     model, shapes = export_step(torch_model, CAP)
     arrays = {k: v.detach().numpy() for k, v in bank.state_dict().items()}
     InsertPredictorsPass(layers=(0, 1), **arrays)(model)
-    InsertEarlyExitPass(threshold=threshold, rule=rule, vocab_map=VOCAB)(model)
+    InsertEarlyExitPass(rule=rule, vocab_map=VOCAB)(model)
     if fuse:
         FuseDraftGathersPass()(model)
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     return sess, shapes
 
 
-def _run(sess, shapes, draft_ids, active):
+def _run(sess, shapes, draft_ids, active, threshold=0.5):
     feeds = {f"past_key_values.{i}.{k}": np.zeros((1, 2, CAP, 16), np.float32)
              for i in range(shapes.num_layers) for k in ("key", "value")}
     feeds.update(input_ids=np.array([IDS]), past_sequence_length=np.array([0]), draft_ids=draft_ids,
-                 active_layers=np.array(active))
+                 active_layers=np.array(active), exit_threshold=np.array([threshold], np.float32))
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
@@ -49,15 +49,15 @@ def test_exit_outputs_equal_the_reference_decision(rule, fuse):
     bank = PredictorBank(3, hidden=16)
     with torch.no_grad():
         bank.b2.fill_(3.0)  # confident predictors, so the rule decides
-    sess, shapes = _graph(torch_model, bank, rule, 0.5, fuse)
+    sess, shapes = _graph(torch_model, bank, rule, fuse)
     with torch.no_grad():
         hs = torch_model.model(torch.tensor([IDS]), output_hidden_states=True).hidden_states
         z0 = torch_model.model.norm(hs[1][0, -1])
         top0 = int((torch_model.lm_head.weight @ z0).argmax())
     other = [t for t in range(2, 300, 2) if t != top0][:3]
     for draft_ids in (np.array([top0, *other], np.int64), np.array([1, 3, 5, 7], np.int64)):
-        for active in ([True, True, True], [False, True, True]):
-            got = _run(sess, shapes, draft_ids, active)
+        for active, threshold in (([True, True, True], 0.5), ([False, True, True], 0.5), ([True, True, True], 0.99)):
+            got = _run(sess, shapes, draft_ids, active, threshold)
             prev = None
             rows = torch_model.lm_head.weight[torch.tensor(draft_ids)]
             for i in (0, 1):
@@ -68,7 +68,7 @@ def test_exit_outputs_equal_the_reference_decision(rule, fuse):
                 with torch.no_grad():
                     z = torch_model.model.norm(hs[i + 1][0, -1])
                     ref, prev, _ = exit_decision(z, rows, torch.tensor(draft_ids), prev, bank, i,
-                                                 DecodeSettings(rule=rule, threshold=0.5),
+                                                 DecodeSettings(rule=rule, threshold=threshold),
                                                  torch_model.lm_head.weight, torch.tensor(VOCAB))
                 assert flag == (ref is not None), (rule, draft_ids, active, i)
                 if flag:
