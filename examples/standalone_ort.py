@@ -1,0 +1,324 @@
+"""Greedy decoding of a specee-compile bundle with nothing but onnxruntime, numpy and tokenizers.
+
+An engine outside this package can drive a bundle from its manifest alone; this script is
+that engine, written to be read next to docs/bundle-format.md, whose steps it follows in
+order. It never imports specee_compile, transformers or torch, and its tokens equal
+``specee_compile.runtimes.load(BUNDLE).generate(...)`` (the tests check it).
+
+    python examples/standalone_ort.py BUNDLE --prompt TEXT [--max-new-tokens N] [--chat]
+                                      [--no-exit] [--threads N] [--json]
+
+- A dense bundle runs its step graph (``model.onnx``): prefill, then one step per token.
+- A SpecEE bundle (manifest section ``specee``) prefills with the step graph, then runs
+  draft -> segments per token, stops at the first segment whose exit flag is set, and fills
+  the skipped layers' K/V by state propagation. ``--no-exit`` runs its step graph instead.
+- The prompt is tokenized as is (``specee-run --no-chat``). ``--chat`` wraps it as one user
+  message in the bundle's chat template, as ``specee-run`` does by default for models that
+  have one; that needs jinja2, the language chat templates are written in.
+- ``--json`` prints ``{"token_ids": [...], "exit_layers": [...], "stop_reason": ...}``
+  instead of the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+# ---- 1. the bundle's files ------------------------------------------------------------------
+
+
+def read_manifest(bundle: Path) -> dict:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest.get("format") != "specee-bundle" or manifest.get("format_version") != 1:
+        sys.exit(f"{bundle} is not a version-1 specee bundle")
+    if manifest.get("backend") != "onnxruntime":
+        sys.exit(f"{bundle} is a {manifest.get('backend')!r} bundle, not an ONNX Runtime one")
+    return manifest
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The safetensors format: u64 little-endian header size, a JSON header, then raw data."""
+    dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = memoryview(raw)[8 + size:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        array = np.frombuffer(data[begin:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = array.copy()  # own, aligned and writable
+    return tensors
+
+
+def encode(bundle: Path, tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of the prompt: raw text with the tokenizer's special tokens, or a chat turn."""
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=True).ids
+    return tokenizer.encode(render_chat(bundle, prompt), add_special_tokens=False).ids
+
+
+def render_chat(bundle: Path, prompt: str) -> str:
+    """The chat template rendered as transformers' ``apply_chat_template`` renders it."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    config = json.loads((bundle / "tokenizer_config.json").read_text())
+    template_file = bundle / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    if not isinstance(template, str):
+        sys.exit(f"{bundle} has no chat template; run without --chat")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    # The template also sees the named special tokens (as strings) of tokenizer_config.json.
+    special = {}
+    for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None:
+            special[name] = str(token)
+    messages = [{"role": "user", "content": prompt}]
+    return env.from_string(template).render(messages=messages, tools=None, documents=None,
+                                            add_generation_prompt=True, **special)
+
+
+def session(path: Path, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ---- 2. the KV cache: preallocated buffers, written in place ---------------------------------
+
+
+class KVCache:
+    """Per layer, a key and a value buffer [1, kv_heads, capacity, head_dim] (float32, zeros).
+
+    ``arrays`` are numpy views of the same memory the OrtValues hold, so a graph that writes
+    ``present.*`` into a bound buffer changes the array, and numpy writes reach the graph.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int):
+        self.arrays = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(2 * layers)]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # key 0, value 0, key 1, ...
+
+    def key(self, layer: int) -> np.ndarray:
+        return self.arrays[2 * layer]
+
+    def value(self, layer: int) -> np.ndarray:
+        return self.arrays[2 * layer + 1]
+
+    def binding(self, sess: ort.InferenceSession, layers) -> ort.IOBinding:
+        """An IOBinding with past_key_values.{i}.* and present.{i}.* bound to the same buffer."""
+        binding = sess.io_binding()
+        for i in layers:
+            for j, kind in enumerate(("key", "value")):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.values[2 * i + j])
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", self.values[2 * i + j])
+        return binding
+
+
+def run(sess: ort.InferenceSession, binding: ort.IOBinding, feeds: dict[str, np.ndarray],
+        fetch: list[str]) -> dict[str, np.ndarray]:
+    """Run with the cache bound in place; feed ``feeds`` and return the ``fetch`` outputs."""
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for name in fetch:
+        binding.bind_output(name)  # ORT allocates it for this step's shape
+    sess.run_with_iobinding(binding)
+    outputs = binding.get_outputs()  # in first-bind order: the presents, then ``fetch``
+    return {name: value.numpy() for name, value in zip(fetch, outputs[len(outputs) - len(fetch):])}
+
+
+def step_feeds(ids: list[int], past_len: int) -> dict[str, np.ndarray]:
+    return {"input_ids": np.array([ids], np.int64),  # [1, S]
+            "past_sequence_length": np.array([past_len], np.int64)}  # [1]
+
+
+# ---- 3. the dense decode loop ----------------------------------------------------------------
+
+
+class DenseDecoder:
+    """The step graph: prefill over the prompt, then one token per step."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None):
+        m = manifest["model"]
+        self.num_layers = m["num_layers"]
+        self.capacity = manifest["cache"]["capacity"]
+        self.step = session(bundle / manifest["graphs"]["step"]["file"], threads)
+        self.cache = KVCache(self.num_layers, m["num_kv_heads"], self.capacity, m["head_dim"])
+        self.binding = self.cache.binding(self.step, range(self.num_layers))
+
+    def prefill(self, ids: list[int]) -> int:
+        """Positions 0..S-1 of the prompt; returns the first generated token."""
+        out = run(self.step, self.binding, step_feeds(ids, 0), ["logits"])
+        return int(out["logits"][0].argmax())  # logits [1, V]: the last position's
+
+    def next_token(self, token: int, position: int) -> tuple[int, int]:
+        """Feed ``token`` at ``position``; return (next token, the layer it left from)."""
+        out = run(self.step, self.binding, step_feeds([token], position), ["logits"])
+        return int(out["logits"][0].argmax()), self.num_layers - 1
+
+
+# ---- 4. the SpecEE decode loop ---------------------------------------------------------------
+
+
+class SpecEEDecoder(DenseDecoder):
+    """Dense prefill, then per token: draft -> segments with early exit -> K/V propagation."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None):
+        super().__init__(bundle, manifest, threads)
+        spec = self.spec = manifest["specee"]
+        m = manifest["model"]
+        self.draft = session(bundle / spec["draft"]["file"], threads)
+        self.draft_cache = KVCache(1, spec["draft"]["kv_heads"], self.capacity, spec["draft"]["head_dim"])
+        self.draft_binding = self.draft_cache.binding(self.draft, [0])
+        self.segments = []  # (session, binding, exit layer or None, inputs, outputs)
+        for seg in spec["segments"]:
+            sess = session(bundle / seg["file"], threads)
+            layers = range(seg["first_layer"], seg["last_layer"] + 1)
+            inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
+            outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
+            self.segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
+        self.kv_fill = read_safetensors(bundle / spec["kv_fill"]["file"])
+        self.eps = float(spec["kv_fill"]["eps"])
+        self.kv_heads = m["num_kv_heads"]
+        self.threshold = np.array([spec["threshold"]], np.float32)
+        self.history: list[int] = []  # the exit layer of every decode step so far
+        self.feature = None  # [1, 1, d]: the normed hidden state the last token came from
+        self.draft_len = 0  # positions in the draft's cache
+
+    def prefill(self, ids: list[int]) -> int:
+        out = run(self.step, self.binding, step_feeds(ids, 0), ["logits", "features"])
+        features = out["features"]  # [1, S, d]
+        self.history, self.feature, self.draft_len = [], features[:, -1:], 0
+        if len(ids) > 1:  # the draft sees token t+1 with the feature of position t
+            self.propose(ids[1:], features[:, :-1])
+        return int(out["logits"][0].argmax())
+
+    def propose(self, ids: list[int], features: np.ndarray) -> np.ndarray:
+        """Run the draft over new positions; returns draft_ids [4], the top-4 target ids."""
+        feeds = {"input_ids": np.array([ids], np.int64), "features": np.ascontiguousarray(features, np.float32),
+                 "past_sequence_length": np.array([self.draft_len], np.int64)}
+        out = run(self.draft, self.draft_binding, feeds, ["draft_ids"])
+        self.draft_len += len(ids)
+        return out["draft_ids"]
+
+    def active_layers(self) -> np.ndarray:
+        """active_layers [L] bool: the schedule's layers that have a predictor."""
+        s = self.spec["schedule"]
+        if not s["online"] or len(self.history) < s["history"]:
+            layers = set(s["offline_layers"])
+        else:  # the online window: e + offset for each of the last `history` exit layers e
+            layers = {e + o for e in self.history[-s["history"]:] for o in s["offsets"]
+                      if 0 <= e + o < self.num_layers - 1}
+        mask = np.zeros(self.num_layers, dtype=bool)
+        mask[sorted(layers & set(self.spec["predictor_layers"]))] = True
+        return mask
+
+    def next_token(self, token: int, position: int) -> tuple[int, int]:
+        draft_ids = self.propose([token], self.feature)
+        active = self.active_layers()
+        values = {**step_feeds([token], position), "draft_ids": draft_ids.astype(np.int64),
+                  "active_layers": active, "exit_threshold": self.threshold}
+        for sess, binding, exit_layer, inputs, outputs in self.segments:
+            # A segment's inputs are step inputs or outputs of earlier segments, by name.
+            out = run(sess, binding, {name: values[name] for name in inputs}, outputs)
+            values.update(out)
+            if exit_layer is not None and active[exit_layer] and out[f"exit_flag.{exit_layer}"][0]:
+                self.feature = out[f"exit_feature.{exit_layer}"][:, None, :]  # [1, d] -> [1, 1, d]
+                h = out[f"layers.{exit_layer}.output"][0, -1]  # [d]: the exit layer's hidden state
+                self.propagate(h, exit_layer, position)
+                self.history.append(exit_layer)
+                return int(out[f"exit_token.{exit_layer}"][0]), exit_layer
+        self.feature = values["features"][:, -1:]  # no exit: the last segment ran the LM head
+        self.history.append(self.num_layers - 1)
+        return int(values["logits"][0].argmax()), self.num_layers - 1
+
+    def propagate(self, h: np.ndarray, exit_layer: int, position: int) -> None:
+        """K/V at ``position`` of every layer after ``exit_layer``, computed from h [d]."""
+        kv = self.kv_fill
+        cos, sin = kv["cos"][position], kv["sin"][position]  # [D/2]
+        for j in range(exit_layer + 1, self.num_layers):
+            x = h / np.sqrt(np.mean(h * h) + self.eps) * kv[f"{j}.norm"]  # layer j's input RMSNorm
+            k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)  # [kv_heads * D]
+            v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
+            k = k.reshape(self.kv_heads, -1)  # [kv_heads, D]
+            half = k.shape[1] // 2
+            k1, k2 = k[:, :half], k[:, half:]
+            k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)  # RoPE, rotate-half
+            self.cache.key(j)[0, :, position, :] = k
+            self.cache.value(j)[0, :, position, :] = v.reshape(self.kv_heads, -1)
+
+
+# ---- 5. greedy generation --------------------------------------------------------------------
+
+
+def generate(decoder: DenseDecoder, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
+    """Greedy until EOS (not emitted), ``max_new_tokens`` or a full cache."""
+    if len(ids) >= decoder.capacity:
+        sys.exit(f"the prompt has {len(ids)} tokens; the bundle's cache holds {decoder.capacity}")
+    token = decoder.prefill(ids)
+    out, exits, stop = [], [decoder.num_layers - 1], "max_new_tokens"
+    position = len(ids)  # tokens in the cache
+    while True:
+        if token in eos:
+            stop = "eos"
+            break
+        out.append(token)
+        if len(out) >= max_new_tokens:
+            break
+        if position >= decoder.capacity:
+            stop = "capacity"
+            break
+        token, exit_layer = decoder.next_token(token, position)
+        exits.append(exit_layer)
+        position += 1
+    return {"token_ids": out, "exit_layers": exits[:len(out)], "stop_reason": stop}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Greedy decoding of a specee bundle with onnxruntime only.")
+    p.add_argument("bundle", type=Path, help="bundle directory written by specee-compile")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="apply the bundle's chat template (needs jinja2)")
+    p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle's dense step graph")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print token ids, exit layers and stop reason as JSON")
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        p.error("--max-new-tokens must be positive")
+
+    manifest = read_manifest(args.bundle)
+    tokenizer = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+    ids = encode(args.bundle, tokenizer, args.prompt, args.chat)
+    kind = SpecEEDecoder if "specee" in manifest and not args.no_exit else DenseDecoder
+    result = generate(kind(args.bundle, manifest, args.threads), ids, args.max_new_tokens,
+                      set(manifest["model"]["eos_token_ids"]))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(tokenizer.decode(result["token_ids"], skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
