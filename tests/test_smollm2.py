@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +44,17 @@ def test_bundle_matches_transformers_greedy_on_mtbench(smollm2_bundle):
         if got != ref:
             mismatches.append((k, got, ref))
     assert not mismatches, f"{len(mismatches)} of {QUESTIONS} questions differ: {mismatches[:1]}"
+
+
+def test_standalone_example_reproduces_the_engine_on_smollm2(smollm2_bundle):
+    """examples/standalone_ort.py (onnxruntime, numpy, tokenizers only) gives the engine's tokens."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "standalone_ort.py"
+    engine = load(smollm2_bundle, threads=2)
+    for question in resources.mtbench_questions(2):
+        want = engine.generate(question, max_new_tokens=NEW_TOKENS)  # chat template applied, as specee-run does
+        proc = subprocess.run([sys.executable, str(example), str(smollm2_bundle), "--prompt", question, "--chat",
+                               "--max-new-tokens", str(NEW_TOKENS), "--threads", "2", "--json"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout)
+        assert (got["token_ids"], got["stop_reason"]) == (want.token_ids, want.stop_reason)
