@@ -1,4 +1,5 @@
-"""Command lines: ``specee-compile`` and ``specee-run``. Argparse only; the work is in the API."""
+"""Command lines: ``specee-compile``, ``specee-run``, ``specee-calibrate`` and ``specee-bench``.
+Argparse only; the work is in the API."""
 
 from __future__ import annotations
 
@@ -234,6 +235,67 @@ def calibrate_main(argv=None) -> int:
     args = calibrate_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     return _run(_calibrate_main, args)
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specee-bench",
+        description="Speed and quality of SpecEE bundles side by side with the dense bundle, transformers eager "
+                    "and ONNX Runtime GenAI, in one interleaved run; writes report.json, report.md and PNG plots.",
+    )
+    p.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2), as specee-compile takes it")
+    p.add_argument("--bundle", action="append", default=[], metavar="PATH",
+                   help="a compiled bundle to measure (repeatable; SpecEE bundles, at most one dense)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="compile a SpecEE bundle with these overrides and measure it (repeatable); with neither "
+                        "--bundle nor --config, one is compiled with the defaults")
+    p.add_argument("--prompts", default="mtbench", help="mtbench (default), sharegpt (held out) or a JSONL file")
+    p.add_argument("--limit", type=int, default=80, help="number of prompts (default 80: all of MT-Bench)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and system")
+    p.add_argument("--warmup", type=int, default=2, help="prompts run once untimed first")
+    p.add_argument("--threads", type=int, default=2, help="threads for every system")
+    p.add_argument("--no-transformers", action="store_true", help="leave out transformers eager (the slowest)")
+    p.add_argument("--no-genai", action="store_true", help="leave out ONNX Runtime GenAI")
+    p.add_argument("--sweep", default="", metavar="T1,T2,...", help="thresholds for the speed/agreement frontier")
+    p.add_argument("--sweep-prompts", type=int, default=20, help="prompts per sweep threshold")
+    p.add_argument("--ppl-samples", type=int, default=40, help="held-out ShareGPT responses for perplexity")
+    p.add_argument("--profile-prompts", type=int, default=3, help="prompts run under the ONNX Runtime profiler")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
+    p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")
+    p.add_argument("--force", action="store_true", help="replace a report already in --out")
+    _common(p)
+    return p
+
+
+def _bench_main(args) -> int:
+    from pathlib import Path
+
+    from specee_compile.bench import BenchSettings, run
+    from specee_compile.errors import ConfigError
+
+    try:
+        sweep = tuple(float(t) for t in args.sweep.split(",") if t.strip())
+    except ValueError as e:
+        raise ConfigError(f"--sweep takes comma-separated thresholds like 0.5,0.7,0.9 ({e}).") from e
+    settings = BenchSettings(
+        model=args.model, out=Path(args.out), bundles=tuple(args.bundle), configs=tuple(args.config),
+        prompts=args.prompts, limit=args.limit, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
+        sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
+        quick=args.quick, force=args.force)
+    run(settings, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "report.md").read_text() if not args.quiet else "", end="")
+    print(f"report: {out / 'report.md'} (and report.json, plots)", file=sys.stderr)
+    return 0
+
+
+def bench_main(argv=None) -> int:
+    args = bench_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    return _run(_bench_main, args)
 
 
 if __name__ == "__main__":  # python -m specee_compile.cli MODEL --out NAME.onnx

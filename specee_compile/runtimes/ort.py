@@ -38,6 +38,7 @@ class Generation:
     decode_steps: int = 0
     exit_layers: list[int] = field(default_factory=list)  # per token; L-1 for prefill and full depth
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per engine part (SpecEE)
+    step_seconds: list[float] = field(default_factory=list)  # per decode step; step k made token k + 1
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -235,6 +236,7 @@ class OrtEngine:
         token = self._first_token(state, ids)
         first_token_at = time.perf_counter()
         exits: list[int] = []
+        step_seconds: list[float] = []
         out: list[int] = []
         stop = "max_new_tokens"
         printed = ""
@@ -255,7 +257,9 @@ class OrtEngine:
             if n >= self.capacity:
                 stop = "capacity"
                 break
+            step_start = time.perf_counter()
             token, exit_layer = self._next_token(state, token, n)
+            step_seconds.append(time.perf_counter() - step_start)
             exits.append(exit_layer)
             n += 1
             steps += 1
@@ -273,6 +277,7 @@ class OrtEngine:
             decode_steps=steps,
             exit_layers=[self.num_layers - 1] + exits[: max(len(out) - 1, 0)],
             breakdown=dict(state.breakdown),
+            step_seconds=step_seconds,
         )
 
     def _first_token(self, state: _CacheState, ids: list[int]) -> int:

@@ -1,0 +1,110 @@
+"""What a benchmark computes from its runs: speed, exits, time shares and quality.
+
+Every ratio is between two systems timed on the same prompts in the same run (paired per
+prompt, then the median), never between numbers of different runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from specee_compile.bench.systems import Run
+
+
+def speed(runs: list[Run]) -> dict:
+    tps = [r.decode_tps for r in runs if math.isfinite(r.decode_tps)]
+    q1, _, q3 = statistics.quantiles(tps, n=4) if len(tps) > 1 else (tps[0],) * 3
+    return {"decode_tps_median": statistics.median(tps), "decode_tps_q1": q1, "decode_tps_q3": q3,
+            "decode_tps_min": min(tps), "decode_tps_max": max(tps),
+            "ttft_ms_median": 1000 * statistics.median(r.ttft for r in runs),
+            "generated_tokens": sum(len(r.token_ids) for r in runs), "runs": len(runs)}
+
+
+def paired_ratio(runs: list[Run], base: list[Run]) -> float:
+    """Median over prompts of (this system's tok/s) / (the base's tok/s) on the same prompt."""
+    ratios = [a.decode_tps / b.decode_tps for a, b in zip(runs, base)
+              if math.isfinite(a.decode_tps) and math.isfinite(b.decode_tps) and b.decode_tps > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def agreement_free_running(runs: list[Run], reference: list[list[int]]) -> dict:
+    """Exact-match rate and mean first-divergence position of free-running outputs."""
+    exact, first = 0, []
+    for run, ref in zip(runs, reference):
+        exact += run.token_ids == ref
+        first.append(next((k for k, (a, b) in enumerate(zip(run.token_ids, ref)) if a != b),
+                          min(len(run.token_ids), len(ref))))
+    return {"exact_match": exact / len(reference), "mean_first_divergence": statistics.mean(first)}
+
+
+def exits(runs: list[Run], num_layers: int) -> dict:
+    """Mean executed layers per decode step, the exit-layer histogram and step time per exit layer."""
+    layers = [e for r in runs for e in r.exit_layers[1:]]  # [0] is the prefill's token
+    steps: dict[int, list[float]] = {}
+    for r in runs:
+        for e, t in zip(r.exit_layers[1:], r.step_seconds):
+            steps.setdefault(e, []).append(t)
+    return {"mean_executed_layers": statistics.mean(e + 1 for e in layers) if layers else float(num_layers),
+            "exit_rate": sum(e < num_layers - 1 for e in layers) / max(len(layers), 1),
+            "exit_histogram": {str(k): v for k, v in sorted(Counter(layers).items())},
+            "step_ms_by_exit_layer": {str(k): {"median": 1000 * statistics.median(v), "steps": len(v)}
+                                      for k, v in sorted(steps.items())}}
+
+
+def time_shares(runs: list[Run], node_shares: dict[str, float] | None = None) -> dict:
+    """Share of decode time per engine part (draft, segments, K/V propagation, host loop), and of
+    the predictors and exit checks inside the segments when an ORT profile gave ``node_shares``."""
+    total = sum(r.decode_seconds for r in runs)
+    parts: Counter = Counter()
+    for r in runs:
+        parts.update(r.breakdown)
+    shares = {f"{k}_share": v / total for k, v in parts.items()}
+    shares["host_loop_share"] = max(0.0, 1 - sum(shares.values()))
+    for k, v in (node_shares or {}).items():
+        shares[f"{k}_share"] = v * shares.get("segments_share", 0.0)
+    return shares
+
+
+# top-level nodes the SpecEE passes add: predictors, exit checks, the shared draft-row gather
+_PREDICTOR = re.compile(r"^(predictor\.\d+|specee\..*|node_(Greater|And)_\d+)_kernel_time$")
+_EXIT = re.compile(r"^exit\.\d+_kernel_time$")
+_SUBGRAPH = re.compile(r"^(fused )?(predictor|exit|skip_predictor|stay|node_FusedMatMul)_")
+
+
+def profile_node_shares(segment_traces: list[Path]) -> dict[str, float]:
+    """From ONNX Runtime profiles of the segment sessions: the share of segment node time spent in
+    predictors and in exit checks. ``If`` nodes are timed with their branches, so the nodes
+    inside the branches are left out of the total."""
+    total = predictor = exit_check = 0.0
+    for f in segment_traces:
+        for e in json.loads(Path(f).read_text()):
+            name = e.get("name", "")
+            if e.get("cat") != "Node" or not name.endswith("_kernel_time") or _SUBGRAPH.match(name):
+                continue
+            total += e["dur"]
+            if _PREDICTOR.match(name):
+                predictor += e["dur"]
+            elif _EXIT.match(name):
+                exit_check += e["dur"]
+    if total == 0:
+        return {}
+    return {"predictors": predictor / total, "exit_checks": exit_check / total}
+
+
+def nll(features: np.ndarray, head: np.ndarray, targets: list[int]) -> list[float]:
+    """Negative log-likelihood of each target under logits = features @ head.T."""
+    logits = features.astype(np.float64) @ head.T.astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits).sum(-1))
+    return (logz - logits[np.arange(len(targets)), targets]).tolist()
+
+
+def perplexity(nlls: list[float]) -> float:
+    return math.exp(statistics.mean(nlls))

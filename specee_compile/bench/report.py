@@ -1,0 +1,177 @@
+"""The benchmark's outputs: report.json (everything), report.md (tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+JSON, MARKDOWN = "report.json", "report.md"
+PLOTS = {"speed": "speed.png", "exits": "exits.png", "frontier": "frontier.png"}
+
+
+def write(report: dict, out: Path) -> None:
+    plots = _plots(report, out)
+    report["plots"] = plots
+    _atomic(out / JSON, json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
+    _atomic(out / MARKDOWN, markdown(report))
+
+
+def markdown(r: dict) -> str:
+    systems = r["systems"]
+    has_hf = "transformers" in systems
+    lines = [f"# specee-bench report: {r['model']['source']}", "",
+             f"`{r['command']}`", "",
+             f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "
+             f"{r['machine']['threads']} threads · {r['machine']['platform']} · load average "
+             f"{r['machine']['load_average_start']} at the start, {r['machine']['load_average_end']} at the end", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), "",
+             f"{r['model']['prompts']} {r['model']['prompt_set']} prompts × {r['settings']['new_tokens']} new tokens, "
+             f"batch 1, greedy, {r['settings']['repeats']} repeat(s) after {r['settings']['warmup']} warm-up prompt(s); "
+             "the systems run interleaved prompt by prompt in a rotating order. Ratios are medians over prompts of "
+             "per-prompt ratios between systems timed in this run.", "",
+             "## Speed", "",
+             "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |" + (" × transformers |" if has_hf else ""),
+             "|---|---|---|---|---|" + ("---|" if has_hf else "")]
+    for name, s in systems.items():
+        lines.append(f"| {name} | {s['decode_tps_median']:.1f} | {s['decode_tps_q1']:.1f}–{s['decode_tps_q3']:.1f} | "
+                     f"{s['ttft_ms_median']:.0f} | {_x(s['speedup_vs_dense'])} |"
+                     + (f" {_x(s['speedup_vs_transformers'])} |" if has_hf else ""))
+    lines += ["", "## Quality against dense greedy (the dense bundle's tokens)", "",
+              "Exact match and first divergence: free-running outputs of the timed runs. Teacher-forced agreement: "
+              "fed the dense prefix, the share of positions where the system emits the dense token. Perplexity: "
+              f"{r['model']['perplexity_samples']} held-out ShareGPT responses ({r['model']['perplexity_tokens']} "
+              "tokens) scored from the normed hidden state each token's prediction came from (its exit layer).", "",
+              "| system | exact match | mean first divergence | teacher-forced agreement | perplexity |",
+              "|---|---|---|---|---|"]
+    for name, s in systems.items():
+        lines.append(f"| {name} | {s['exact_match']:.0%} | {s['mean_first_divergence']:.1f} | "
+                     f"{_pct(s.get('teacher_forced_agreement'))} | {_num(s.get('perplexity'), 3)} |")
+    spec = {n: s for n, s in systems.items() if s["kind"] == "specee"}
+    if spec:
+        lines += ["", "## Exits and where the time goes", "",
+                  "Shares of decode time: draft, segments (decoder layers, predictors, exit checks, head) and K/V "
+                  "propagation are timed by the runtime; predictors and exit checks are their share of segment node "
+                  "time in an ONNX Runtime profile of the first "
+                  f"{r['settings']['profile_prompts']} prompt(s), scaled by the segments' share.", "",
+                  "| system | rule | threshold | mean executed layers | exit rate | draft | predictors | exit checks "
+                  "| K/V propagation | host loop |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, s in spec.items():
+            lines.append(f"| {name} | {s.get('rule', '')} | {s['threshold']:.3f} | {s['mean_executed_layers']:.2f} "
+                         f"of {r['model']['num_layers']} | {s['exit_rate']:.0%} | {_pct(s.get('draft_share'))} | "
+                         f"{_pct(s.get('predictors_share'))} | {_pct(s.get('exit_checks_share'))} | "
+                         f"{_pct(s.get('kv_propagation_share'))} | {_pct(s.get('host_loop_share'))} |")
+        for name, s in spec.items():
+            steps = s["step_ms_by_exit_layer"]
+            lines += ["", f"Step time by exit layer, {name} (median ms, steps):", "",
+                      "| exit layer | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
+                      "| ms | " + " | ".join(f"{v['median']:.1f}" for v in steps.values()) + " |",
+                      "| steps | " + " | ".join(str(v["steps"]) for v in steps.values()) + " |"]
+    if r["sweep"]:
+        lines += ["", "## Threshold sweep", "",
+                  f"{r['sweep'][0]['system']} on the first {r['settings']['sweep_prompts']} prompts, each threshold "
+                  "interleaved with the dense bundle; agreement is teacher-forced.", "",
+                  "| threshold | decode tok/s | × dense bundle | teacher-forced agreement | exact match | "
+                  "mean executed layers |", "|---|---|---|---|---|---|"]
+        for row in r["sweep"]:
+            lines.append(f"| {row['threshold']:.2f} | {row['decode_tps_median']:.1f} | {_x(row['speedup_vs_dense'])} | "
+                         f"{_pct(row['teacher_forced_agreement'])} | {row['exact_match']:.0%} | "
+                         f"{row['mean_executed_layers']:.2f} |")
+    if r.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in r["plots"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(r: dict, out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    systems = r["systems"]
+    names = list(systems)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    med = [systems[n]["decode_tps_median"] for n in names]
+    err = [[m - systems[n]["decode_tps_q1"] for n, m in zip(names, med)],
+           [systems[n]["decode_tps_q3"] - m for n, m in zip(names, med)]]
+    ax.bar(names, med, yerr=err, capsize=4, color=["C0" if systems[n]["kind"] != "specee" else "C2" for n in names])
+    for k, n in enumerate(names):
+        ax.annotate(_x(systems[n]["speedup_vs_dense"]), (k, systems[n]["decode_tps_q3"]), ha="center", va="bottom",
+                    xytext=(0, 6), textcoords="offset points")
+    ax.set_ylabel("decode tokens/s (median, IQR)")
+    ax.set_title(f"{r['model']['source']}: decode speed, × dense bundle")
+    fig.autofmt_xdate(rotation=15)
+    written["speed"] = _save(fig, out / PLOTS["speed"])
+
+    spec = [n for n in names if systems[n]["kind"] == "specee"]
+    if spec:
+        L = r["model"]["num_layers"]
+        fig, axes = plt.subplots(len(spec), 1, figsize=(8, 2.6 * len(spec)), squeeze=False)
+        for ax, n in zip(axes[:, 0], spec):
+            hist = systems[n]["exit_histogram"]
+            ax.bar([int(k) for k in hist], list(hist.values()), color="C2")
+            ax.set_xlim(-0.5, L - 0.5)
+            ax.set_title(f"{n}: exit layer per decode step (mean executed {systems[n]['mean_executed_layers']:.2f} "
+                         f"of {L})")
+            ax.set_ylabel("steps")
+        axes[-1, 0].set_xlabel("exit layer (the last one is full depth)")
+        written["exits"] = _save(fig, out / PLOTS["exits"])
+    if r["sweep"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [row["teacher_forced_agreement"] for row in r["sweep"]]
+        ys = [row["speedup_vs_dense"] for row in r["sweep"]]
+        ax.plot(xs, ys, "o-", color="C2")
+        for row, x, y in zip(r["sweep"], xs, ys):
+            ax.annotate(f"{row['threshold']:.2f}", (x, y), xytext=(4, 4), textcoords="offset points")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("teacher-forced agreement with dense greedy")
+        ax.set_ylabel("decode speed × dense bundle")
+        ax.set_title(f"{r['sweep'][0]['system']}: threshold sweep")
+        written["frontier"] = _save(fig, out / PLOTS["frontier"])
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.partial")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finite_or_null(x):
+    """NaN and infinities become null: report.json stays standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
+def _x(v) -> str:
+    return f"{v:.2f}×" if _finite(v) else "–"
+
+
+def _pct(v) -> str:
+    return f"{v:.1%}" if _finite(v) else "–"
+
+
+def _num(v, digits: int) -> str:
+    return f"{v:.{digits}f}" if _finite(v) else "–"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -1,0 +1,350 @@
+"""One benchmark run, top to bottom.
+
+    bundles (given, or compiled from configurations) -> systems -> warm-up
+    -> timed runs, interleaved prompt by prompt in a rotating order
+    -> quality against dense greedy (free-running, teacher-forced, held-out perplexity)
+    -> ORT profile of the SpecEE segments -> optional threshold sweep -> report + plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specee_compile import load as model_load
+from specee_compile import resources
+from specee_compile.bench import measure
+from specee_compile.bench.systems import KINDS, System, bundle_system, genai_system, transformers_system
+from specee_compile.bundle import read_manifest
+from specee_compile.calibrate import CalibrationSettings, calibrate, data
+from specee_compile.config import CompileConfig, with_overrides
+from specee_compile.errors import ConfigError, SpecEEError
+from specee_compile.runtimes import load
+
+logger = logging.getLogger(__name__)
+
+SHAREGPT_HELD_OUT = 1000  # ShareGPT records from here on are never seen by calibration (it reads the first few hundred)
+MAX_PROMPT_TOKENS = 512
+# --quick: enough of everything to exercise every code path in a couple of minutes
+QUICK = dict(limit=2, new_tokens=16, warmup=1, repeats=1, sweep_prompts=2, ppl_samples=2, profile_prompts=1,
+             genai=False)
+QUICK_SWEEP = (0.5, 0.9)
+QUICK_CALIBRATION = dict(draft_sequences=12, predictor_sequences=6, max_seq_len=128, draft_epochs=1,
+                         predictor_epochs=5, positions_per_sequence=32, draft_vocab=2048)
+PACKAGES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``specee-bench`` runs. See ``specee-bench --help`` for each field."""
+
+    model: str
+    out: Path = Path("bench-results")
+    bundles: tuple[str, ...] = ()
+    configs: tuple[str, ...] = ()  # "key=value,..." compile overrides, one SpecEE bundle each
+    prompts: str = "mtbench"  # mtbench | sharegpt | a JSONL file
+    limit: int = 80
+    new_tokens: int = 128
+    repeats: int = 1
+    warmup: int = 2
+    threads: int | None = 2
+    transformers: bool = True
+    genai: bool = True
+    sweep: tuple[float, ...] = ()
+    sweep_prompts: int = 20
+    ppl_samples: int = 40
+    profile_prompts: int = 3
+    max_context: int = 1024
+    quick: bool = False
+    force: bool = False
+
+    def resolved(self) -> "BenchSettings":
+        """Apply --quick's presets and check every field."""
+        s = dataclasses.replace(self, **QUICK, sweep=self.sweep or QUICK_SWEEP) if self.quick else self
+        for name in ("limit", "new_tokens", "repeats", "sweep_prompts", "max_context"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(s, name)}.")
+        for name in ("warmup", "ppl_samples", "profile_prompts"):
+            if getattr(s, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}.")
+        if s.threads is not None and s.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {s.threads}.")
+        bad = [t for t in s.sweep if not 0.0 <= t <= 1.0]
+        if bad:
+            raise ConfigError(f"sweep thresholds must be in [0, 1]; got {bad}.")
+        if s.prompts not in ("mtbench", "sharegpt") and not Path(s.prompts).is_file():
+            raise ConfigError(f"--prompts must be 'mtbench', 'sharegpt' or a JSONL file; {s.prompts} is none of them.")
+        return s
+
+
+@dataclass
+class _Bundle:
+    name: str
+    path: Path
+    specee: bool
+    settings: dict = field(default_factory=dict)
+
+
+def run(settings: BenchSettings, progress: bool = True) -> dict:
+    """Run the benchmark and write report.json, report.md and the plots into ``settings.out``."""
+    from specee_compile.bench import report
+
+    s = settings.resolved()
+    out = Path(s.out)
+    if (out / report.JSON).exists() and not s.force:
+        raise ConfigError(f"{out} already holds a benchmark report; pass --force to replace it or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()[0]
+    torch.set_num_threads(s.threads or torch.get_num_threads())
+    model_dir = model_load.resolve(s.model)
+    model_load.inspect(model_dir)
+
+    bundles = _bundles(s, out, progress)
+    spec = [b for b in bundles if b.specee]
+    dense_bundle = next((b for b in bundles if not b.specee), None)
+    dense_engine = load(dense_bundle.path if dense_bundle else spec[0].path, threads=s.threads, dense=True)
+    systems = [bundle_system("dense", "dense", dense_engine, s.new_tokens)]
+    for b in spec:
+        engine = load(b.path, threads=s.threads)
+        systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
+                                     {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
+    hf, _ = model_load.load(model_dir)
+    eos = dense_engine.eos_token_ids
+    if s.transformers:
+        systems.append(transformers_system(hf, s.new_tokens, eos))
+    if s.genai:
+        genai = genai_system(model_dir, out / "genai-model", s.threads, s.new_tokens, eos)
+        if genai is not None:
+            systems.append(genai)
+
+    prompts = _prompts(s, dense_engine)
+    for ids in tqdm(prompts[: s.warmup], desc="warm-up", disable=not progress):
+        for system in systems:
+            system.generate(ids)
+    runs: dict[str, list] = {x.name: [] for x in systems}
+    bar = tqdm(total=len(prompts) * s.repeats * len(systems), desc="timed runs", disable=not progress)
+    for rep in range(s.repeats):
+        for k, ids in enumerate(prompts):
+            turn = (k + rep) % len(systems)  # rotate who goes first, so no system always runs after another
+            for system in systems[turn:] + systems[:turn]:
+                runs[system.name].append(system.generate(ids))
+                bar.update()
+    bar.close()
+    n = len(prompts)
+    dense_tokens = [r.token_ids for r in runs["dense"][:n]]
+
+    head = hf.get_output_embeddings().weight.detach().numpy()
+    ppl_set = _perplexity_set(s, dense_engine)
+    L = dense_engine.num_layers
+    results = {}
+    for system in systems:
+        r = runs[system.name]
+        row = {"kind": system.kind, "description": KINDS[system.kind], **system.settings, **measure.speed(r),
+               "speedup_vs_dense": measure.paired_ratio(r, runs["dense"]),
+               **measure.agreement_free_running(r[:n], dense_tokens)}
+        if "transformers" in runs:
+            row["speedup_vs_transformers"] = measure.paired_ratio(r, runs["transformers"])
+        if system.engine is not None:
+            row["perplexity"] = _perplexity(system.engine, ppl_set, head, progress, system.name)
+        if system.kind == "specee":
+            row.update(measure.exits(r, L))
+            row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress, system.name)
+            row.update(measure.time_shares(r, _profile(s, system, prompts, out, progress)))
+        results[system.name] = row
+    if "transformers" in results and ppl_set:
+        results["transformers"]["perplexity"] = _perplexity_hf(hf, ppl_set)
+
+    sweep = _sweep(s, systems, prompts, dense_tokens, progress) if s.sweep and spec else []
+    rep = {
+        "command": _command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**_machine(s.threads), "load_average_start": round(load_at_start, 2),
+                    "load_average_end": round(os.getloadavg()[0], 2)},
+        "versions": {p: metadata.version(p) for p in PACKAGES if _installed(p)},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()},
+        "model": {"source": s.model, "num_layers": L, "prompts": n, "prompt_set": s.prompts,
+                  "perplexity_samples": len(ppl_set), "perplexity_tokens": sum(len(c) for _, c in ppl_set)},
+        "systems": results,
+        "sweep": sweep,
+        "runs": {name: [dataclasses.asdict(x) for x in r] for name, r in runs.items()},
+    }
+    report.write(rep, out)
+    return rep
+
+
+def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
+    found = []
+    for path in s.bundles:
+        manifest = read_manifest(Path(path), verify=False)
+        specee = "specee" in manifest
+        name = Path(path).stem if specee else "dense"
+        settings = {"rule": manifest["specee"]["rule"]} if specee else {}
+        found.append(_Bundle(name, Path(path), specee, settings))
+    if sum(not b.specee for b in found) > 1:
+        raise ConfigError("give at most one dense bundle; SpecEE bundles hold their own dense graph as well.")
+    configs = list(s.configs) or ([] if any(b.specee for b in found) else [""])
+    calibration = None
+    if s.quick and configs:
+        calibration = calibrate(s.model, CalibrationSettings(**QUICK_CALIBRATION), progress=progress)
+    for k, overrides in enumerate(configs):
+        pairs = [p for p in overrides.split(",") if p.strip()]
+        name = "specee" + (f"[{overrides}]" if pairs else "")
+        path = out / "bundles" / (f"specee-{k}.onnx" if pairs else "specee.onnx")
+        config = with_overrides(CompileConfig(model=s.model, out=path, specee=True, max_context=s.max_context,
+                                              calibration=calibration, force=True), pairs)
+        if not _matches(path, config):
+            from specee_compile.compiler import compile as compile_bundle
+
+            logger.info("compiling %s into %s", name, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            compile_bundle(config, progress=progress)
+        found.append(_Bundle(name, path, True, {"rule": config.exit_rule, "compile": overrides or "defaults"}))
+    return found
+
+
+def _matches(path: Path, config: CompileConfig) -> bool:
+    """An earlier run's bundle at ``path`` compiled from the same configuration can be reused."""
+    keys = ("model", "max_context", "opt_level", "specee", "calib_file", "exit_rule", "threshold", "calibration",
+            "skip_passes")
+    try:
+        recorded = read_manifest(path, verify=False)["compile"]
+    except (SpecEEError, KeyError):
+        return False
+    want = config.to_dict()
+    return all(recorded.get(k) == want.get(k) for k in keys)
+
+
+def _prompts(s: BenchSettings, engine) -> list[list[int]]:
+    if s.prompts == "mtbench":
+        texts = resources.mtbench_questions(s.limit)
+    elif s.prompts == "sharegpt":
+        texts = [e.prompt for e in data.sharegpt(s.limit, skip=SHAREGPT_HELD_OUT)]
+    else:
+        texts = [e.prompt for e in data.jsonl(s.prompts)][: s.limit]
+    ids = [engine.encode(t) for t in texts]
+    kept = [x for x in ids if len(x) <= min(MAX_PROMPT_TOKENS, engine.capacity - s.new_tokens)]
+    if len(kept) < len(ids):
+        logger.warning("left out %d prompts longer than %d tokens", len(ids) - len(kept), MAX_PROMPT_TOKENS)
+    if not kept:
+        raise ConfigError(f"no prompt of {s.prompts} fits the bundle's context with {s.new_tokens} new tokens.")
+    return kept
+
+
+def _perplexity_set(s: BenchSettings, engine) -> list[tuple[list[int], list[int]]]:
+    """Held-out ShareGPT (prompt ids, response ids) pairs, the response cut to new_tokens."""
+    if not s.ppl_samples:
+        return []
+    out = []
+    for ex in data.sharegpt(4 * s.ppl_samples, skip=SHAREGPT_HELD_OUT):
+        prompt = engine.encode(ex.prompt)
+        response = engine.tokenizer(ex.response, add_special_tokens=False)["input_ids"][: s.new_tokens]
+        if len(prompt) <= MAX_PROMPT_TOKENS and len(response) >= 2:
+            out.append((prompt, response))
+        if len(out) == s.ppl_samples:
+            break
+    return out
+
+
+def _perplexity(engine, samples, head, progress: bool, name: str) -> float:
+    nlls = []
+    for prompt, response in tqdm(samples, desc=f"perplexity {name}", disable=not progress):
+        scored = engine.score(prompt, response)
+        nlls += measure.nll(scored.features, head, response)
+    return measure.perplexity(nlls) if nlls else float("nan")
+
+
+@torch.no_grad()
+def _perplexity_hf(model, samples) -> float:
+    nlls = []
+    for prompt, response in samples:
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        nlls += torch.nn.functional.cross_entropy(logits.double(), torch.tensor(response), reduction="none").tolist()
+    return measure.perplexity(nlls)
+
+
+def _agreement(engine, prompts, dense_tokens, progress: bool, name: str) -> float:
+    """Teacher-forced: fed the dense greedy prefix, how often does the engine emit the dense token."""
+    agree = total = 0
+    for ids, ref in tqdm(list(zip(prompts, dense_tokens)), desc=f"teacher-forced {name}", disable=not progress):
+        if not ref:
+            continue
+        predicted = engine.score(ids, ref).predicted
+        agree += sum(a == b for a, b in zip(predicted, ref))
+        total += len(ref)
+    return agree / total if total else float("nan")
+
+
+def _profile(s: BenchSettings, system: System, prompts, out: Path, progress: bool) -> dict:
+    """Predictor and exit-check shares of segment time, from ONNX Runtime's per-node profile."""
+    if not s.profile_prompts:
+        return {}
+    engine = load(system.settings["path"], threads=s.threads, verify=False, threshold=system.engine.threshold,
+                  profile_dir=out / "profiles" / system.name)
+    for ids in tqdm(prompts[: s.profile_prompts], desc=f"profile {system.name}", disable=not progress):
+        engine.generate(ids, max_new_tokens=s.new_tokens)
+    traces = engine.end_profiling()
+    return measure.profile_node_shares(traces[2:])  # step (prefill), draft, then the segments
+
+
+def _sweep(s: BenchSettings, systems: list[System], prompts, dense_tokens, progress: bool) -> list[dict]:
+    """Speed (interleaved with the dense bundle) and teacher-forced agreement per threshold."""
+    dense = next(x for x in systems if x.name == "dense")
+    spec = next(x for x in systems if x.kind == "specee")
+    engine, default = spec.engine, spec.engine.threshold
+    prompts, refs = prompts[: s.sweep_prompts], dense_tokens[: s.sweep_prompts]
+    order = ["dense", *s.sweep]
+    runs: dict = {t: [] for t in order}
+    try:
+        for k, ids in enumerate(tqdm(prompts, desc=f"sweep {spec.name}", disable=not progress)):
+            turn = k % len(order)
+            for t in order[turn:] + order[:turn]:
+                if t == "dense":
+                    runs[t].append(dense.generate(ids))
+                else:
+                    engine.threshold = t
+                    runs[t].append(spec.generate(ids))
+        rows = []
+        for t in s.sweep:
+            engine.threshold = t
+            rows.append({"system": spec.name, "threshold": t, **measure.speed(runs[t]),
+                         "speedup_vs_dense": measure.paired_ratio(runs[t], runs["dense"]),
+                         "teacher_forced_agreement": _agreement(engine, prompts, refs, False, spec.name),
+                         **measure.agreement_free_running(runs[t], refs),
+                         "mean_executed_layers": measure.exits(runs[t], engine.num_layers)["mean_executed_layers"]})
+    finally:
+        engine.threshold = default
+    return rows
+
+
+def _command() -> str:
+    return " ".join(["specee-bench", *sys.argv[1:]]) if Path(sys.argv[0]).name == "specee-bench" else \
+        " ".join(sys.argv)
+
+
+def _machine(threads) -> dict:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+            "threads": threads, "python": platform.python_version()}
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

@@ -1,0 +1,59 @@
+"""specee-bench: the quick smoke run on the real SmolLM2, and its input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from specee_compile.cli import bench_main
+
+SYSTEMS = {"dense", "specee", "transformers"}
+SPEED = ("decode_tps_median", "decode_tps_q1", "decode_tps_q3", "ttft_ms_median", "speedup_vs_dense",
+         "speedup_vs_transformers", "exact_match", "mean_first_divergence", "perplexity")
+SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draft_share", "segments_share",
+          "predictors_share", "exit_checks_share", "host_loop_share", "threshold")
+
+
+@pytest.mark.slow
+def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_main(["smollm2", "--quick", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    systems = report["systems"]
+    assert set(systems) == SYSTEMS
+    for name, s in systems.items():
+        for key in SPEED:
+            assert math.isfinite(s[key]) and s[key] >= 0, (name, key, s[key])
+        assert s["runs"] == 2 and len(report["runs"][name]) == 2
+    assert systems["dense"]["speedup_vs_dense"] == 1.0
+    # the dense bundle is transformers' greedy decoding: same tokens, same perplexity
+    assert systems["transformers"]["exact_match"] == 1.0
+    assert systems["transformers"]["perplexity"] == pytest.approx(systems["dense"]["perplexity"], rel=1e-3)
+    spec = systems["specee"]
+    for key in SPECEE:
+        assert math.isfinite(spec[key]), key
+    assert 0 < spec["mean_executed_layers"] <= report["model"]["num_layers"] == 30
+    assert sum(spec["exit_histogram"].values()) == sum(len(r["exit_layers"]) - 1 for r in report["runs"]["specee"])
+    assert 0 < spec["draft_share"] < 1 and 0 < spec["predictors_share"] < 1
+    assert [row["threshold"] for row in report["sweep"]] == [0.5, 0.9]
+    assert all(0 <= row["teacher_forced_agreement"] <= 1 for row in report["sweep"])
+    for plot in ("speed.png", "exits.png", "frontier.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
+    md = (out / "report.md").read_text()
+    assert "| specee |" in md and "## Threshold sweep" in md and "![frontier](frontier.png)" in md
+    # a second run into the same folder refuses to replace the report without --force
+    assert bench_main(["smollm2", "--quick", "--out", str(out), "-q"]) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "0.5,high"], "--sweep takes comma-separated thresholds"),
+    (["--sweep", "1.5"], "sweep thresholds must be in [0, 1]"),
+    (["--limit", "0"], "--limit must be positive"),
+    (["--prompts", "nowhere.jsonl"], "--prompts must be 'mtbench', 'sharegpt' or a JSONL file"),
+])
+def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message):
+    assert bench_main(["smollm2", "--out", str(tmp_path / "b"), *args]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
