@@ -65,8 +65,9 @@ def tiny_specee_bundle(tiny_dirs, tmp_path_factory) -> Path:
 
 
 def _standalone(bundle: Path, prompt: str, max_new_tokens: int, *flags: str) -> dict:
-    proc = subprocess.run([sys.executable, str(STANDALONE), str(bundle), "--prompt", prompt, "--max-new-tokens",
-                           str(max_new_tokens), "--json", *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    args = [str(bundle), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens), "--json", *flags]
+    proc = subprocess.run([sys.executable, str(STANDALONE), *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
