@@ -6,9 +6,13 @@ buffer: ``past_key`` is ``[B, kv_heads, capacity, head_dim]`` of which the first
 written at ``past_len .. past_len + S``. Keeping it one op through ``torch.export`` lets
 the ONNX lowering choose the kernel:
 
-- ONNX Runtime: ``com.microsoft.GroupQueryAttention`` with ``do_rotary=1``. When the
-  runtime binds the same buffer as past input and present output, ORT writes the new
-  K/V in place (shared-buffer mode), so a decode step never copies the cache.
+- ONNX Runtime (``"ort"``): ``com.microsoft.GroupQueryAttention`` with ``do_rotary=1``.
+  When the runtime binds the same buffer as past input and present output, ORT writes
+  the new K/V in place (shared-buffer mode), so a decode step never copies the cache.
+- Standard ONNX (``"trt"``), for TensorRT, whose ONNX parser takes only ``ai.onnx`` ops:
+  RoPE from Gather/Slice/Mul/Sub/Add/Concat, the cache write as ``ScatterElements`` along
+  the position axis at ``past_len .. past_len + S``, and softmax attention over the whole
+  buffer with the positions after each query (and never written) masked out.
 - The eager implementation below defines the semantics; tests compare both against
   Hugging Face transformers.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from onnx.defs import OpSchema
+from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from specee_compile.functional import apply_rope, attention
@@ -92,4 +97,56 @@ def cached_attention_ort(qkv, past_key, past_value, seqlens_k, total_length,
     )
 
 
+def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
+                          cos_cache, sin_cache, num_heads: int, kv_heads: int, scale: float):
+    """Standard-ONNX lowering (ai.onnx opset 18 only): what TensorRT's ONNX parser takes.
+
+    ``present`` is ``past`` with the new positions scattered in (a new tensor unless the
+    runtime aliases the buffers). Query rows are grouped per KV head so the cache is never
+    repeated: q [1, H, S, D] -> [1, KVH, G*S, D] against keys [1, KVH, CAP, D].
+    """
+    cap, d = past_key.shape[2], past_key.shape[3]  # static: the cache buffer [1, KVH, CAP, D]
+    group = num_heads // kv_heads
+    half = d // 2
+    ints = lambda *v: op.Constant(value_ints=list(v))  # noqa: E731
+    q_end, k_end = num_heads * d, (num_heads + kv_heads) * d
+    query = op.Slice(qkv, ints(0), ints(q_end), ints(2))
+    key = op.Slice(qkv, ints(q_end), ints(k_end), ints(2))
+    value = op.Slice(qkv, ints(k_end), ints(k_end + kv_heads * d), ints(2))
+    # positions past_len .. total-1, from the total length and the step's length S
+    seq = op.Shape(qkv, start=1, end=2)  # [1]: S
+    past = op.Sub(op.Cast(op.Reshape(total_length, ints(1)), to=7), seq)  # [1] int64
+    positions = op.Add(op.Range(op.Constant(value_int=0), op.Squeeze(seq, ints(0)), op.Constant(value_int=1)), past)  # [S]
+    cos = op.Gather(cos_cache, positions, axis=0)  # [S, D/2]
+    sin = op.Gather(sin_cache, positions, axis=0)
+
+    def heads(x, n):  # [1, S, n*D] -> [1, n, S, D]
+        return op.Transpose(op.Reshape(x, ints(0, -1, n, d)), perm=[0, 2, 1, 3])
+
+    def rope(x):  # rotate_half layout, as Hugging Face Llama
+        x1 = op.Slice(x, ints(0), ints(half), ints(3))
+        x2 = op.Slice(x, ints(half), ints(d), ints(3))
+        return op.Concat(op.Sub(op.Mul(x1, cos), op.Mul(x2, sin)), op.Add(op.Mul(x2, cos), op.Mul(x1, sin)), axis=-1)
+
+    q = rope(heads(query, num_heads))  # [1, H, S, D]
+    k = rope(heads(key, kv_heads))  # [1, KVH, S, D]
+    v = heads(value, kv_heads)
+    # the cache write: present[:, :, positions[s], :] = k[:, :, s, :]
+    where = op.Expand(op.Reshape(positions, ints(1, 1, -1, 1)), op.Shape(k))  # [1, KVH, S, D]
+    present_key = op.ScatterElements(past_key, where, k, axis=2)
+    present_value = op.ScatterElements(past_value, where, v, axis=2)
+    # grouped attention over the whole buffer; key t is visible to the query at position p iff t <= p
+    qg = op.Reshape(op.Mul(q, op.Constant(value_float=scale)), ints(0, kv_heads, -1, d))  # [1, KVH, G*S, D]
+    scores = op.MatMul(qg, op.Transpose(present_key, perm=[0, 1, 3, 2]))  # [1, KVH, G*S, CAP]
+    key_positions = op.Constant(value_ints=list(range(cap)))
+    visible = op.LessOrEqual(op.Unsqueeze(key_positions, ints(0)), op.Unsqueeze(positions, ints(1)))  # [S, CAP]
+    visible = op.Tile(visible, ints(group, 1))  # [G*S, CAP], row g*S + s
+    scores = op.Where(visible, scores, op.Constant(value_float=float("-inf")))
+    out = op.MatMul(op.Softmax(scores, axis=-1), present_value)  # [1, KVH, G*S, D]
+    out = op.Transpose(op.Reshape(out, ints(0, num_heads, -1, d)), perm=[0, 2, 1, 3])  # [1, S, H, D]
+    return op.Reshape(out, ints(0, -1, num_heads * d)), present_key, present_value
+
+
 ORT_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_ort}
+ONNX_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_onnx}
+TRANSLATIONS = {"ort": ORT_TRANSLATIONS, "trt": ONNX_TRANSLATIONS}  # by graph target

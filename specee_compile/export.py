@@ -26,7 +26,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from specee_compile.attention import ORT_TRANSLATIONS, cached_attention  # noqa: F401
+from specee_compile.attention import TRANSLATIONS, cached_attention  # noqa: F401
 from specee_compile.errors import ExportError
 from specee_compile.functional import rope_tables
 
@@ -149,8 +149,12 @@ def example_inputs(shapes: StepShapes, seq: int = 3):
     return (torch.zeros(1, seq, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), kv)
 
 
-def export_step(hf_model: nn.Module, capacity: int) -> tuple[ir.Model, StepShapes]:
-    """Export the decoder step with torch.export + the dynamo ONNX exporter to onnx_ir."""
+def export_step(hf_model: nn.Module, capacity: int, target: str = "ort") -> tuple[ir.Model, StepShapes]:
+    """Export the decoder step with torch.export + the dynamo ONNX exporter to onnx_ir.
+
+    ``target`` picks the attention lowering (see attention.py): "ort" emits ONNX Runtime's
+    GroupQueryAttention, "trt" standard ONNX ops only (what TensorRT's parser takes).
+    """
     step = DecoderStep(hf_model, capacity).eval()
     cfg = hf_model.config
     shapes = StepShapes(
@@ -168,7 +172,7 @@ def export_step(hf_model: nn.Module, capacity: int) -> tuple[ir.Model, StepShape
                 step, example_inputs(shapes), dynamo=True, opset_version=OPSET,
                 input_names=input_names(shapes.num_layers),
                 output_names=output_names(shapes.num_layers),
-                dynamic_shapes=dynamic, custom_translation_table=ORT_TRANSLATIONS,
+                dynamic_shapes=dynamic, custom_translation_table=_translations(target),
                 optimize=True, verbose=False,
             )
     except Exception as e:
@@ -181,6 +185,12 @@ def export_step(hf_model: nn.Module, capacity: int) -> tuple[ir.Model, StepShape
     model.graph.inputs[0].shape = ir.Shape([1, ir.SymbolicDim("sequence")])
     _name_structure(model, shapes.num_layers)
     return model, shapes
+
+
+def _translations(target: str) -> dict:
+    if target not in TRANSLATIONS:
+        raise ExportError(f"graph target '{target}' is unknown; choose one of {sorted(TRANSLATIONS)}.")
+    return TRANSLATIONS[target]
 
 
 def _scope(node: ir.Node) -> list[str]:
@@ -256,7 +266,7 @@ def rope_tables_like(draft: nn.Module, capacity: int):
     return draft.cos[:n].contiguous(), draft.sin[:n].contiguous()
 
 
-def export_draft(draft: nn.Module, capacity: int) -> ir.Model:
+def export_draft(draft: nn.Module, capacity: int, target: str = "ort") -> ir.Model:
     """Export the draft step (prefill over many positions and one-token steps) to onnx_ir."""
     step = DraftStep(draft, capacity).eval()
     d = draft.fc.out_features
@@ -274,7 +284,7 @@ def export_draft(draft: nn.Module, capacity: int) -> ir.Model:
                 output_names=["draft_ids", "present.0.key", "present.0.value"],
                 dynamic_shapes={"input_ids": {1: seq}, "features": {1: seq}, "past_sequence_length": None,
                                 "past_key": None, "past_value": None},
-                custom_translation_table=ORT_TRANSLATIONS, optimize=True, verbose=False,
+                custom_translation_table=_translations(target), optimize=True, verbose=False,
             )
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed on the draft step: {type(e).__name__}: {e}") from e

@@ -46,7 +46,8 @@ def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
 
 
 def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full", threshold=0.0,
-          opt_level="O1", progress=True, calibration: Path | None = None) -> SpecEEGraphs:
+          opt_level="O1", progress=True, calibration: Path | None = None, target="ort") -> SpecEEGraphs:
+    """``target`` "trt" exports standard ONNX attention and skips the ONNX Runtime fusions."""
     cal_dir = calibration or calibrate(model_source, CalibrationSettings(calib_file=calib_file, rule=rule),
                                        progress=progress)
     cal = load_calibration(cal_dir, hf_model)
@@ -55,13 +56,13 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     reach = max(0, -min(cal.schedule.offsets, default=0))
     lo = max(0, min(cal.schedule.offline_layers, default=0) - reach)
     layers = tuple(range(lo, L - 1))  # every layer the online window can reach from the offline set
-    model, _ = export_step(hf_model, capacity)
+    model, _ = export_step(hf_model, capacity, target)
     model, log = specee_pipeline(cal, layers, rule)(model)
     segments = split_segments(model, list(layers), L)
-    if opt_level != "O0":
+    if opt_level != "O0" and target == "ort":
         for s in segments:
             FuseOrtTransformersPass()(s.model)
-    draft = export_draft(cal.draft, capacity)
+    draft = export_draft(cal.draft, capacity, target)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,

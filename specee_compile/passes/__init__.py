@@ -13,9 +13,13 @@ from specee_compile.passes.pipeline import PHASES, Pipeline
 __all__ = ["PHASES", "FuseOrtTransformersPass", "Pipeline", "default_pipeline"]
 
 
-def default_pipeline(opt_level: str = "O1") -> Pipeline:
-    """The passes ``specee-compile`` runs at an optimization level."""
+def default_pipeline(opt_level: str = "O1", target: str = "ort") -> Pipeline:
+    """The passes ``specee-compile`` runs at an optimization level for a graph target.
+
+    The ONNX Runtime fusions emit ``com.microsoft`` ops, so graphs for TensorRT
+    (``target="trt"``) leave them out.
+    """
     pipeline = Pipeline()
-    if opt_level != "O0":
+    if opt_level != "O0" and target == "ort":
         pipeline.append("optimize", FuseOrtTransformersPass())
     return pipeline
