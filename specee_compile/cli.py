@@ -87,7 +87,14 @@ def compile_parser() -> argparse.ArgumentParser:
         description="Compile a Hugging Face causal LM into an engine bundle.",
     )
     p.add_argument("model", nargs="?", help="model directory, .gguf file, or built-in name (smollm2)")
-    p.add_argument("--out", help="bundle to write: NAME.onnx (ONNX Runtime) or NAME.plan (TensorRT)")
+    p.add_argument("--out", help="bundle to write: NAME.onnx (ONNX Runtime) or NAME.plan / NAME.engine (TensorRT)")
+    p.add_argument("--backend", choices=["ort", "trt"], default="",
+                   help="ort (ONNX Runtime) or trt (TensorRT; needs tensorrt and an NVIDIA GPU); default: from --out")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="",
+                   help="TensorRT engine precision (default fp16); ONNX Runtime bundles are fp32")
+    p.add_argument("--check", choices=["trt"], default="",
+                   help="trt: emit TensorRT-ready graphs (standard ONNX attention, no ORT fusions) and check every "
+                        "graph against TensorRT 10's ONNX parser; implied by a TensorRT --out")
     p.add_argument("--force", action="store_true", help="replace an existing bundle once the new one is complete")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens (default 2048)")
     p.add_argument("--opt", choices=["O0", "O1"], default="O1", help="O0: export only; O1: + ORT fusions")
@@ -113,6 +120,7 @@ def _compile_main(args) -> int:
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
+        backend=args.backend, precision=args.precision, check=args.check,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -129,7 +137,8 @@ def compile_main(argv=None) -> int:
     if args.list_passes:
         from specee_compile.passes import default_pipeline
 
-        print(default_pipeline(args.opt).describe())
+        trt = args.check == "trt" or args.backend == "trt" or str(args.out or "").endswith((".plan", ".engine"))
+        print(default_pipeline(args.opt, "trt" if trt else "ort").describe())
         return 0
     if not args.model or not args.out:
         parser.error("MODEL and --out are required (or use --list-passes)")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from specee_compile import __version__, bundle, load
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BackendError
+from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.passes import default_pipeline
 
 logger = logging.getLogger(__name__)
@@ -30,41 +31,49 @@ Greedy decoding with graph `step` and a preallocated KV cache:
    in the cache], the same buffers bound as before. Repeat from 3.
 5. The cache holds `capacity` positions: prompt + generated tokens must not exceed it.
 """
+PROTOCOL_SWAP = """\
+Greedy decoding with graph `step` and a preallocated KV cache:
+1. Allocate, per layer i, TWO pairs of float32 buffers of shape [1, kv_heads, capacity, head_dim]
+   (zeros are fine): A and B for the key, A and B for the value.
+2. Prefill: run `step` with input_ids = the prompt ids [1, S], past_sequence_length = [0],
+   past_key_values.{i}.* = the A buffers and present.{i}.* = the B buffers. The graph writes
+   the whole cache, with the new positions scattered in, into present.
+3. The next token is argmax(logits[0]). Stop at any of eos_token_ids.
+4. Decode: swap A and B (the last present is the next past) and run `step` with
+   input_ids = [[token]] and past_sequence_length = [tokens so far in the cache]. Repeat from 3.
+   (ONNX Runtime on CPU may instead bind present to the same buffer as past: its
+   ScatterElements then writes in place.)
+5. The cache holds `capacity` positions: prompt + generated tokens must not exceed it.
+"""
+CACHE_UPDATE = {
+    "ort": "in place when present.* is bound to the past buffer (shared buffer)",
+    "trt": "ScatterElements at past_sequence_length into a copy of past (swap two buffers), or in place "
+           "on ONNX Runtime when present.* is bound to the past buffer",
+}
 
 
 def disabled_backend_reason(backend: str) -> str | None:
     """Why a backend cannot run on this machine, or None when it can."""
-    if backend != "trt":
-        return None
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the TensorRT Python package is not installed (pip install 'specee-compile[gpu]')"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no NVIDIA GPU is visible to CUDA"
-    except ImportError:
-        return "torch is not installed"
-    return None
+    return trt_lowering.unavailable_reason() if backend == "trt" else None
 
 
 def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001 (the verb)
-    """Compile ``config.model`` into a bundle at ``config.out`` and return its path."""
+    """Compile ``config.model`` into a bundle at ``config.out`` and return its path.
+
+    A TensorRT bundle fails here, before anything is loaded or written, when this machine
+    lacks the tensorrt package or a GPU.
+    """
     reason = disabled_backend_reason(config.backend)
     if reason:
+        onnx_out = config.out.with_suffix(".onnx")
         raise BackendError(
-            f"cannot build a TensorRT engine: {reason}. Compile an ONNX Runtime bundle instead "
-            f"with --out {config.out.with_suffix('.onnx')}."
-        )
-    if config.backend == "trt":
-        raise BackendError(
-            "TensorRT lowering is not implemented yet; compile an ONNX Runtime bundle with "
-            f"--out {config.out.with_suffix('.onnx')}."
+            f"cannot build a TensorRT engine: {reason}. Compile an ONNX Runtime bundle instead with "
+            f"--out {onnx_out}, or TensorRT-ready graphs checked against TensorRT's ONNX parser with "
+            f"--out {onnx_out} --check trt (nothing was loaded or written)."
         )
     bundle.check_output(config.out, config.force)
-    with tqdm(total=5, desc="compile", unit="stage", disable=not progress) as stages:
+    total = 5 + (config.graph_target == "trt") + (config.backend == "trt")
+    with tqdm(total=total, desc="compile", unit="stage", disable=not progress) as stages:
         return _compile_stages(config, stages)
 
 
@@ -85,11 +94,12 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
     stages.set_postfix_str("export (torch.export + ONNX)")
     from specee_compile.export import export_step
 
-    model, shapes = export_step(hf_model, capacity)
+    target = config.graph_target
+    model, shapes = export_step(hf_model, capacity, target)
     stages.update()
 
     stages.set_postfix_str("passes")
-    pipeline = config.pipeline or default_pipeline(config.opt_level)
+    pipeline = config.pipeline or default_pipeline(config.opt_level, target)
     model, pass_log = pipeline(model, skip=config.skip_passes, dump_dir=config.dump_ir)
     stages.update()
 
@@ -101,11 +111,32 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         spec_graphs = specee_lowering.build(
             config.model, hf_model, capacity, calib_file=config.calib_file, rule=config.exit_rule,
             threshold=config.threshold, opt_level=config.opt_level, progress=stages.disable is False,
-            calibration=config.calibration)
+            calibration=config.calibration, target=target)
+
+    checked = None
+    if target == "trt":
+        stages.set_postfix_str("check against TensorRT's ONNX parser")
+        graphs = {"step": model}
+        if spec_graphs is not None:
+            graphs.update({f"segment_{k}": seg.model for k, seg in enumerate(spec_graphs.segments)})
+            graphs["draft"] = spec_graphs.draft
+        version = trt_lowering.check_graphs(graphs)
+        checked = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(graphs), "problems": 0}
+        stages.update()
 
     stages.set_postfix_str("write bundle")
     with bundle.staging(config.out, config.force) as tmp:
         ir.save(model, tmp / GRAPH_FILE, external_data=GRAPH_FILE + ".data")
+        step = {"file": GRAPH_FILE, **io_contract(model)}
+        engine = None
+        if config.backend == "trt":
+            stages.set_postfix_str("build TensorRT engine")
+            profile = trt_lowering.optimization_profile(model, capacity)
+            plan = trt_lowering.build_engine(tmp / GRAPH_FILE, profile, config.precision)
+            (tmp / trt_lowering.ENGINE_FILE).write_bytes(plan)
+            step = {"file": trt_lowering.ENGINE_FILE, "onnx": GRAPH_FILE, **io_contract(model)}
+            engine = trt_lowering.engine_facts(config.precision, profile)
+            stages.update()
         tokenizer.save_pretrained(tmp)
         hf_model.generation_config.save_pretrained(tmp)
         manifest = {
@@ -113,7 +144,8 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
             "format_version": bundle.FORMAT_VERSION,
             "producer": f"specee-compile {__version__}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backend": "onnxruntime",
+            "backend": "tensorrt" if config.backend == "trt" else "onnxruntime",
+            "graph_target": target,
             "model": {
                 "source": str(config.model),
                 "family": info.family,
@@ -130,13 +162,17 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
                 "capacity": capacity,
                 "layout": "[batch, kv_heads, capacity, head_dim]",
                 "dtype": "float32",
-                "update": "in place when present.* is bound to the past buffer (shared buffer)",
+                "update": CACHE_UPDATE[target],
             },
-            "graphs": {"step": {"file": GRAPH_FILE, **io_contract(model)}},
-            "protocol": PROTOCOL,
+            "graphs": {"step": step},
+            "protocol": PROTOCOL if target == "ort" else PROTOCOL_SWAP,
             "compile": config.to_dict(),
             "passes": pass_log,
         }
+        if checked is not None:
+            manifest["tensorrt_check"] = checked
+        if engine is not None:
+            manifest["engine"] = engine
         if spec_graphs is not None:
             manifest["specee"] = specee_lowering.save(spec_graphs, tmp)
             manifest["passes"] = pass_log + spec_graphs.pass_log

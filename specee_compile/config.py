@@ -10,6 +10,8 @@ from specee_compile.errors import ConfigError
 
 BACKENDS = ("ort", "trt")
 OPT_LEVELS = ("O0", "O1")
+PRECISIONS = ("fp32", "fp16", "bf16")
+CHECKS = ("", "trt")
 BUNDLE_SUFFIXES = {".onnx": "ort", ".plan": "trt", ".engine": "trt"}
 
 
@@ -32,6 +34,11 @@ class CompileConfig:
         calib_file: calibration JSONL (default ShareGPT).
         exit_rule: "full" (paper), "reduced" (draft vocabulary) or "draft" (no head product).
         threshold: predictor threshold; 0 takes the calibrated one.
+        precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
+            Runtime bundles are fp32 only. Empty: the backend's default.
+        check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
+            fusions) and checks every graph against TensorRT 10's ONNX parser before writing;
+            always on for the TensorRT backend.
     """
 
     model: str
@@ -47,6 +54,8 @@ class CompileConfig:
     exit_rule: str = "full"
     threshold: float = 0.0  # 0: the calibrated threshold
     calibration: Path | None = None  # a calibration artifact folder to use as is
+    precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
+    check: str = ""
     pipeline: object | None = field(default=None, compare=False)  # a passes.Pipeline to use instead
 
     def __post_init__(self):
@@ -60,6 +69,27 @@ class CompileConfig:
                 f"output suffix '{self.out.suffix}' is unknown; use .onnx (ONNX Runtime bundle), "
                 ".plan or .engine (TensorRT bundle), or a directory name without a suffix."
             )
+        if self.out.suffix and BUNDLE_SUFFIXES[self.out.suffix] != self.backend:
+            raise ConfigError(
+                f"backend '{self.backend}' contradicts the output suffix '{self.out.suffix}' "
+                f"(a '{BUNDLE_SUFFIXES[self.out.suffix]}' bundle); use .onnx for ort, .plan or .engine for trt."
+            )
+        if not self.precision:
+            object.__setattr__(self, "precision", "fp16" if self.backend == "trt" else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is unknown; choose one of {PRECISIONS}.")
+        if self.backend == "ort" and self.precision != "fp32":
+            raise ConfigError(
+                f"ONNX Runtime bundles are fp32; precision '{self.precision}' applies to TensorRT engines "
+                "(--out NAME.plan)."
+            )
+        if self.check not in CHECKS:
+            raise ConfigError(f"check '{self.check}' is unknown; the only check is 'trt' (TensorRT 10's ONNX parser).")
+        if self.backend == "trt" and self.specee:
+            raise ConfigError(
+                "SpecEE TensorRT engines are not built yet (the segment runtime is ONNX Runtime only). "
+                "Compile --out NAME.onnx --specee --check trt for TensorRT-checked SpecEE graphs, or drop --specee."
+            )
         if not isinstance(self.max_context, int) or not 16 <= self.max_context <= 1 << 20:
             raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
         if self.exit_rule not in ("full", "reduced", "draft"):
@@ -68,6 +98,11 @@ class CompileConfig:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:
             raise ConfigError(f"opt_level '{self.opt_level}' is unknown; choose one of {OPT_LEVELS}.")
+
+    @property
+    def graph_target(self) -> str:
+        """What the emitted graphs are for: "trt" (standard ONNX only) or "ort" (ORT contrib ops)."""
+        return "trt" if self.backend == "trt" or self.check == "trt" else "ort"
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

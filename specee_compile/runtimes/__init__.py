@@ -27,12 +27,18 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     backend = manifest.get("backend")
-    if backend != "onnxruntime":
-        raise BundleError(f"{path} is a '{backend}' bundle; this runtime loads 'onnxruntime' bundles.")
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
+    if backend == "tensorrt":
+        if "specee" in manifest or threshold is not None:
+            raise BundleError(f"{path}: TensorRT bundles are dense (no early exits); they take no threshold.")
+        from specee_compile.runtimes.tensorrt import TrtEngine
+
+        return TrtEngine(path, manifest, tokenizer)
     from specee_compile.runtimes.ort import OrtEngine
 
     if "specee" in manifest and not dense:

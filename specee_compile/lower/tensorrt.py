@@ -1,0 +1,148 @@
+"""TensorRT lowering: a checked standard-ONNX graph -> a serialized engine (``.plan`` bytes).
+
+    static check (trt_check) -> OnnxParser (every error with its node) -> builder config
+    (precision flag, one optimization profile) -> build_serialized_network
+
+The graph must be the TensorRT-ready export (``target="trt"``: standard ONNX attention,
+no ONNX Runtime fusions). Only ``build_engine`` needs the ``tensorrt`` package and a GPU;
+the profile, the precision flags and the parser-error report are plain Python, so the
+steps up to the hardware call are exercised without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401
+
+from specee_compile.errors import BackendError
+from specee_compile.lower.trt_check import DEFAULT_TARGET, TensorRTCompatibilityError, Version, find_problems
+
+logger = logging.getLogger(__name__)
+
+PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}  # BuilderFlag names
+ENGINE_FILE = "model.plan"
+
+
+def unavailable_reason() -> str | None:
+    """Why TensorRT engines cannot be built or run here (what is missing), or None."""
+    try:
+        import tensorrt
+    except ImportError:
+        return "the TensorRT Python package is not installed (pip install 'specee-compile[gpu]')"
+    version = installed_version(tensorrt)
+    if version is None or version[0] != 10:
+        return f"TensorRT {getattr(tensorrt, '__version__', '?')} is installed; specee-compile needs TensorRT 10.x"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no NVIDIA GPU is visible to CUDA (torch.cuda.is_available() is False; a CUDA build of torch is needed)"
+    return None
+
+
+def installed_version(module=None) -> Version | None:
+    """(major, minor) of the importable tensorrt package, or None."""
+    if module is None:
+        try:
+            import tensorrt as module
+        except ImportError:
+            return None
+    try:
+        major, minor = str(module.__version__).split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return None
+
+
+def optimization_profile(model: ir.Model, capacity: int) -> dict[str, list[list[int]]]:
+    """min / opt / max shape of every input with symbolic dimensions.
+
+    Every symbolic dimension is a sequence length: 1 to ``capacity``, tuned for 1 (the
+    decode step, the hot path; prefill runs the same engine at its prompt length).
+    """
+    profile = {}
+    for v in model.graph.inputs:
+        dims = list(v.shape or [])
+        if all(isinstance(d, int) for d in dims):
+            continue
+        pick = lambda n: [d if isinstance(d, int) else n for d in dims]  # noqa: E731
+        profile[v.name] = [pick(1), pick(1), pick(capacity)]
+    return profile
+
+
+def format_parser_errors(errors, path: Path) -> str:
+    """One line per TensorRT parser error, with the node it names (index, name, operator)."""
+    lines = []
+    for e in errors:
+        node = _call(e, "node", -1)
+        name, op = _call(e, "node_name", ""), _call(e, "node_operator", "")
+        where = f"node {node} '{name}' ({op})" if node is not None and node >= 0 else "the graph"
+        lines.append(f"  - {where}: {_call(e, 'desc', '?')} [{_call(e, 'code', '?')}]")
+    return (f"TensorRT's ONNX parser rejected {path} with {len(lines)} error(s):\n" + "\n".join(lines) +
+            "\nThe static check (--check trt) passed, so this is a gap in specee-compile's TensorRT table: "
+            "report it with your TensorRT version; meanwhile compile an ONNX Runtime bundle (--out NAME.onnx).")
+
+
+def _call(obj, method: str, default):
+    try:
+        return getattr(obj, method)()
+    except Exception:  # older releases lack node_name / node_operator
+        return default
+
+
+def check_graphs(graphs: dict[str, ir.Model], target: Version | None = None) -> Version:
+    """The static TensorRT check of every graph (step, segments, draft) before any build.
+
+    Problems of all graphs are reported together in one TensorRTCompatibilityError. The
+    target is the installed TensorRT release, else 10.0 (what every 10.x parses).
+    """
+    target = target or installed_version() or DEFAULT_TARGET
+    problems = []
+    for name, model in graphs.items():
+        ir.passes.common.ShapeInferencePass(strict_mode=False)(model)  # types and ranks for the check
+        problems += find_problems(model, target, name)
+    if problems:
+        bad = sorted({p.graph.split("/")[0] for p in problems}, key=list(graphs).index)
+        raise TensorRTCompatibilityError(", ".join(bad), problems, target)
+    return target
+
+
+def build_engine(onnx_path: Path, profile: dict[str, list[list[int]]], precision: str) -> bytes:
+    """Parse ``onnx_path`` (external data beside it) with TensorRT and build a serialized engine."""
+    import tensorrt as trt
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)  # explicit batch: the only mode of TensorRT 10
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise BackendError(format_parser_errors([parser.get_error(i) for i in range(parser.num_errors)], onnx_path))
+    config = builder.create_builder_config()
+    for flag in PRECISION_FLAGS[precision]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    shapes = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        shapes.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(shapes)
+    logger.info("building the TensorRT engine of %s (%s)", onnx_path.name, precision)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BackendError(
+            f"TensorRT could not build an engine from {onnx_path} at {precision} (the builder's log above says "
+            "why); try --precision fp32, a smaller --max-context, or an ONNX Runtime bundle (--out NAME.onnx)."
+        )
+    return bytes(plan)
+
+
+def engine_facts(precision: str, profile: dict) -> dict:
+    """What the manifest records about an engine: it only runs where it was built."""
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt": trt.__version__, "precision": precision, "device": torch.cuda.get_device_name(),
+            "compute_capability": f"{major}.{minor}", "profile": profile}
