@@ -100,7 +100,8 @@ def check_graphs(graphs: dict[str, ir.Model], target: Version | None = None) -> 
     Problems of all graphs are reported together in one TensorRTCompatibilityError. The
     target is the installed TensorRT release, else 10.0 (what every 10.x parses).
     """
-    target = target or installed_version() or DEFAULT_TARGET
+    installed = installed_version()
+    target = target or (installed if installed and installed[0] == 10 else DEFAULT_TARGET)
     problems = []
     for name, model in graphs.items():
         ir.passes.common.ShapeInferencePass(strict_mode=False)(model)  # types and ranks for the check

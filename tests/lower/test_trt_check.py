@@ -95,6 +95,17 @@ def test_problem_inside_an_if_branch_names_the_subgraph():
                for p in problems)
 
 
+def test_problem_inside_a_model_local_function_names_the_function():
+    body = [helper.make_node("Unique", ["x"], ["y"], name="inner")]
+    function = helper.make_function("local", "MyOp", ["x"], ["y"], body, [helper.make_opsetid("", 18)])
+    graph = helper.make_graph([helper.make_node("MyOp", ["a"], ["b"], domain="local")], "g",
+                              [helper.make_tensor_value_info("a", F, [3])], [helper.make_tensor_value_info("b", F, None)])
+    model = ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)], functions=[function]))
+    assert _check(model) == ["g/function MyOp: node 'inner' (ai.onnx::Unique): unsupported operator (TensorRT 10's "
+                             "operator matrix marks it unsupported)"]
+
+
 def test_unknown_ai_onnx_operator_is_reported():
     model = _model([helper.make_node("SimplifiedLayerNormalization", ["x"], ["y"], name="rms")],
                    [("x", F, [2])], [("y", F, [2])])
