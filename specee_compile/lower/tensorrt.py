@@ -125,6 +125,10 @@ def build_engine(onnx_path: Path, profile: dict[str, list[list[int]]], precision
     config = builder.create_builder_config()
     for flag in PRECISION_FLAGS[precision]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if PRECISION_FLAGS[precision]:
+        pinned = _pin_float32(network, trt)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        logger.info("%d Pow/Reduce/Softmax layers kept in float32 in the %s engine", pinned, precision)
     shapes = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
         shapes.set_shape(name, lo, opt, hi)
@@ -137,6 +141,29 @@ def build_engine(onnx_path: Path, profile: dict[str, list[list[int]]], precision
             "why); try --precision fp32, a smaller --max-context, or an ONNX Runtime bundle (--out NAME.onnx)."
         )
     return bytes(plan)
+
+
+def _pin_float32(network, trt) -> int:
+    """Keep the RMSNorm statistics (x ** 2, its mean) and the softmax in float32.
+
+    In a half-precision engine x ** 2 overflows fp16 once |x| > 256, which LLM hidden states
+    reach; TensorRT may still pick half precision elsewhere. Returns the layers pinned.
+    """
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.num_outputs == 0 or layer.get_output(0).dtype != trt.float32:
+            continue  # integer and boolean layers keep their types
+        if layer.type == trt.LayerType.ELEMENTWISE:
+            layer.__class__ = trt.IElementWiseLayer  # the Python API's downcast, to read .op
+            if layer.op != trt.ElementWiseOperation.POW:
+                continue
+        elif layer.type not in (trt.LayerType.REDUCE, trt.LayerType.SOFTMAX):
+            continue
+        layer.precision = trt.float32
+        layer.set_output_type(0, trt.float32)
+        pinned += 1
+    return pinned
 
 
 def engine_facts(precision: str, profile: dict) -> dict:
