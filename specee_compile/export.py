@@ -256,7 +256,7 @@ class DraftStep(nn.Module):
         )
         x = x + layer.self_attn.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = d.head(x[:, -1])  # [1, Vd]
+        logits = d.head(d.norm(x[:, -1]))  # [1, Vd]
         top = torch.topk(logits[0], 4).indices
         return d.vocab_map[top], pk, pv
 

@@ -1,10 +1,11 @@
 """The EAGLE-1-style draft head with a reduced vocabulary.
 
     x_t   = fc([embed(token_t), feature_{t-1}])        # [B, S, 2d] -> [B, S, d]
-    f_t   = decoder_layer(x_t)                          # one layer of the target's architecture
+    f_t   = norm(decoder_layer(x_t))                    # one layer of the target's architecture
     logits_t = head(f_t)                                # rows of the target's LM head: [B, S, Vd]
 
-``feature`` is a *normed* hidden state of the target: the final norm applied to the output
+``f_t`` predicts the target's next feature. ``feature`` is a *normed* hidden state of the
+target: the final norm applied to the output
 of the layer the previous token left from (its exit layer, or the last layer). Training
 mixes full-depth and intermediate-layer features so the draft keeps proposing good
 candidates after an early exit. ``vocab_map[j]`` is the target id of draft logit j.
@@ -38,6 +39,7 @@ class EagleDraft(nn.Module):
             self.fc.weight[:, d:].copy_(torch.eye(d))
             self.fc.bias.zero_()
         self.layer = copy.deepcopy(base.layers[-1])  # same architecture, warm start from the last layer
+        self.norm = copy.deepcopy(base.norm)  # the head reads normed states, as the target's does
         self.register_buffer("vocab_map", vocab_map.clone().long())
         self.head = nn.Linear(d, len(vocab_map), bias=False)
         with torch.no_grad():
@@ -63,6 +65,7 @@ class EagleDraft(nn.Module):
         positions = torch.arange(start, start + tokens.shape[1])
         f, keys, values = layer_step(self.layer, x, cache[0], cache[1], positions, self.cos, self.sin,
                                      self.num_heads, self.kv_heads)
+        f = self.norm(f)
         return f, self.head(f), (keys, values)
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from specee_compile.schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: the draft normalizes before its head
 WEIGHTS = "calibration.safetensors"
 META = "calibration.json"
 
@@ -42,7 +42,7 @@ class CalibrationSettings:
 
     calib_file: str | None = None  # JSONL of prompts/responses; default: ShareGPT
     draft_file: str | None = None  # a trained draft (safetensors, this project's layout) to use as is
-    draft_sequences: int = 160
+    draft_sequences: int = 480
     predictor_sequences: int = 48
     max_seq_len: int = 384
     generate_tokens: int = 96  # continuation length for examples without a response
@@ -123,7 +123,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         draft = load_draft(Path(settings.draft_file), target)
         train_log = {"supplied": settings.draft_file}
     else:
-        passes = [target_pass(target, ids)
+        passes = [_DraftExample.of(target_pass(target, ids), exit_lo, rng)
                   for ids in tqdm(draft_seqs, desc="target passes (draft)", disable=not progress)]
         vocab_map = reduced_vocabulary(torch.cat([p.next_token for p in passes]), settings.draft_vocab,
                                        target.config.vocab_size)
@@ -273,6 +273,24 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+@dataclass
+class _DraftExample:
+    """What draft training needs of a target pass, without the [L, S, d] stack of every layer:
+    the final features, one intermediate layer's (chosen at random per position) and the
+    target's next tokens."""
+
+    ids: torch.Tensor  # [S]
+    final: torch.Tensor  # [S, d]
+    exit: torch.Tensor  # [S, d]: z[l_t, t] with l_t uniform in [L/2, L-1)
+    next_token: torch.Tensor  # [S]
+
+    @classmethod
+    def of(cls, p, exit_lo: int, rng: random.Random) -> "_DraftExample":
+        L, S, _ = p.z.shape
+        layers = torch.tensor([rng.randrange(exit_lo, L - 1) for _ in range(S)])
+        return cls(p.ids, p.z[-1].clone(), p.z[layers, torch.arange(S)].clone(), p.next_token)
+
+
 def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
     """Features fed at positions 1..S-1: the previous position's final or intermediate feature."""
     L, S, _ = p.z.shape
@@ -304,10 +322,11 @@ def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) ->
             if p.ids.numel() < 3:
                 bar.update()
                 continue
-            feats = _draft_inputs(p, exit_lo, settings.exit_feature_rate, gen)
+            use_exit = torch.rand(p.ids.numel() - 1, generator=gen) < settings.exit_feature_rate
+            feats = torch.where(use_exit[:, None], p.exit[:-1], p.final[:-1])  # the previous position's feature
             f_hat, logits, _ = draft(p.ids[None, 1:], feats[None], None, 1)
             ce = torch.nn.functional.cross_entropy(logits[0], inverse[p.next_token[1:]], ignore_index=-100)
-            reg = torch.nn.functional.smooth_l1_loss(f_hat[0], p.z[-1, 1:])
+            reg = torch.nn.functional.smooth_l1_loss(f_hat[0], p.final[1:])
             loss = ce + settings.feature_loss_weight * reg
             opt.zero_grad()
             loss.backward()
