@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnx_ir as ir
+
 from specee_compile.errors import BundleError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -238,3 +240,17 @@ def _check_files(bundle_dir: Path, manifest: dict, path: Path, verify: bool) -> 
                 )
         except OSError as e:
             raise BundleError(f"bundle file {f} cannot be read ({e}); check its permissions or recompile.") from e
+
+
+def io_contract(model: ir.Model) -> dict:
+    """Names, dtypes and shapes (symbolic dims as strings) of a graph's inputs and outputs."""
+
+    def describe(v: ir.Value) -> dict:
+        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        dtype = str(v.dtype.numpy()) if v.dtype is not None else None
+        return {"name": v.name, "dtype": dtype, "shape": dims}
+
+    return {
+        "inputs": [describe(v) for v in model.graph.inputs],
+        "outputs": [describe(v) for v in model.graph.outputs],
+    }

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from specee_compile import __version__, bundle, load
+from specee_compile.bundle import io_contract
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BackendError
 from specee_compile.lower import tensorrt as trt_lowering
@@ -179,20 +180,6 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         bundle.finish_manifest(tmp, manifest)
     stages.update()
     return config.out
-
-
-def io_contract(model: ir.Model) -> dict:
-    """Names, dtypes and shapes (symbolic dims as strings) of a graph's inputs and outputs."""
-
-    def describe(v: ir.Value) -> dict:
-        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
-        dtype = str(v.dtype.numpy()) if v.dtype is not None else None
-        return {"name": v.name, "dtype": dtype, "shape": dims}
-
-    return {
-        "inputs": [describe(v) for v in model.graph.inputs],
-        "outputs": [describe(v) for v in model.graph.outputs],
-    }
 
 
 def _eos_ids(hf_model, tokenizer) -> list[int]:

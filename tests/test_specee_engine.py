@@ -100,3 +100,23 @@ def test_score_teacher_forces_the_engine(tiny_dirs, calibrations, tmp_path, dens
         assert (scored.features @ head.T).argmax(-1).tolist() == got.token_ids
         forced = [(t + 1) % 256 for t in got.token_ids]  # any other text is fed as given
         assert len(engine.score(prompt, forced).predicted) == len(forced)
+
+
+def test_manifest_describes_every_segment_and_the_draft_and_damage_is_reported(tiny_dirs, calibrations, tmp_path):
+    import onnxruntime as ort
+
+    from specee_compile.bundle import MANIFEST
+    from specee_compile.errors import BundleError
+
+    out = _bundle(tiny_dirs, calibrations, tmp_path, "mistral", 0.3, "full")
+    manifest = read_manifest(out)
+    spec = manifest["specee"]
+    for graph in [*spec["segments"], spec["draft"]]:
+        sess = ort.InferenceSession(str(out / graph["file"]))
+        assert [i["name"] for i in graph["inputs"]] == [i.name for i in sess.get_inputs()]
+        assert [o["name"] for o in graph["outputs"]] == [o.name for o in sess.get_outputs()]
+    assert any(i["name"] == "exit_threshold" for i in spec["segments"][0]["inputs"])
+    del manifest["specee"]["schedule"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="'specee' section .* is damaged .*schedule.*recompile"):
+        load(out, verify=False)

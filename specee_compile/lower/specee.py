@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 from safetensors.numpy import save_file
 
+from specee_compile.bundle import io_contract
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.export import export_draft, export_step
 from specee_compile.functional import rope_tables
@@ -83,9 +84,10 @@ def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
     ir.save(graphs.draft, folder / "draft.onnx", external_data="draft.onnx.data")
     save_file(graphs.kv_fill, folder / "kv_fill.safetensors")
     spec = dict(graphs.manifest)
+    spec["draft"] = {**spec["draft"], **io_contract(graphs.draft)}
     spec["segments"] = [
         {"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
-         "exit_layer": s.exit_layer} for n, s in zip(names, graphs.segments)
+         "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, graphs.segments)
     ]
     return spec
 

@@ -58,28 +58,33 @@ class SpecEEEngine(OrtEngine):
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
                  profile_dir: Path | None = None, threshold: float | None = None):
         super().__init__(path, manifest, tokenizer, threads, profile_dir)
-        spec = manifest["specee"]
-        self.threshold = float(spec["threshold"]) if threshold is None else threshold
+        try:
+            spec = manifest["specee"]
+            default_threshold = float(spec["threshold"])
+            files = [g["file"] for g in spec["segments"]]
+            self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
+            self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
+            self.candidates = frozenset(spec["predictor_layers"])
+            self.schedule = Schedule.from_dict(spec["schedule"])
+            draft_file, kv_file = spec["draft"]["file"], spec["kv_fill"]["file"]
+            self.draft_kv_heads = int(spec["draft"]["kv_heads"])
+            self.draft_head_dim = int(spec["draft"]["head_dim"])
+            self.kv_eps = float(spec["kv_fill"]["eps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"the 'specee' section of {self.path}'s manifest is damaged ({type(e).__name__}: {e}); "
+                              "recompile the bundle.") from e
+        self.threshold = default_threshold if threshold is None else threshold
         so = session_options(threads, spinning=False, profile_dir=profile_dir)
         try:
-            self.segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
-                             for g in spec["segments"]]
-            self.draft = ort.InferenceSession(str(self.path / spec["draft"]["file"]), so, providers=providers())
-            kv = load_file(self.path / spec["kv_fill"]["file"])
+            self.segments = [ort.InferenceSession(str(self.path / f), so, providers=providers()) for f in files]
+            self.draft = ort.InferenceSession(str(self.path / draft_file), so, providers=providers())
+            self.kv = load_file(self.path / kv_file)
         except Exception as e:
             raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
-        self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
         self.segment_inputs = [[i.name for i in s.get_inputs() if not i.name.startswith("past_key_values.")]
                                for s in self.segments]
         self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
                                 for s in self.segments]
-        self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
-        self.candidates = frozenset(spec["predictor_layers"])
-        self.schedule = Schedule.from_dict(spec["schedule"])
-        self.draft_kv_heads = spec["draft"]["kv_heads"]
-        self.draft_head_dim = spec["draft"]["head_dim"]
-        self.kv = kv
-        self.kv_eps = float(spec["kv_fill"]["eps"])
         self.kv_heads = int(manifest["model"]["num_kv_heads"])
 
     @property
