@@ -32,6 +32,8 @@ def unavailable_reason() -> str | None:
         import tensorrt
     except ImportError:
         return "the TensorRT Python package is not installed (pip install 'specee-compile[gpu]')"
+    except OSError as e:  # the package is there but its CUDA libraries are not
+        return f"the TensorRT Python package cannot load its libraries ({e})"
     version = installed_version(tensorrt)
     if version is None or version[0] != 10:
         return f"TensorRT {getattr(tensorrt, '__version__', '?')} is installed; specee-compile needs TensorRT 10.x"
