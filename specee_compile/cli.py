@@ -155,6 +155,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--show-exits", action="store_true", help="annotate every token with its exit layer")
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
     _common(p)
     return p
 
@@ -162,7 +164,7 @@ def run_parser() -> argparse.ArgumentParser:
 def _run_main(args) -> int:
     from specee_compile.runtimes import load
 
-    engine = load(args.bundle, threads=args.threads, dense=args.no_exit)
+    engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold)
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
         stream=None if args.quiet or args.show_exits else lambda s: print(s, end="", flush=True),

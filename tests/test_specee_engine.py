@@ -85,6 +85,19 @@ def test_threshold_is_chosen_at_load_time_without_recompiling(tiny_dirs, calibra
     assert min(exits) < 2  # the calibrated threshold does exit early on these prompts
 
 
+def test_specee_run_takes_a_threshold(tiny_dirs, calibrations, tmp_path, capsys):
+    from specee_compile.cli import run_main
+
+    out = _bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "draft")
+    args = [str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--no-chat", "--show-exits"]
+    assert run_main(args) == 0
+    assert "⁽" in capsys.readouterr().out
+    assert run_main([*args, "--threshold", "1.0"]) == 0
+    assert "⁽" not in capsys.readouterr().out
+    assert run_main([*args, "--threshold", "1.0", "--no-exit"]) == 1
+    assert "takes no threshold" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_score_teacher_forces_the_engine(tiny_dirs, calibrations, tmp_path, dense):
     out = _bundle(tiny_dirs, calibrations, tmp_path, "qwen2", 0.3, "full")
