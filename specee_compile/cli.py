@@ -105,6 +105,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-rule", choices=["full", "reduced", "draft"], default="full",
                    help="check at an exit: full LM head (paper), the draft's reduced vocabulary, or none")
     p.add_argument("--threshold", type=float, default=0.0, help="predictor threshold (default: calibrated)")
+    p.add_argument("--exit-mode", choices=["segments", "graph"], default=None,
+                   help="with --specee: segments (one graph per block of layers, the runtime stops at the first "
+                        "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
     p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -120,7 +123,7 @@ def _compile_main(args) -> int:
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
-        backend=args.backend, precision=args.precision, check=args.check,
+        exit_mode=args.exit_mode or "segments", backend=args.backend, precision=args.precision, check=args.check,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -142,6 +145,8 @@ def compile_main(argv=None) -> int:
         return 0
     if not args.model or not args.out:
         parser.error("MODEL and --out are required (or use --list-passes)")
+    if args.exit_mode and not args.specee:
+        parser.error(f"--exit-mode {args.exit_mode} applies to SpecEE bundles only: add --specee, or drop --exit-mode")
     _setup_logging(args.verbose, args.quiet)
     return _run(_compile_main, args)
 

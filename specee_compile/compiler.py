@@ -112,7 +112,7 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         spec_graphs = specee_lowering.build(
             config.model, hf_model, capacity, calib_file=config.calib_file, rule=config.exit_rule,
             threshold=config.threshold, opt_level=config.opt_level, progress=stages.disable is False,
-            calibration=config.calibration, target=target)
+            calibration=config.calibration, target=target, exit_mode=config.exit_mode)
 
     checked = None
     if target == "trt":
@@ -120,6 +120,8 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         graphs = {"step": model}
         if spec_graphs is not None:
             graphs.update({f"segment_{k}": seg.model for k, seg in enumerate(spec_graphs.segments)})
+            if spec_graphs.decode is not None:
+                graphs["decode"] = spec_graphs.decode
             graphs["draft"] = spec_graphs.draft
         version = trt_lowering.check_graphs(graphs)
         checked = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(graphs), "problems": 0}

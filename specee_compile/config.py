@@ -12,6 +12,7 @@ BACKENDS = ("ort", "trt")
 OPT_LEVELS = ("O0", "O1")
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKS = ("", "trt")
+EXIT_MODES = ("segments", "graph")
 BUNDLE_SUFFIXES = {".onnx": "ort", ".plan": "trt", ".engine": "trt"}
 
 
@@ -34,6 +35,9 @@ class CompileConfig:
         calib_file: calibration JSONL (default ShareGPT).
         exit_rule: "full" (paper), "reduced" (draft vocabulary) or "draft" (no head product).
         threshold: predictor threshold; 0 takes the calibrated one.
+        exit_mode: how a SpecEE decode step exits: "segments" (one graph per block of
+            layers, the runtime stops after the first block whose exit flag is set) or
+            "graph" (one decode graph with a nested ``If`` after every predictor layer).
         precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
             Runtime bundles are fp32 only. Empty: the backend's default.
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
@@ -53,6 +57,7 @@ class CompileConfig:
     calib_file: str | None = None
     exit_rule: str = "full"
     threshold: float = 0.0  # 0: the calibrated threshold
+    exit_mode: str = "segments"
     calibration: Path | None = None  # a calibration artifact folder to use as is
     precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
     check: str = ""
@@ -94,6 +99,11 @@ class CompileConfig:
             raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
         if self.exit_rule not in ("full", "reduced", "draft"):
             raise ConfigError(f"exit_rule '{self.exit_rule}' is unknown; choose full, reduced or draft.")
+        if self.exit_mode not in EXIT_MODES:
+            raise ConfigError(f"exit_mode '{self.exit_mode}' is unknown; choose one of {EXIT_MODES}.")
+        if self.exit_mode != "segments" and not self.specee:
+            raise ConfigError(f"exit_mode '{self.exit_mode}' applies to SpecEE bundles only; add --specee "
+                              "(specee=true) or drop the exit mode.")
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:

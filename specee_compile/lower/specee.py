@@ -2,7 +2,8 @@
 
     calibration (cached) -> export decode step -> specee passes (insert_predictors,
     insert_early_exit, fuse_draft_gathers) -> segments (one per predictor layer + the rest)
-    -> per-segment ORT fusions;  draft step export;  K/V-propagation weights
+    -> per-segment ORT fusions [-> exit mode "graph": the segments nested into one decode
+    graph with an If after every cut];  draft step export;  K/V-propagation weights
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from specee_compile.bundle import io_contract
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.export import export_draft, export_step
 from specee_compile.functional import rope_tables
+from specee_compile.lower.exit_graph import nest_segments
 from specee_compile.lower.segments import Segment, save_segments, split_segments
 from specee_compile.passes import FuseOrtTransformersPass, Pipeline
 from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
@@ -26,11 +28,14 @@ from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
 from specee_compile.passes.insert_predictors import InsertPredictorsPass
 
 FOLDER = "specee"
+EXIT_MODES = ("segments", "graph")
+DECODE_FILE = "decode.onnx"
 
 
 @dataclass
 class SpecEEGraphs:
-    segments: list[Segment]
+    segments: list[Segment]  # exit mode "segments"; empty in "graph" mode
+    decode: ir.Model | None  # exit mode "graph": the one decode graph with nested If exits
     draft: ir.Model
     kv_fill: dict[str, np.ndarray]
     manifest: dict
@@ -47,8 +52,10 @@ def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
 
 
 def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full", threshold=0.0,
-          opt_level="O1", progress=True, calibration: Path | None = None, target="ort") -> SpecEEGraphs:
-    """``target`` "trt" exports standard ONNX attention and skips the ONNX Runtime fusions."""
+          opt_level="O1", progress=True, calibration: Path | None = None, target="ort",
+          exit_mode="segments") -> SpecEEGraphs:
+    """``target`` "trt" exports standard ONNX attention and skips the ONNX Runtime fusions;
+    ``exit_mode`` "graph" nests the segments into one decode graph (see lower/exit_graph.py)."""
     cal_dir = calibration or calibrate(model_source, CalibrationSettings(calib_file=calib_file, rule=rule),
                                        progress=progress)
     cal = load_calibration(cal_dir, hf_model)
@@ -59,36 +66,50 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     layers = tuple(range(lo, L - 1))  # every layer the online window can reach from the offline set
     model, _ = export_step(hf_model, capacity, target)
     model, log = specee_pipeline(cal, layers, rule)(model)
+    input_names = [v.name for v in model.graph.inputs]
     segments = split_segments(model, list(layers), L)
     if opt_level != "O0" and target == "ort":
         for s in segments:
             FuseOrtTransformersPass()(s.model)
+    kv_fill = _kv_fill(hf_model, capacity)
+    decode = None
+    if exit_mode == "graph":
+        kv_heads = hf_model.config.num_key_value_heads or hf_model.config.num_attention_heads
+        decode = nest_segments(segments, input_names, kv_fill, _eps(hf_model), L, kv_heads, rows=target == "trt")
+        segments = []
     draft = export_draft(cal.draft, capacity, target)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,
         "threshold": threshold,
         "kv_policy": "propagate",
+        "exit_mode": exit_mode,
         "predictor_layers": list(layers),
         "schedule": cal.schedule.to_dict(),
         "draft": {"file": f"{FOLDER}/draft.onnx", "vocab_size": int(len(cal.draft.vocab_map)),
                   "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
         "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},
     }
-    return SpecEEGraphs(segments, draft, _kv_fill(hf_model, capacity), spec, log)
+    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log)
 
 
 def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
     folder = bundle_dir / FOLDER
-    names = save_segments(graphs.segments, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = save_segments(graphs.segments, folder) if graphs.segments else []
+    if graphs.decode is not None:
+        ir.save(graphs.decode, folder / DECODE_FILE, external_data=DECODE_FILE + ".data")
     ir.save(graphs.draft, folder / "draft.onnx", external_data="draft.onnx.data")
     save_file(graphs.kv_fill, folder / "kv_fill.safetensors")
     spec = dict(graphs.manifest)
     spec["draft"] = {**spec["draft"], **io_contract(graphs.draft)}
-    spec["segments"] = [
-        {"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
-         "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, graphs.segments)
-    ]
+    if graphs.decode is not None:
+        spec["decode"] = {"file": f"{FOLDER}/{DECODE_FILE}", **io_contract(graphs.decode)}
+    else:
+        spec["segments"] = [
+            {"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
+             "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, graphs.segments)
+        ]
     return spec
 
 
