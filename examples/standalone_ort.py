@@ -11,7 +11,8 @@ order. It never imports specee_compile, transformers or torch, and its tokens eq
 - A dense bundle runs its step graph (``model.onnx``): prefill, then one step per token.
 - A SpecEE bundle (manifest section ``specee``) prefills with the step graph, then runs
   draft -> segments per token, stops at the first segment whose exit flag is set, and fills
-  the skipped layers' K/V by state propagation. ``--no-exit`` runs its step graph instead.
+  the skipped layers' K/V by state propagation. A bundle of exit mode "graph" runs draft ->
+  its one decode graph instead, which does both itself. ``--no-exit`` runs the step graph.
 - The prompt is tokenized as is (``specee-run --no-chat``). ``--chat`` wraps it as one user
   message in the bundle's chat template, as ``specee-run`` does by default for models that
   have one; that needs jinja2, the language chat templates are written in.
@@ -191,7 +192,7 @@ class SpecEEDecoder(DenseDecoder):
         self.draft_cache = KVCache(1, spec["draft"]["kv_heads"], self.capacity, spec["draft"]["head_dim"])
         self.draft_binding = self.draft_cache.binding(self.draft, [0])
         self.segments = []  # (session, binding, exit layer or None, inputs, outputs)
-        for seg in spec["segments"]:
+        for seg in spec.get("segments", []):  # exit mode "graph" has none: see SpecEEGraphDecoder
             sess = session(bundle / seg["file"], threads)
             layers = range(seg["first_layer"], seg["last_layer"] + 1)
             inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
@@ -268,6 +269,26 @@ class SpecEEDecoder(DenseDecoder):
             self.cache.value(j)[0, :, position, :] = v.reshape(self.kv_heads, -1)
 
 
+class SpecEEGraphDecoder(SpecEEDecoder):
+    """Exit mode "graph": per token, draft -> ONE decode graph whose nested If nodes stop at the
+    first exit and fill the skipped layers' K/V themselves."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None):
+        super().__init__(bundle, manifest, threads)
+        self.decode = session(bundle / self.spec["decode"]["file"], threads)
+        self.decode_binding = self.cache.binding(self.decode, range(self.num_layers))  # every layer, in place
+
+    def next_token(self, token: int, position: int) -> tuple[int, int]:
+        draft_ids = self.propose([token], self.feature)
+        feeds = {**step_feeds([token], position), "draft_ids": draft_ids.astype(np.int64),
+                 "active_layers": self.active_layers(), "exit_threshold": self.threshold}
+        out = run(self.decode, self.decode_binding, feeds, ["token", "feature", "exit_layer"])
+        self.feature = out["feature"]  # [1, 1, d]
+        exit_layer = int(out["exit_layer"][0])
+        self.history.append(exit_layer)
+        return int(out["token"][0]), exit_layer
+
+
 # ---- 5. greedy generation --------------------------------------------------------------------
 
 
@@ -310,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(args.bundle)
     tokenizer = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
     ids = encode(args.bundle, tokenizer, args.prompt, args.chat)
-    kind = SpecEEDecoder if "specee" in manifest and not args.no_exit else DenseDecoder
+    kind = DenseDecoder
+    if "specee" in manifest and not args.no_exit:
+        kind = SpecEEGraphDecoder if manifest["specee"].get("exit_mode") == "graph" else SpecEEDecoder
     result = generate(kind(args.bundle, manifest, args.threads), ids, args.max_new_tokens,
                       set(manifest["model"]["eos_token_ids"]))
     if args.json:

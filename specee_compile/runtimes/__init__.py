@@ -42,9 +42,11 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
     from specee_compile.runtimes.ort import OrtEngine
 
     if "specee" in manifest and not dense:
-        from specee_compile.runtimes.specee import SpecEEEngine
+        from specee_compile.runtimes.specee import SpecEEEngine, SpecEEGraphEngine
 
-        return SpecEEEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, threshold=threshold)
+        graph_mode = isinstance(manifest["specee"], dict) and manifest["specee"].get("exit_mode") == "graph"
+        cls = SpecEEGraphEngine if graph_mode else SpecEEEngine
+        return cls(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, threshold=threshold)
     if threshold is not None:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     return OrtEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir)

@@ -10,6 +10,9 @@ Per decode step (batch 1, greedy):
    segment's ``exit_token`` and ``exit_feature``;
 4. the layers the token skipped get K/V computed from the exit hidden state (state
    propagation), so every cache stays complete.
+
+A bundle of exit mode "graph" (``SpecEEGraphEngine``) replaces 3 and 4 with one decode
+graph whose nested ``If`` nodes stop at the first exit and propagate the K/V themselves.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from specee_compile.errors import BundleError
-from specee_compile.runtimes.ort import OrtEngine, _CacheState, providers, session_options
+from specee_compile.runtimes.ort import OrtEngine, _CacheState, _check_io, providers, session_options
 from specee_compile.schedule import Schedule
 
 
@@ -61,9 +64,7 @@ class SpecEEEngine(OrtEngine):
         try:
             spec = manifest["specee"]
             default_threshold = float(spec["threshold"])
-            files = [g["file"] for g in spec["segments"]]
-            self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
-            self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
+            files = self._read_decode_graphs(spec)
             self.candidates = frozenset(spec["predictor_layers"])
             self.schedule = Schedule.from_dict(spec["schedule"])
             draft_file, kv_file = spec["draft"]["file"], spec["kv_fill"]["file"]
@@ -86,6 +87,12 @@ class SpecEEEngine(OrtEngine):
         self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
                                 for s in self.segments]
         self.kv_heads = int(manifest["model"]["num_kv_heads"])
+
+    def _read_decode_graphs(self, spec: dict) -> list[str]:
+        """The decode graphs' files, in run order; sets the layers and exit layer of each."""
+        self.segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
+        self.segment_exit = [g["exit_layer"] for g in spec["segments"]]
+        return [g["file"] for g in spec["segments"]]
 
     @property
     def threshold(self) -> float:
@@ -182,6 +189,60 @@ class SpecEEEngine(OrtEngine):
             k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)
             state.arrays[2 * j][0, :, n, :] = k
             state.arrays[2 * j + 1][0, :, n, :] = v.reshape(self.kv_heads, -1)
+
+
+class _SpecEEGraphState(_SpecEEState):
+    """The graph-mode decode graph's token, exit layer and feature land in preallocated buffers."""
+
+    def __init__(self, engine: "SpecEEGraphEngine"):
+        super().__init__(engine)
+        self.out_token = np.zeros(1, np.int64)
+        self.out_layer = np.zeros(1, np.int64)
+        self.out_feature = np.zeros((1, 1, engine.hidden_size), np.float32)
+        self.out_values = []
+        for name, array in (("token", self.out_token), ("exit_layer", self.out_layer), ("feature", self.out_feature)):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # a view of the array
+            self.seg_bindings[0].bind_ortvalue_output(name, value)
+            self.out_values.append(value)
+
+
+class SpecEEGraphEngine(SpecEEEngine):
+    """A SpecEE bundle of exit mode "graph": per step, the draft then ONE decode graph whose
+    nested ``If`` nodes stop at the first exit and propagate the skipped layers' K/V
+    themselves; the graph reports the token, the exit layer and the draft's next feature."""
+
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
+                 profile_dir: Path | None = None, threshold: float | None = None):
+        super().__init__(path, manifest, tokenizer, threads, profile_dir, threshold)
+        decode = manifest["specee"]["decode"]
+        _check_io(self.segments[0], decode, self.path / decode["file"])
+
+    def _read_decode_graphs(self, spec: dict) -> list[str]:
+        self.segment_layers = [range(self.num_layers)]  # every layer's cache is an input and output
+        self.segment_exit = [None]
+        return [spec["decode"]["file"]]
+
+    def _new_state(self) -> _SpecEEGraphState:
+        return _SpecEEGraphState(self)
+
+    def _next_token(self, state: _SpecEEGraphState, token: int, n: int) -> tuple[int, int]:
+        clock = time.perf_counter()
+        draft_ids = self._draft(state, np.array([[token]], np.int64), state.feature)
+        clock = _lap(state.breakdown, "draft", clock)
+        active = np.zeros(self.num_layers, dtype=bool)
+        active[[i for i in self.schedule.active(state.history) if i in self.candidates]] = True
+        values = {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
+                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
+                  "exit_threshold": self._threshold}
+        b = state.seg_bindings[0]
+        for name in self.segment_inputs[0]:
+            b.bind_cpu_input(name, values[name])
+        self.segments[0].run_with_iobinding(b)
+        _lap(state.breakdown, "segments", clock)  # the one decode graph, K/V propagation included
+        exit_layer = int(state.out_layer[0])
+        state.feature = state.out_feature.copy()
+        state.history.append(exit_layer)
+        return int(state.out_token[0]), exit_layer
 
 
 def _lap(breakdown: dict[str, float], part: str, since: float) -> float:
