@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -29,15 +30,27 @@ def calibrations(tiny_dirs, tmp_path_factory):
     return {family: calibrate(d, settings, progress=False) for family, d in tiny_dirs.items()}
 
 
-def _bundle(tiny_dirs, calibrations, tmp_path, family, threshold, rule):
-    return compile_bundle(CompileConfig(model=str(tiny_dirs[family]), out=tmp_path / f"{family}.onnx", max_context=64,
-                                        specee=True, calibration=calibrations[family], threshold=threshold,
-                                        exit_rule=rule), progress=False)
+@pytest.fixture(scope="module")
+def bundle(tiny_dirs, calibrations, tmp_path_factory):
+    """bundle(family, threshold, rule, exit_mode="segments", check="") -> a compiled tiny SpecEE bundle,
+    compiled once per module (tests that change a bundle copy it first)."""
+    built = {}
+
+    def get(family, threshold, rule, exit_mode="segments", check=""):
+        key = (family, threshold, rule, exit_mode, check)
+        if key not in built:
+            out = tmp_path_factory.mktemp("specee") / f"{family}.onnx"
+            built[key] = compile_bundle(CompileConfig(
+                model=str(tiny_dirs[family]), out=out, max_context=64, specee=True, calibration=calibrations[family],
+                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check), progress=False)
+        return built[key]
+
+    return get
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_predictors_that_never_fire_give_the_dense_engines_tokens(tiny_dirs, calibrations, tmp_path, family):
-    out = _bundle(tiny_dirs, calibrations, tmp_path, family, 0.999999, "full")
+def test_predictors_that_never_fire_give_the_dense_engines_tokens(bundle, family):
+    out = bundle(family, 0.999999, "full")
     engine, dense = load(out), load(out, dense=True)
     for prompt in PROMPTS:
         got = engine.generate(prompt, max_new_tokens=12)
@@ -47,8 +60,8 @@ def test_predictors_that_never_fire_give_the_dense_engines_tokens(tiny_dirs, cal
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("rule", ["draft", "full", "reduced"])
-def test_compiled_exits_equal_the_reference_decoder(tiny_dirs, calibrations, tmp_path, family, rule):
-    out = _bundle(tiny_dirs, calibrations, tmp_path, family, 0.3, rule)
+def test_compiled_exits_equal_the_reference_decoder(bundle, calibrations, family, rule):
+    out = bundle(family, 0.3, rule)
     engine = load(out)
     target = make_tiny_model(family)
     cal = load_calibration(calibrations[family], target)
@@ -60,8 +73,8 @@ def test_compiled_exits_equal_the_reference_decoder(tiny_dirs, calibrations, tmp
         assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
 
 
-def test_specee_bundle_manifest_lists_segments_draft_and_schedule(tiny_dirs, calibrations, tmp_path):
-    manifest = read_manifest(_bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "draft"))
+def test_specee_bundle_manifest_lists_segments_draft_and_schedule(bundle):
+    manifest = read_manifest(bundle("llama", 0.3, "draft"))
     spec = manifest["specee"]
     assert [s["exit_layer"] for s in spec["segments"]][-1] is None
     assert spec["segments"][0]["first_layer"] == 0 and spec["segments"][-1]["last_layer"] == 2
@@ -69,8 +82,8 @@ def test_specee_bundle_manifest_lists_segments_draft_and_schedule(tiny_dirs, cal
     assert {"insert_predictors", "insert_early_exit", "fuse_draft_gathers"} <= {p["pass"] for p in manifest["passes"]}
 
 
-def test_threshold_is_chosen_at_load_time_without_recompiling(tiny_dirs, calibrations, tmp_path):
-    out = _bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "full")
+def test_threshold_is_chosen_at_load_time_without_recompiling(bundle):
+    out = bundle("llama", 0.3, "full")
     dense = load(out, dense=True)
     never = load(out, threshold=1.0)
     engine = load(out)
@@ -85,10 +98,10 @@ def test_threshold_is_chosen_at_load_time_without_recompiling(tiny_dirs, calibra
     assert min(exits) < 2  # the calibrated threshold does exit early on these prompts
 
 
-def test_specee_run_takes_a_threshold(tiny_dirs, calibrations, tmp_path, capsys):
+def test_specee_run_takes_a_threshold(bundle, capsys):
     from specee_compile.cli import run_main
 
-    out = _bundle(tiny_dirs, calibrations, tmp_path, "llama", 0.3, "draft")
+    out = bundle("llama", 0.3, "draft")
     args = [str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--no-chat", "--show-exits"]
     assert run_main(args) == 0
     assert "⁽" in capsys.readouterr().out
@@ -99,8 +112,8 @@ def test_specee_run_takes_a_threshold(tiny_dirs, calibrations, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_score_teacher_forces_the_engine(tiny_dirs, calibrations, tmp_path, dense):
-    out = _bundle(tiny_dirs, calibrations, tmp_path, "qwen2", 0.3, "full")
+def test_score_teacher_forces_the_engine(bundle, dense):
+    out = bundle("qwen2", 0.3, "full")
     engine = load(out, dense=dense)
     head = make_tiny_model("qwen2").lm_head.weight.detach().numpy()
     for prompt in PROMPTS:
@@ -115,13 +128,14 @@ def test_score_teacher_forces_the_engine(tiny_dirs, calibrations, tmp_path, dens
         assert len(engine.score(prompt, forced).predicted) == len(forced)
 
 
-def test_manifest_describes_every_segment_and_the_draft_and_damage_is_reported(tiny_dirs, calibrations, tmp_path):
+def test_manifest_describes_every_segment_and_the_draft_and_damage_is_reported(bundle, tmp_path):
     import onnxruntime as ort
 
     from specee_compile.bundle import MANIFEST
     from specee_compile.errors import BundleError
 
-    out = _bundle(tiny_dirs, calibrations, tmp_path, "mistral", 0.3, "full")
+    out = tmp_path / "mistral.onnx"
+    shutil.copytree(bundle("mistral", 0.3, "full"), out)  # damaged below
     manifest = read_manifest(out)
     spec = manifest["specee"]
     for graph in [*spec["segments"], spec["draft"]]:
@@ -133,3 +147,107 @@ def test_manifest_describes_every_segment_and_the_draft_and_damage_is_reported(t
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="'specee' section .* is damaged .*schedule.*recompile"):
         load(out, verify=False)
+
+
+# ---- exit mode "graph": one decode graph with nested If exits ----------------------------------
+
+GRAPH_CASES = [("llama", "full"), ("qwen2", "reduced"), ("mistral", "draft")]  # every family and every rule
+
+
+def _cache(engine, n):
+    """The KV buffers (positions < n) of the engine's last request, back in its pool."""
+    return [a[:, :, :n].copy() for a in engine._pool[-1].arrays]
+
+
+@pytest.mark.parametrize(("family", "rule"), GRAPH_CASES)
+def test_graph_mode_gives_the_segments_tokens_exit_layers_and_cache(bundle, calibrations, family, rule):
+    import numpy as np
+
+    graph, segments = load(bundle(family, 0.3, rule, "graph")), load(bundle(family, 0.3, rule))
+    assert type(graph).__name__ == "SpecEEGraphEngine"
+    target = make_tiny_model(family)
+    cal = load_calibration(calibrations[family], target)
+    ref = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
+                           DecodeSettings(rule=rule, kv_policy="propagate", threshold=0.3), capacity=64)
+    exits = []
+    for prompt in PROMPTS:
+        got, want = graph.generate(prompt, max_new_tokens=12), segments.generate(prompt, max_new_tokens=12)
+        assert (got.token_ids, got.exit_layers) == (want.token_ids, want.exit_layers)
+        ref_out = ref.generate(prompt, 12, eos_ids=graph.eos_token_ids)
+        assert (got.token_ids, got.exit_layers) == (ref_out.tokens, ref_out.exit_layers)
+        n = len(prompt) + len(got.token_ids) - 1  # positions written, the skipped layers' included
+        for a, b in zip(_cache(graph, n), _cache(segments, n)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        exits += got.exit_layers[1:]
+    assert min(exits) < 2  # exits happened, so the If branches and their K/V propagation ran
+
+
+@pytest.mark.parametrize(("family", "rule"), GRAPH_CASES)
+def test_graph_mode_that_never_exits_gives_the_dense_tokens(bundle, family, rule):
+    out = bundle(family, 0.3, rule, "graph")
+    never, dense = load(out, threshold=1.0), load(out, dense=True)
+    for prompt in PROMPTS:
+        got = never.generate(prompt, max_new_tokens=12)
+        assert got.token_ids == dense.generate(prompt, max_new_tokens=12).token_ids
+        assert set(got.exit_layers) == {2}
+
+
+def test_graph_mode_manifest_has_one_decode_graph_with_an_if_per_predictor(bundle):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    out = bundle("llama", 0.3, "full", "graph")
+    spec = read_manifest(out)["specee"]
+    assert spec["exit_mode"] == "graph" and "segments" not in spec
+    assert spec["decode"]["file"] == "specee/decode.onnx"
+    sess = ort.InferenceSession(str(out / spec["decode"]["file"]))
+    assert [i["name"] for i in spec["decode"]["inputs"]] == [i.name for i in sess.get_inputs()]
+    assert [o["name"] for o in spec["decode"]["outputs"]] == [o.name for o in sess.get_outputs()]
+    assert [o["name"] for o in spec["decode"]["outputs"]][:3] == ["token", "feature", "exit_layer"]
+    exits = [n for n in ir.traversal.RecursiveGraphIterator(ir.load(out / spec["decode"]["file"]).graph)
+             if n.op_type == "If" and n.name.startswith("exit_or_continue.")]
+    assert sorted(int(n.name.split(".")[1]) for n in exits) == spec["predictor_layers"]
+    assert read_manifest(bundle("llama", 0.3, "full"))["specee"]["exit_mode"] == "segments"
+
+
+def test_graph_mode_tensorrt_ready_graph_passes_the_check_and_gives_the_reference_tokens(bundle, calibrations):
+    out = bundle("qwen2", 0.3, "reduced", "graph", check="trt")
+    manifest = read_manifest(out)
+    assert manifest["tensorrt_check"]["graphs"] == ["step", "decode", "draft"]
+    engine = load(out)
+    target = make_tiny_model("qwen2")
+    cal = load_calibration(calibrations["qwen2"], target)
+    ref = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
+                           DecodeSettings(rule="reduced", kv_policy="propagate", threshold=0.3), capacity=64)
+    for prompt in PROMPTS:
+        got, want = engine.generate(prompt, max_new_tokens=12), ref.generate(prompt, 12, eos_ids=engine.eos_token_ids)
+        assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
+
+
+def test_standalone_example_runs_a_graph_mode_bundle(bundle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = bundle("qwen2", 0.3, "reduced", "graph")
+    got = load(out).generate("hello world, the quick", max_new_tokens=16, chat=False)
+    script = Path(__file__).resolve().parents[1] / "examples" / "standalone_ort.py"
+    proc = subprocess.run([sys.executable, str(script), str(out), "--prompt", "hello world, the quick",
+                           "--max-new-tokens", "16", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"token_ids": got.token_ids, "exit_layers": got.exit_layers,
+                                       "stop_reason": got.stop_reason}
+
+
+def test_exit_mode_without_specee_is_refused(capsys):
+    from specee_compile.cli import compile_main
+    from specee_compile.errors import ConfigError
+
+    with pytest.raises(SystemExit) as e:
+        compile_main(["smollm2", "--out", "never-written.onnx", "--exit-mode", "graph"])
+    assert e.value.code == 2
+    assert "--exit-mode graph applies to SpecEE bundles only: add --specee" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="exit_mode 'graph' applies to SpecEE bundles only"):
+        CompileConfig(model="smollm2", out="x.onnx", exit_mode="graph")
+    with pytest.raises(ConfigError, match="exit_mode 'ifs' is unknown"):
+        CompileConfig(model="smollm2", out="x.onnx", specee=True, exit_mode="ifs")
