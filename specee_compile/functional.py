@@ -26,15 +26,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def attention(q, keys, values, query_positions, key_valid=None, scale=None):
-    """Causal GQA attention. q [B, H, S, D]; keys/values [B, KVH, T, D] at positions 0..T-1.
+def attention(q, keys, values, query_positions, key_valid=None, scale=None, first_key_position=0):
+    """Causal GQA attention. q [B, H, S, D]; keys/values [B, KVH, T, D] at positions
+    first_key_position .. first_key_position+T-1.
 
     ``key_valid`` [T] (bool) hides keys that were never computed (skipped layers).
     """
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
-    mask = torch.arange(keys.shape[2])[None, :] <= query_positions[:, None]  # [S, T]
+    key_positions = first_key_position + torch.arange(keys.shape[2])
+    mask = key_positions[None, :] <= query_positions[:, None]  # [S, T]
     if key_valid is not None:
         mask = mask & key_valid[None, :]
     return nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
@@ -53,7 +55,8 @@ def key_value(layer: nn.Module, h: torch.Tensor, positions, cos, sin, kv_heads: 
 
 def layer_step(layer, h, past_k, past_v, positions, cos, sin, num_heads, kv_heads, key_valid=None):
     """One decoder layer over new positions. Returns (h_out, keys, values) with the new K/V
-    appended to ``past_k``/``past_v`` ([B, KVH, P, D], P = positions[0])."""
+    appended to ``past_k``/``past_v`` ([B, KVH, P, D]: the P positions before positions[0];
+    a cache need not start at position 0, the draft's starts at 1)."""
     attn = layer.self_attn
     b, s, _ = h.shape
     d = attn.head_dim
@@ -65,7 +68,8 @@ def layer_step(layer, h, past_k, past_v, positions, cos, sin, num_heads, kv_head
     k = apply_rope(k, cos[positions], sin[positions])
     keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, v], dim=2)
-    out = attention(q, keys, values, positions, key_valid, scale=attn.scaling)
+    first = int(positions[0]) - past_k.shape[2]
+    out = attention(q, keys, values, positions, key_valid, scale=attn.scaling, first_key_position=first)
     h = h + attn.o_proj(out.transpose(1, 2).reshape(b, s, num_heads * d))
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return h, keys, values

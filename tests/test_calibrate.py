@@ -143,3 +143,28 @@ def test_a_draft_of_another_shape_is_refused(tiny_dirs, settings, tmp_path):
     save_file({"vocab_map": torch.arange(4), "head.weight": torch.zeros(4, 7)}, path)
     with pytest.raises(ConfigError, match="does not fit this model"):
         pipeline.load_draft(path, make_tiny_model("llama"))
+
+
+def test_draft_training_forward_sees_no_future_position():
+    """The batched forward calibration trains with must equal step-by-step decoding: a draft
+    whose cache starts at position 1 once let every position attend to the next one."""
+    import torch
+
+    from specee_compile.calibrate.draft import EagleDraft
+    from specee_compile.testing import make_tiny_model
+
+    target = make_tiny_model("llama")
+    torch.manual_seed(0)
+    draft = EagleDraft(target, torch.arange(0, 320, 2))
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        ids = torch.tensor([[3, 17, 42, 99, 7, 250, 31]])
+        feats = torch.randn(1, ids.shape[1], 64)
+        _, batched, _ = draft(ids, feats, None, 1)
+        _, first, cache = draft(ids[:, :2], feats[:, :2], None, 1)
+        stepwise = [first[0, 0], first[0, 1]]
+        for t in range(2, ids.shape[1]):
+            _, logits, cache = draft(ids[:, t:t + 1], feats[:, t:t + 1], cache, 1 + t)
+            stepwise.append(logits[0, 0])
+    torch.testing.assert_close(batched[0], torch.stack(stepwise), atol=1e-5, rtol=1e-5)

@@ -31,7 +31,7 @@ from specee_compile.schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_VERSION = 2  # 2: the draft normalizes before its head
+ARTIFACT_VERSION = 3  # 2: the draft normalizes before its head; 3: trained without the future-position leak
 WEIGHTS = "calibration.safetensors"
 META = "calibration.json"
 
