@@ -99,6 +99,10 @@ def test_artifact_from_another_version_is_refused(tiny_dirs, settings, tmp_path)
     (copy / pipeline.WEIGHTS).write_bytes((out / pipeline.WEIGHTS).read_bytes())
     with pytest.raises(ModelLoadError, match="version 99"):
         load_calibration(copy, make_tiny_model("llama"))
+    # calibrate() does not reuse a cached artifact of another version: it calibrates again
+    (out / pipeline.META).write_text(json.dumps(meta))
+    assert calibrate(tiny_dirs["llama"], settings, progress=False) == out
+    assert json.loads((out / pipeline.META).read_text())["artifact_version"] == pipeline.ARTIFACT_VERSION
 
 
 def test_evaluation_reports_bounds_sweep_and_free_running(tiny_dirs, settings):

@@ -103,8 +103,10 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     model_load.inspect(model_dir)
     out = artifact_dir(model_dir, settings)
     if (out / META).is_file() and not force:
-        logger.info("reusing calibration %s", out)
-        return out
+        if _version(out) == ARTIFACT_VERSION:
+            logger.info("reusing calibration %s", out)
+            return out
+        logger.info("calibration %s was made by another version (%s); calibrating again", out, _version(out))
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     clock = _Clock()
@@ -169,6 +171,13 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     }
     _save(out, draft, bank, meta)
     return out
+
+
+def _version(artifact: Path):
+    try:
+        return json.loads((artifact / META).read_text()).get("artifact_version")
+    except (OSError, ValueError):
+        return None
 
 
 class _Clock:
