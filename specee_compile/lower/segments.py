@@ -4,8 +4,9 @@ Segment k holds the decoder layers after cut k-1 up to and including cut k, the 
 and exit decision of cut k, and everything they need; the last segment holds the remaining
 layers and the LM head. A runtime runs the segments in order with the KV buffers of each
 segment's layers bound in place, reads ``exit_flag.{cut}`` after each one (one byte on the
-host) and stops at the first exit. This keeps GroupQueryAttention's in-place cache writes,
-which an ONNX ``If`` around the deeper layers would turn into a cache copy per step.
+host) and stops at the first exit: no ``If`` around the deeper layers, which on GPUs costs a
+device-to-host copy of its condition and rules out CUDA graphs. (Exit mode "graph",
+lower/exit_graph.py, nests these segments under ``If`` nodes instead.)
 
 Values that cross a cut become outputs of the producing segment and inputs (same name) of
 the consuming ones; initializers are shared by reference, and ``save_segments`` writes each
