@@ -198,7 +198,10 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
         calibration = calibrate(s.model, CalibrationSettings(**QUICK_CALIBRATION), progress=progress)
     for k, overrides in enumerate(configs):
         pairs = [p for p in overrides.split(",") if p.strip()]
-        name = "specee" + (f"[{overrides}]" if pairs else "")
+        label = ",".join(p for p in pairs if not p.startswith("calibration="))  # paths make poor names
+        name = "specee" + (f"[{label}]" if label else "")
+        if any(b.name == name for b in found):
+            name = f"{name}#{k}"
         path = out / "bundles" / (f"specee-{k}.onnx" if pairs else "specee.onnx")
         config = with_overrides(CompileConfig(model=s.model, out=path, specee=True, max_context=s.max_context,
                                               calibration=calibration, force=True), pairs)
