@@ -76,17 +76,20 @@ def time_shares(runs: list[Run], node_shares: dict[str, float] | None = None) ->
 _PREDICTOR = re.compile(r"^(predictor\.\d+|specee\..*|node_(Greater|And)_\d+)_kernel_time$")
 _EXIT = re.compile(r"^exit\.\d+_kernel_time$")
 _SUBGRAPH = re.compile(r"^(fused )?(predictor|exit|skip_predictor|stay|node_FusedMatMul)_")
+_CONTAINER = re.compile(r"^exit_or_continue\.\d+_kernel_time$")  # graph mode: an If around the rest of the step
 
 
 def profile_node_shares(segment_traces: list[Path]) -> dict[str, float]:
-    """From ONNX Runtime profiles of the segment sessions: the share of segment node time spent in
-    predictors and in exit checks. ``If`` nodes are timed with their branches, so the nodes
-    inside the branches are left out of the total."""
+    """From ONNX Runtime profiles of the segment sessions (or graph mode's one decode graph): the
+    share of node time spent in predictors and in exit checks. Predictor and exit ``If`` nodes
+    are timed with their branches, so the nodes inside those branches are left out of the total,
+    and graph mode's ``If`` around the rest of the step is left out for the nodes it contains."""
     total = predictor = exit_check = 0.0
     for f in segment_traces:
         for e in json.loads(Path(f).read_text()):
             name = e.get("name", "")
-            if e.get("cat") != "Node" or not name.endswith("_kernel_time") or _SUBGRAPH.match(name):
+            if e.get("cat") != "Node" or not name.endswith("_kernel_time") or _SUBGRAPH.match(name) \
+                    or _CONTAINER.match(name):
                 continue
             total += e["dur"]
             if _PREDICTOR.match(name):
