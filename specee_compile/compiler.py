@@ -131,14 +131,17 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
     with bundle.staging(config.out, config.force) as tmp:
         ir.save(model, tmp / GRAPH_FILE, external_data=GRAPH_FILE + ".data")
         step = {"file": GRAPH_FILE, **io_contract(model)}
+        spec = specee_lowering.save(spec_graphs, tmp) if spec_graphs is not None else None
         engine = None
         if config.backend == "trt":
-            stages.set_postfix_str("build TensorRT engine")
+            stages.set_postfix_str("build TensorRT engines")
             profile = trt_lowering.optimization_profile(model, capacity)
             plan = trt_lowering.build_engine(tmp / GRAPH_FILE, profile, config.precision)
             (tmp / trt_lowering.ENGINE_FILE).write_bytes(plan)
             step = {"file": trt_lowering.ENGINE_FILE, "onnx": GRAPH_FILE, **io_contract(model)}
             engine = trt_lowering.engine_facts(config.precision, profile)
+            if spec is not None:
+                spec = _build_specee_engines(spec, tmp, capacity, config.precision)
             stages.update()
         tokenizer.save_pretrained(tmp)
         hf_model.generation_config.save_pretrained(tmp)
@@ -176,12 +179,24 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
             manifest["tensorrt_check"] = checked
         if engine is not None:
             manifest["engine"] = engine
-        if spec_graphs is not None:
-            manifest["specee"] = specee_lowering.save(spec_graphs, tmp)
+        if spec is not None:
+            manifest["specee"] = spec
             manifest["passes"] = pass_log + spec_graphs.pass_log
         bundle.finish_manifest(tmp, manifest)
     stages.update()
     return config.out
+
+
+def _build_specee_engines(spec: dict, bundle_dir: Path, capacity: int, precision: str) -> dict:
+    """One TensorRT engine per segment and one for the draft, each next to its ONNX file;
+    returns the ``specee`` manifest section that names them."""
+    from specee_compile.lower import specee as specee_lowering
+
+    jobs = specee_lowering.engine_jobs(spec, capacity)
+    for job in jobs:
+        plan = trt_lowering.build_engine(bundle_dir / job.onnx, job.profile, precision)
+        (bundle_dir / job.engine).write_bytes(plan)
+    return specee_lowering.with_engines(spec, jobs)
 
 
 def _eos_ids(hf_model, tokenizer) -> list[int]:

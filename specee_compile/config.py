@@ -38,6 +38,7 @@ class CompileConfig:
         exit_mode: how a SpecEE decode step exits: "segments" (one graph per block of
             layers, the runtime stops after the first block whose exit flag is set) or
             "graph" (one decode graph with a nested ``If`` after every predictor layer).
+            TensorRT bundles take "segments" only: one engine per segment and one for the draft.
         precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
             Runtime bundles are fp32 only. Empty: the backend's default.
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
@@ -90,11 +91,6 @@ class CompileConfig:
             )
         if self.check not in CHECKS:
             raise ConfigError(f"check '{self.check}' is unknown; the only check is 'trt' (TensorRT 10's ONNX parser).")
-        if self.backend == "trt" and self.specee:
-            raise ConfigError(
-                "SpecEE TensorRT engines are not built yet (the segment runtime is ONNX Runtime only). "
-                "Compile --out NAME.onnx --specee --check trt for TensorRT-checked SpecEE graphs, or drop --specee."
-            )
         if not isinstance(self.max_context, int) or not 16 <= self.max_context <= 1 << 20:
             raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
         if self.exit_rule not in ("full", "reduced", "draft"):
@@ -104,6 +100,12 @@ class CompileConfig:
         if self.exit_mode != "segments" and not self.specee:
             raise ConfigError(f"exit_mode '{self.exit_mode}' applies to SpecEE bundles only; add --specee "
                               "(specee=true) or drop the exit mode.")
+        if self.backend == "trt" and self.specee and self.exit_mode != "segments":
+            raise ConfigError(
+                f"TensorRT SpecEE bundles use exit mode 'segments' (one engine per segment); exit mode "
+                f"'{self.exit_mode}' is not built for TensorRT. Drop --exit-mode, or compile --out NAME.onnx "
+                f"--specee --exit-mode {self.exit_mode} --check trt for its TensorRT-checked graph."
+            )
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:

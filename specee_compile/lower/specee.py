@@ -4,10 +4,14 @@
     insert_early_exit, fuse_draft_gathers) -> segments (one per predictor layer + the rest)
     -> per-segment ORT fusions [-> exit mode "graph": the segments nested into one decode
     graph with an If after every cut];  draft step export;  K/V-propagation weights
+
+A TensorRT bundle adds one engine per segment and one for the draft (``engine_jobs`` plans
+them from the saved graphs' I/O, the compiler builds them, ``with_engines`` records them).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +22,12 @@ from safetensors.numpy import save_file
 
 from specee_compile.bundle import io_contract
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
+from specee_compile.errors import BackendError
 from specee_compile.export import export_draft, export_step
 from specee_compile.functional import rope_tables
 from specee_compile.lower.exit_graph import nest_segments
 from specee_compile.lower.segments import Segment, save_segments, split_segments
+from specee_compile.lower.tensorrt import io_profile
 from specee_compile.passes import FuseOrtTransformersPass, Pipeline
 from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
 from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
@@ -111,6 +117,49 @@ def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
              "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, graphs.segments)
         ]
     return spec
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """One TensorRT engine of a SpecEE bundle (paths relative to the bundle)."""
+
+    name: str  # "segment_{k}" or "draft", as the TensorRT check names the graph
+    onnx: str  # the graph it is built from
+    engine: str  # where its serialized engine goes: the graph's file with the suffix .plan
+    profile: dict[str, list[list[int]]]  # min / opt / max shape of every input with symbolic dimensions
+
+
+def engine_jobs(spec: dict, capacity: int) -> list[EngineJob]:
+    """The engines of a TensorRT SpecEE bundle, from the ``specee`` section ``save`` returned.
+
+    One per segment, in run order, with every symbolic dimension fixed at 1: segments run
+    decode steps only (prefill uses the step engine), so the token and the hidden states
+    crossing a cut are [1, 1] and [1, 1, d]. One for the draft, which also runs over the
+    prompt at prefill: its sequence dimension spans 1 to ``capacity``, tuned for 1.
+    """
+    if "segments" not in spec:
+        raise BackendError(f"TensorRT SpecEE engines are built per segment; exit mode '{spec.get('exit_mode')}' "
+                           "has none. Compile with --exit-mode segments.")
+    jobs = [EngineJob(f"segment_{k}", g["file"], _engine_file(g["file"]), io_profile(g["inputs"], 1))
+            for k, g in enumerate(spec["segments"])]
+    draft = spec["draft"]
+    jobs.append(EngineJob("draft", draft["file"], _engine_file(draft["file"]), io_profile(draft["inputs"], capacity)))
+    return jobs
+
+
+def with_engines(spec: dict, jobs: list[EngineJob]) -> dict:
+    """The ``specee`` section of a TensorRT bundle: each segment's and the draft's ``file`` is
+    its engine, ``onnx`` the graph it was built from and ``profile`` the shapes it takes."""
+    spec = copy.deepcopy(spec)
+    graphs = {f"segment_{k}": g for k, g in enumerate(spec["segments"])}
+    graphs["draft"] = spec["draft"]
+    for job in jobs:
+        graphs[job.name].update(file=job.engine, onnx=job.onnx, profile=job.profile)
+    return spec
+
+
+def _engine_file(onnx_file: str) -> str:
+    return str(Path(onnx_file).with_suffix(".plan"))
 
 
 def _eps(hf_model) -> float:

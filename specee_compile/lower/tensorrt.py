@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
+from specee_compile.bundle import io_contract
 from specee_compile.errors import BackendError
 from specee_compile.lower.trt_check import DEFAULT_TARGET, TensorRTCompatibilityError, Version, find_problems
 
@@ -61,18 +62,25 @@ def installed_version(module=None) -> Version | None:
 
 
 def optimization_profile(model: ir.Model, capacity: int) -> dict[str, list[list[int]]]:
-    """min / opt / max shape of every input with symbolic dimensions.
+    """min / opt / max shape of every input of ``model`` with symbolic dimensions.
 
     Every symbolic dimension is a sequence length: 1 to ``capacity``, tuned for 1 (the
     decode step, the hot path; prefill runs the same engine at its prompt length).
     """
+    return io_profile(io_contract(model)["inputs"], capacity)
+
+
+def io_profile(inputs: list[dict], longest: int) -> dict[str, list[list[int]]]:
+    """The same from a manifest's I/O entries (``{name, dtype, shape}``, symbolic dims as
+    strings): each symbolic dimension 1 to ``longest``, tuned for 1. ``longest=1`` fixes them
+    all at 1, for a graph that only runs decode steps (a SpecEE segment)."""
     profile = {}
-    for v in model.graph.inputs:
-        dims = list(v.shape or [])
+    for v in inputs:
+        dims = list(v["shape"])
         if all(isinstance(d, int) for d in dims):
             continue
         pick = lambda n: [d if isinstance(d, int) else n for d in dims]  # noqa: E731
-        profile[v.name] = [pick(1), pick(1), pick(capacity)]
+        profile[v["name"]] = [pick(1), pick(1), pick(longest)]
     return profile
 
 
