@@ -16,7 +16,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
 
     Args:
         path: the bundle directory written by ``specee-compile``.
-        threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores).
+        threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores);
+            TensorRT bundles ignore it.
         verify: check every file against the manifest's SHA-256 (about 1 s per GB).
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
         threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
@@ -33,20 +34,21 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
+    specee = "specee" in manifest and not dense
+    if threshold is not None and not specee:
+        raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     if backend == "tensorrt":
-        if "specee" in manifest or threshold is not None:
-            raise BundleError(f"{path}: TensorRT bundles are dense (no early exits); they take no threshold.")
-        from specee_compile.runtimes.tensorrt import TrtEngine
+        from specee_compile.runtimes.tensorrt import TrtEngine, TrtSpecEEEngine
 
+        if specee:
+            return TrtSpecEEEngine(path, manifest, tokenizer, threshold=threshold)
         return TrtEngine(path, manifest, tokenizer)
     from specee_compile.runtimes.ort import OrtEngine
 
-    if "specee" in manifest and not dense:
+    if specee:
         from specee_compile.runtimes.specee import SpecEEEngine, SpecEEGraphEngine
 
         graph_mode = isinstance(manifest["specee"], dict) and manifest["specee"].get("exit_mode") == "graph"
         cls = SpecEEGraphEngine if graph_mode else SpecEEEngine
         return cls(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, threshold=threshold)
-    if threshold is not None:
-        raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     return OrtEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir)

@@ -11,6 +11,8 @@ Per decode step (batch 1, greedy):
 4. the layers the token skipped get K/V computed from the exit hidden state (state
    propagation), so every cache stays complete.
 
+``SegmentedDecode`` holds these steps whatever runs the graphs; ``SpecEEEngine`` runs them
+with ONNX Runtime, ``runtimes.tensorrt.TrtSpecEEEngine`` with one TensorRT engine per graph.
 A bundle of exit mode "graph" (``SpecEEGraphEngine``) replaces 3 and 4 with one decode
 graph whose nested ``If`` nodes stop at the first exit and propagate the K/V themselves.
 """
@@ -53,14 +55,24 @@ class _SpecEEState(_CacheState):
         self.draft_len = 0
 
 
-class SpecEEEngine(OrtEngine):
-    """A SpecEE bundle: ``generate`` returns ``exit_layers`` for every token."""
+class SegmentedDecode:
+    """Exit mode "segments" whatever runs the graphs: the manifest's ``specee`` section, the
+    threshold, the active predictors, prefill + draft, and the decode step (draft, then
+    segment after segment until the first exit, then K/V propagation).
 
-    spinning = False  # many sessions per step
+    An engine class lists it before its backend engine (``class E(SegmentedDecode, OrtEngine)``,
+    so these ``_first_token`` and ``_next_token`` are the ones that run) and supplies how a
+    graph runs:
+    ``_prefill_features(state, ids) -> (first token, features [1, S, d])``;
+    ``_draft(state, ids, features) -> draft_ids``; ``_step_values(state, token, n, draft_ids,
+    active) -> the step inputs by name``; ``_run_segment(state, k, values) -> its outputs by
+    name``; ``_array(output)``, an array of the output that indexing, ``bool``, ``int`` and
+    ``argmax`` read (a numpy array, or a torch tensor still on the GPU); and
+    ``_propagate(state, h, exit_layer, n)``.
+    """
 
-    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
-                 profile_dir: Path | None = None, threshold: float | None = None):
-        super().__init__(path, manifest, tokenizer, threads, profile_dir)
+    def _read_specee(self, manifest: dict, threshold: float | None) -> tuple[list[str], str, str]:
+        """Read the ``specee`` section; return the decode graphs' files, the draft's and kv_fill's."""
         try:
             spec = manifest["specee"]
             default_threshold = float(spec["threshold"])
@@ -75,18 +87,8 @@ class SpecEEEngine(OrtEngine):
             raise BundleError(f"the 'specee' section of {self.path}'s manifest is damaged ({type(e).__name__}: {e}); "
                               "recompile the bundle.") from e
         self.threshold = default_threshold if threshold is None else threshold
-        so = session_options(threads, spinning=False, profile_dir=profile_dir)
-        try:
-            self.segments = [ort.InferenceSession(str(self.path / f), so, providers=providers()) for f in files]
-            self.draft = ort.InferenceSession(str(self.path / draft_file), so, providers=providers())
-            self.kv = load_file(self.path / kv_file)
-        except Exception as e:
-            raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
-        self.segment_inputs = [[i.name for i in s.get_inputs() if not i.name.startswith("past_key_values.")]
-                               for s in self.segments]
-        self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
-                                for s in self.segments]
         self.kv_heads = int(manifest["model"]["num_kv_heads"])
+        return files, draft_file, kv_file
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         """The decode graphs' files, in run order; sets the layers and exit layer of each."""
@@ -105,6 +107,82 @@ class SpecEEEngine(OrtEngine):
             raise BundleError(f"the exit threshold must be in [0, 1], got {value}.")
         self._threshold = np.array([value], np.float32)
 
+    def _active_layers(self, history: list[int]) -> np.ndarray:
+        """[L] bool: the predictors that run this step (the schedule's set, those that exist)."""
+        active = np.zeros(self.num_layers, dtype=bool)
+        active[[i for i in self.schedule.active(history) if i in self.candidates]] = True
+        return active
+
+    def _first_token(self, state, ids: list[int]) -> int:
+        token, features = self._prefill_features(state, ids)
+        state.history = []
+        state.feature = features[:, -1:]
+        state.draft_len = 0
+        if len(ids) > 1:
+            self._draft(state, ids[1:], features[:, :-1])
+        return token
+
+    def _next_token(self, state, token: int, n: int) -> tuple[int, int]:
+        clock = time.perf_counter()
+        draft_ids = self._draft(state, [token], state.feature)
+        clock = _lap(state.breakdown, "draft", clock)
+        active = self._active_layers(state.history)
+        values = self._step_values(state, token, n, draft_ids, active)
+        for k, exit_at in enumerate(self.segment_exit):
+            outs = self._run_segment(state, k, values)
+            values.update(outs)
+            if exit_at is not None and active[exit_at] and bool(self._array(outs[f"exit_flag.{exit_at}"])[0]):
+                result = int(self._array(outs[f"exit_token.{exit_at}"])[0])
+                state.feature = self._array(outs[f"exit_feature.{exit_at}"])[:, None, :]
+                clock = _lap(state.breakdown, "segments", clock)
+                self._propagate(state, self._array(outs[f"layers.{exit_at}.output"])[0, -1], exit_at, n)
+                _lap(state.breakdown, "kv_propagation", clock)
+                state.history.append(exit_at)
+                return result, exit_at
+        result = int(self._array(values["logits"])[0].argmax())
+        state.feature = self._array(values["features"])[:, -1:]
+        _lap(state.breakdown, "segments", clock)
+        state.history.append(self.num_layers - 1)
+        return result, self.num_layers - 1
+
+
+def propagated_kv(xp, kv: dict, j: int, h, cos, sin, eps: float, kv_heads: int):
+    """Layer j's K (after RoPE) and V, each [kv_heads, D], for the exit hidden state h [d].
+
+    ``xp`` is numpy or torch, ``kv`` the kv_fill tensors as its arrays, ``cos``/``sin`` the
+    RoPE rows [D/2] of the position. The same operations in the same order for both.
+    """
+    x = h / xp.sqrt(xp.mean(h * h) + eps) * kv[f"{j}.norm"]
+    k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)
+    v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
+    k = k.reshape(kv_heads, -1)
+    half = k.shape[1] // 2
+    k1, k2 = k[:, :half], k[:, half:]
+    k = xp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)
+    return k, v.reshape(kv_heads, -1)
+
+
+class SpecEEEngine(SegmentedDecode, OrtEngine):
+    """A SpecEE bundle: ``generate`` returns ``exit_layers`` for every token."""
+
+    spinning = False  # many sessions per step
+
+    def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
+                 profile_dir: Path | None = None, threshold: float | None = None):
+        super().__init__(path, manifest, tokenizer, threads, profile_dir)
+        files, draft_file, kv_file = self._read_specee(manifest, threshold)
+        so = session_options(threads, spinning=False, profile_dir=profile_dir)
+        try:
+            self.segments = [ort.InferenceSession(str(self.path / f), so, providers=providers()) for f in files]
+            self.draft = ort.InferenceSession(str(self.path / draft_file), so, providers=providers())
+            self.kv = load_file(self.path / kv_file)
+        except Exception as e:
+            raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
+        self.segment_inputs = [[i.name for i in s.get_inputs() if not i.name.startswith("past_key_values.")]
+                               for s in self.segments]
+        self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
+                                for s in self.segments]
+
     def _sessions(self) -> list[ort.InferenceSession]:
         return [self.session, self.draft, *self.segments]
 
@@ -114,81 +192,53 @@ class SpecEEEngine(OrtEngine):
     def _new_state(self) -> _SpecEEState:
         return _SpecEEState(self)
 
-    def _first_token(self, state: _SpecEEState, ids: list[int]) -> int:
+    def _array(self, value: ort.OrtValue) -> np.ndarray:
+        return value.numpy()
+
+    def _prefill_features(self, state: _SpecEEState, ids: list[int]) -> tuple[int, np.ndarray]:
         logits = self._prefill(state, ids)
         features = state.binding.get_outputs()[-1].numpy()  # [1, n, d]: bound last, so listed last
-        state.history = []
-        state.feature = features[:, -1:]
-        state.draft_len = 0
-        if len(ids) > 1:
-            self._draft(state, np.asarray([ids[1:]], np.int64), features[:, :-1])
-        return int(logits[0].argmax())
+        return int(logits[0].argmax()), features
 
-    def _draft(self, state: _SpecEEState, ids: np.ndarray, features: np.ndarray) -> np.ndarray:
+    def _draft(self, state: _SpecEEState, ids: list[int], features: np.ndarray) -> np.ndarray:
         b = state.draft_binding
-        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
         b.bind_cpu_input("features", np.ascontiguousarray(features, np.float32))
         b.bind_cpu_input("past_sequence_length", np.array([state.draft_len], np.int64))
         b.bind_output("draft_ids")
         self.draft.run_with_iobinding(b)
-        state.draft_len += ids.shape[1]
+        state.draft_len += len(ids)
         return b.get_outputs()[-1].numpy()  # bound after the presents, so listed last
 
-    def _next_token(self, state: _SpecEEState, token: int, n: int) -> tuple[int, int]:
-        clock = time.perf_counter()
-        draft_ids = self._draft(state, np.array([[token]], np.int64), state.feature)
-        clock = _lap(state.breakdown, "draft", clock)
-        active = np.zeros(self.num_layers, dtype=bool)
-        active[[i for i in self.schedule.active(state.history) if i in self.candidates]] = True
-        values = {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
-                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
-                  "exit_threshold": self._threshold}
-        exit_layer = self.num_layers - 1
-        result = None
-        for k, (sess, b, exit_at) in enumerate(zip(self.segments, state.seg_bindings, self.segment_exit)):
-            for name in self.segment_inputs[k]:
-                v = values[name]
-                if isinstance(v, np.ndarray):
-                    b.bind_cpu_input(name, v)
-                else:
-                    b.bind_ortvalue_input(name, v)
-            names = self.segment_outputs[k]
-            for name in names:
-                b.bind_output(name)
-            sess.run_with_iobinding(b)
-            # IOBinding lists outputs in first-bind order: the presents, then these.
-            got = b.get_outputs()
-            outs = dict(zip(names, got[len(got) - len(names):]))
-            values.update(outs)
-            if exit_at is not None and active[exit_at] and bool(outs[f"exit_flag.{exit_at}"].numpy()[0]):
-                exit_layer = exit_at
-                result = int(outs[f"exit_token.{exit_at}"].numpy()[0])
-                state.feature = outs[f"exit_feature.{exit_at}"].numpy()[:, None, :]
-                clock = _lap(state.breakdown, "segments", clock)
-                self._propagate(state, outs[f"layers.{exit_at}.output"].numpy()[0, -1], exit_at, n)
-                _lap(state.breakdown, "kv_propagation", clock)
-                break
-        if result is None:
-            result = int(values["logits"].numpy()[0].argmax())
-            state.feature = values["features"].numpy()[:, -1:]
-            _lap(state.breakdown, "segments", clock)
-        state.history.append(exit_layer)
-        return result, exit_layer
+    def _step_values(self, state: _SpecEEState, token: int, n: int, draft_ids: np.ndarray,
+                     active: np.ndarray) -> dict:
+        return {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
+                "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
+                "exit_threshold": self._threshold}
+
+    def _run_segment(self, state: _SpecEEState, k: int, values: dict) -> dict[str, ort.OrtValue]:
+        b = state.seg_bindings[k]
+        for name in self.segment_inputs[k]:
+            v = values[name]
+            if isinstance(v, np.ndarray):
+                b.bind_cpu_input(name, v)
+            else:
+                b.bind_ortvalue_input(name, v)
+        names = self.segment_outputs[k]
+        for name in names:
+            b.bind_output(name)
+        self.segments[k].run_with_iobinding(b)
+        # IOBinding lists outputs in first-bind order: the presents, then these.
+        got = b.get_outputs()
+        return dict(zip(names, got[len(got) - len(names):]))
 
     def _propagate(self, state: _SpecEEState, h: np.ndarray, exit_layer: int, n: int) -> None:
         """K/V of the skipped layers at position n from the exit hidden state h [d]."""
-        kv = self.kv
-        cos, sin = kv["cos"][n], kv["sin"][n]
+        cos, sin = self.kv["cos"][n], self.kv["sin"][n]
         for j in range(exit_layer + 1, self.num_layers):
-            x = h / np.sqrt(np.mean(h * h) + self.kv_eps) * kv[f"{j}.norm"]
-            k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)
-            v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
-            k = k.reshape(self.kv_heads, -1)
-            half = k.shape[1] // 2
-            k1, k2 = k[:, :half], k[:, half:]
-            k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)
+            k, v = propagated_kv(np, self.kv, j, h, cos, sin, self.kv_eps, self.kv_heads)
             state.arrays[2 * j][0, :, n, :] = k
-            state.arrays[2 * j + 1][0, :, n, :] = v.reshape(self.kv_heads, -1)
+            state.arrays[2 * j + 1][0, :, n, :] = v
 
 
 class _SpecEEGraphState(_SpecEEState):
@@ -227,13 +277,9 @@ class SpecEEGraphEngine(SpecEEEngine):
 
     def _next_token(self, state: _SpecEEGraphState, token: int, n: int) -> tuple[int, int]:
         clock = time.perf_counter()
-        draft_ids = self._draft(state, np.array([[token]], np.int64), state.feature)
+        draft_ids = self._draft(state, [token], state.feature)
         clock = _lap(state.breakdown, "draft", clock)
-        active = np.zeros(self.num_layers, dtype=bool)
-        active[[i for i in self.schedule.active(state.history) if i in self.candidates]] = True
-        values = {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
-                  "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
-                  "exit_threshold": self._threshold}
+        values = self._step_values(state, token, n, draft_ids, self._active_layers(state.history))
         b = state.seg_bindings[0]
         for name in self.segment_inputs[0]:
             b.bind_cpu_input(name, values[name])
