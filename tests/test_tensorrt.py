@@ -113,24 +113,35 @@ def test_check_trt_cli_writes_an_onnx_runtime_bundle_with_the_gqa_bundles_tokens
         assert engine.generate(prompt, max_new_tokens=24).token_ids == gqa.generate(prompt, max_new_tokens=24).token_ids
 
 
-def test_specee_trt_ready_bundle_checks_every_graph_and_equals_the_reference_decoder(tiny_dirs, tmp_path):
-    calib = tmp_path / "c.jsonl"
+@pytest.fixture(scope="module")
+def calibration(tiny_dirs, tmp_path_factory):
+    """A tiny calibration artifact of the tiny Llama."""
+    calib = tmp_path_factory.mktemp("calib") / "c.jsonl"
     calib.write_text("\n".join(json.dumps({"prompt": f"hello world {i}",
                                            "response": "the quick brown fox jumps over the lazy dog " * 3})
                                for i in range(12)))
     settings = CalibrationSettings(calib_file=str(calib), draft_sequences=8, predictor_sequences=4, draft_vocab=64,
                                    predictor_hidden=16, predictor_epochs=3, positions_per_sequence=16, draft_epochs=1)
-    cal_dir = calibrate(tiny_dirs["llama"], settings, progress=False)
+    return calibrate(tiny_dirs["llama"], settings, progress=False)
+
+
+def _reference(calibration, rule="full"):
+    target = make_tiny_model("llama")
+    cal = load_calibration(calibration, target)
+    return ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
+                            DecodeSettings(rule=rule, kv_policy="propagate", threshold=0.3), capacity=64)
+
+
+def test_specee_trt_ready_bundle_checks_every_graph_and_equals_the_reference_decoder(tiny_dirs, calibration,
+                                                                                     tmp_path):
     out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "spec.onnx", max_context=64,
-                                       specee=True, calibration=cal_dir, threshold=0.3, check="trt"), progress=False)
+                                       specee=True, calibration=calibration, threshold=0.3, check="trt"),
+                         progress=False)
     manifest = read_manifest(out)
     graphs = manifest["tensorrt_check"]["graphs"]
     assert graphs[0] == "step" and graphs[-1] == "draft" and "segment_0" in graphs
     engine = load(out)
-    target = make_tiny_model("llama")
-    cal = load_calibration(cal_dir, target)
-    ref = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
-                           DecodeSettings(rule="full", kv_policy="propagate", threshold=0.3), capacity=64)
+    ref = _reference(calibration)
     for prompt in PROMPTS:
         got = engine.generate(prompt, max_new_tokens=12)
         want = ref.generate(prompt, 12, eos_ids=engine.eos_token_ids)
@@ -148,7 +159,8 @@ def test_check_failure_lists_the_problems_and_writes_nothing(tiny_dirs, tmp_path
 
 # ---- failing fast without the hardware ----------------------------------------------------------
 @without_hardware
-@pytest.mark.parametrize("args", [["--out", "x.plan"], ["--out", "x.engine"], ["--out", "x", "--backend", "trt"]])
+@pytest.mark.parametrize("args", [["--out", "x.plan"], ["--out", "x.engine"], ["--out", "x", "--backend", "trt"],
+                                  ["--out", "x.plan", "--specee"]])
 def test_tensorrt_output_without_hardware_exits_1_before_loading_anything(tmp_path, monkeypatch, capsys, args):
     def must_not_run(*a, **k):
         raise AssertionError("the model was touched before the backend check")
@@ -194,7 +206,7 @@ def test_precision_defaults_to_fp16_for_tensorrt_and_fp32_for_onnx_runtime():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(out="x.onnx", precision="fp16"), "ONNX Runtime bundles are fp32"),
     (dict(out="x.onnx", backend="trt"), "contradicts the output suffix '.onnx'"),
-    (dict(out="x.plan", specee=True), "SpecEE TensorRT engines are not built yet"),
+    (dict(out="x.plan", specee=True, exit_mode="graph"), "TensorRT SpecEE bundles use exit mode 'segments'"),
     (dict(out="x.plan", precision="int8"), "precision 'int8' is unknown"),
     (dict(out="x.onnx", check="tensorrt"), "check 'tensorrt' is unknown"),
 ])
@@ -224,6 +236,134 @@ def test_parser_errors_are_reported_with_their_nodes(tmp_path):
     assert "the graph: bad graph" in text
 
 
+# ---- SpecEE on TensorRT, up to the hardware call ------------------------------------------------
+@pytest.fixture(scope="module")
+def trt_specee_bundle(tiny_dirs, calibration, tmp_path_factory):
+    """A TensorRT SpecEE bundle compiled with the builder replaced: every engine file holds only
+    the name of its ONNX graph. Returns the bundle and the calls in order (check, builds)."""
+    calls = []
+    check = trt_lowering.check_graphs
+
+    def build(onnx_path, profile, precision):
+        folder = "specee/" if onnx_path.parent.name == "specee" else ""
+        calls.append(("build", folder + onnx_path.name, profile, precision))
+        return f"fake engine of {onnx_path.name}".encode()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trt_lowering, "unavailable_reason", lambda: None)
+        mp.setattr(trt_lowering, "check_graphs", lambda graphs: calls.append(("check", list(graphs))) or check(graphs))
+        mp.setattr(trt_lowering, "build_engine", build)
+        mp.setattr(trt_lowering, "engine_facts", lambda precision, profile: {"precision": precision, "profile": profile})
+        out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), max_context=CAPACITY, specee=True,
+                                           out=tmp_path_factory.mktemp("trt-specee") / "spec.plan",
+                                           calibration=calibration, threshold=0.3, precision="fp32"), progress=False)
+    return out, calls
+
+
+@pytest.fixture
+def emulated_tensorrt(monkeypatch):
+    """Runtimes load a TensorRT bundle's engines as ONNX Runtime emulations on the CPU."""
+    from specee_compile.runtimes import tensorrt as trt_runtime
+    from tests.trt_fake import FakeTrtEngine
+
+    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_runtime, "_deserialize", lambda plan, facts: FakeTrtEngine(plan.with_suffix(".onnx")))
+    monkeypatch.setattr(trt_runtime.TrtEngine, "device", "cpu")
+
+
+def test_specee_tensorrt_bundle_has_an_engine_per_segment_and_the_draft_built_after_the_check(trt_specee_bundle):
+    out, calls = trt_specee_bundle
+    manifest = read_manifest(out)
+    spec = manifest["specee"]
+    assert manifest["backend"] == "tensorrt" and manifest["graphs"]["step"]["file"] == "model.plan"
+    assert calls[0] == ("check", ["step", "segment_0", "segment_1", "segment_2", "draft"])
+    built = [c[1] for c in calls[1:]]
+    assert built == ["model.onnx", "specee/segment_0.onnx", "specee/segment_1.onnx", "specee/segment_2.onnx",
+                     "specee/draft.onnx"]
+    assert {c[3] for c in calls[1:]} == {"fp32"}
+    for k, seg in enumerate(spec["segments"]):
+        assert (seg["file"], seg["onnx"]) == (f"specee/segment_{k}.plan", f"specee/segment_{k}.onnx")
+        assert seg["profile"] == calls[2 + k][2]
+        assert (out / seg["file"]).read_bytes() == f"fake engine of segment_{k}.onnx".encode()
+        assert (out / seg["onnx"]).is_file()
+    # segments run decode steps only: the token and the hidden states at the cuts are fixed at one position
+    assert spec["segments"][0]["profile"] == {"input_ids": [[1, 1]] * 3}
+    assert spec["segments"][1]["profile"] == {"layers.0.output": [[1, 1, 64]] * 3}
+    assert spec["draft"]["file"] == "specee/draft.plan" and spec["draft"]["onnx"] == "specee/draft.onnx"
+    assert spec["draft"]["profile"] == {"input_ids": [[1, 1], [1, 1], [1, CAPACITY]],
+                                        "features": [[1, 1, 64], [1, 1, 64], [1, CAPACITY, 64]]}
+
+
+def test_engine_jobs_fix_segment_dimensions_at_one_and_span_the_capacity_for_the_draft():
+    from specee_compile.lower.specee import engine_jobs, with_engines
+
+    io = lambda name, shape: {"name": name, "dtype": "float32", "shape": shape}  # noqa: E731
+    spec = {"segments": [{"file": "specee/segment_0.onnx", "inputs": [io("input_ids", [1, "s"]),
+                                                                      io("exit_threshold", [1])]},
+                         {"file": "specee/segment_1.onnx", "inputs": [io("layers.0.output", [1, "s70", 8])]}],
+            "draft": {"file": "specee/draft.onnx", "inputs": [io("features", [1, "sequence", 8])]}}
+    jobs = engine_jobs(spec, capacity=32)
+    assert [(j.name, j.onnx, j.engine) for j in jobs] == [
+        ("segment_0", "specee/segment_0.onnx", "specee/segment_0.plan"),
+        ("segment_1", "specee/segment_1.onnx", "specee/segment_1.plan"),
+        ("draft", "specee/draft.onnx", "specee/draft.plan")]
+    assert [j.profile for j in jobs] == [{"input_ids": [[1, 1]] * 3}, {"layers.0.output": [[1, 1, 8]] * 3},
+                                         {"features": [[1, 1, 8], [1, 1, 8], [1, 32, 8]]}]
+    recorded = with_engines(spec, jobs)
+    assert recorded["segments"][1]["file"] == "specee/segment_1.plan" and spec["segments"][1]["file"].endswith(".onnx")
+    assert recorded["draft"]["onnx"] == "specee/draft.onnx"
+
+
+def test_segment_reading_a_value_nobody_writes_is_a_damaged_bundle():
+    from specee_compile.errors import BundleError
+    from specee_compile.runtimes.tensorrt import exchange_buffers
+
+    io = lambda name, shape, dtype="float32": {"name": name, "dtype": dtype, "shape": shape}  # noqa: E731
+    draft = {"outputs": [io("draft_ids", [4], "int64"), io("present.0.key", [1, 2, 64, 16])]}
+    segments = [{"inputs": [io("input_ids", [1, "s"], "int64"), io("past_key_values.0.key", [1, 2, 64, 16])],
+                 "outputs": [io("layers.0.output", [1, "s", 8])]},
+                {"inputs": [io("layers.0.output", [1, "s", 8]), io("draft_ids", [4], "int64")],
+                 "outputs": [io("logits", [1, 320])]}]
+    assert exchange_buffers(segments, draft) == {"draft_ids": ((4,), "int64"), "input_ids": ((1, 1), "int64"),
+                                                 "layers.0.output": ((1, 1, 8), "float32"),
+                                                 "logits": ((1, 320), "float32")}
+    segments[1]["inputs"].append(io("val_7", [1]))
+    with pytest.raises(BundleError, match="segment 1 reads 'val_7', which neither"):
+        exchange_buffers(segments, draft)
+
+
+def test_specee_runtime_on_emulated_engines_equals_the_reference_decoder(trt_specee_bundle, calibration,
+                                                                         emulated_tensorrt):
+    from specee_compile.runtimes.tensorrt import TrtEngine, TrtSpecEEEngine
+
+    out, _ = trt_specee_bundle
+    engine, dense, never = load(out), load(out, dense=True), load(out, threshold=1.0)
+    assert type(engine) is TrtSpecEEEngine and type(dense) is TrtEngine and engine.threshold == pytest.approx(0.3)
+    ref = _reference(calibration)
+    exits, last_segment = [], engine.segment_engines[-1]
+    for prompt in PROMPTS:
+        runs = last_segment.runs
+        got = engine.generate(prompt, max_new_tokens=12)
+        want = ref.generate(prompt, 12, eos_ids=engine.eos_token_ids)
+        assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
+        # a step that exits stops there: the last segment ran only for the full-depth steps (exit_layers
+        # leaves out the step that produced an EOS)
+        full_depth = got.exit_layers[1:].count(2)
+        assert full_depth <= last_segment.runs - runs <= full_depth + (got.stop_reason == "eos")
+        assert never.generate(prompt, max_new_tokens=12).token_ids == dense.generate(prompt, 12).token_ids
+        exits += got.exit_layers[1:]
+    assert min(exits) < 2  # exits happened, so the flags were read and the skipped layers' K/V propagated
+    scored = engine.score(PROMPTS[-1], got.token_ids)
+    assert (scored.predicted, scored.exit_layers) == (got.token_ids, got.exit_layers)
+    assert scored.features.shape == (len(got.token_ids), 64)
+
+
+@without_hardware
+def test_loading_a_tensorrt_specee_bundle_without_hardware_names_what_is_missing(trt_specee_bundle):
+    with pytest.raises(BackendError, match=r"TensorRT bundle.*--out NAME\.onnx --specee --check trt"):
+        load(trt_specee_bundle[0])
+
+
 # ---- with the hardware --------------------------------------------------------------------------
 @needs_hardware
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -239,6 +379,18 @@ def test_engine_generates_the_onnx_runtime_bundles_tokens(tiny_dirs, tiny_bundle
             assert got == reference.generate(prompt, max_new_tokens=16).token_ids
         else:
             assert len(got) > 0
+
+
+@needs_hardware
+def test_specee_engines_give_the_reference_decoders_tokens_and_exits(tiny_dirs, calibration, tmp_path):
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "spec.plan", max_context=64,
+                                       specee=True, calibration=calibration, threshold=0.3, precision="fp32"),
+                         progress=False)
+    engine, ref = load(out), _reference(calibration)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=12)
+        want = ref.generate(prompt, 12, eos_ids=engine.eos_token_ids)
+        assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
 
 
 @needs_hardware
