@@ -68,7 +68,7 @@ def layer_step(layer, h, past_k, past_v, positions, cos, sin, num_heads, kv_head
     k = apply_rope(k, cos[positions], sin[positions])
     keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, v], dim=2)
-    first = int(positions[0]) - past_k.shape[2]
+    first = (int(positions[0]) if len(positions) else past_k.shape[2]) - past_k.shape[2]  # no queries: any
     out = attention(q, keys, values, positions, key_valid, scale=attn.scaling, first_key_position=first)
     h = h + attn.o_proj(out.transpose(1, 2).reshape(b, s, num_heads * d))
     h = h + layer.mlp(layer.post_attention_layernorm(h))

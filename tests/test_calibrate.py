@@ -172,3 +172,5 @@ def test_draft_training_forward_sees_no_future_position():
             _, logits, cache = draft(ids[:, t:t + 1], feats[:, t:t + 1], cache, 1 + t)
             stepwise.append(logits[0, 0])
     torch.testing.assert_close(batched[0], torch.stack(stepwise), atol=1e-5, rtol=1e-5)
+    _, _, empty = draft(ids[:, :0], feats[:, :0], None, 1)  # a prompt of one token leaves the draft nothing
+    assert empty[0].shape[2] == 0
