@@ -56,11 +56,21 @@ class Scored:
     features: np.ndarray  # [len(continuation), d]: the normed hidden state each prediction came from
 
 
-def session_options(threads: int | None = None, spinning: bool = True,
+SPINNING = ("always", "during_run", "never")
+
+
+def session_options(threads: int | None = None, spinning: str = "always",
                     profile_dir: Path | None = None) -> ort.SessionOptions:
-    """Options for every session; ``spinning=False`` for engines that run many sessions per
-    step, whose idle thread pools would otherwise spin and steal the cores from the busy one.
-    ``profile_dir``: write ONNX Runtime's per-node profile (Chrome trace JSON) there."""
+    """Options for every session.
+
+    ``spinning`` says when idle intra-op threads busy-wait for work instead of sleeping:
+    ``always`` (between runs too: the lowest latency when one session runs per step),
+    ``during_run`` (between the ops of a run, stopping when the run returns: for engines that
+    run several sessions per step, whose pools would otherwise spin against each other) or
+    ``never``. ``profile_dir``: write ONNX Runtime's per-node profile (Chrome trace JSON) there.
+    """
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
     so = ort.SessionOptions()
     if profile_dir is not None:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
@@ -68,8 +78,10 @@ def session_options(threads: int | None = None, spinning: bool = True,
         so.profile_file_prefix = str(Path(profile_dir) / "ort")
     if threads:
         so.intra_op_num_threads = threads
-    if not spinning:
+    if spinning == "never":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "during_run":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so
@@ -113,7 +125,7 @@ class _CacheState:
 class OrtEngine:
     """A loaded ONNX Runtime bundle. Use :func:`specee_compile.runtimes.load` to create one."""
 
-    spinning = True  # one session per step: let its threads spin between runs
+    spinning = "always"  # one session per step: let its threads spin between runs
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
                  profile_dir: Path | None = None):

@@ -165,13 +165,13 @@ def propagated_kv(xp, kv: dict, j: int, h, cos, sin, eps: float, kv_heads: int):
 class SpecEEEngine(SegmentedDecode, OrtEngine):
     """A SpecEE bundle: ``generate`` returns ``exit_layers`` for every token."""
 
-    spinning = False  # many sessions per step
+    spinning = "never"  # several sessions per step: an idle pool must not spin while another runs
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
                  profile_dir: Path | None = None, threshold: float | None = None):
         super().__init__(path, manifest, tokenizer, threads, profile_dir)
         files, draft_file, kv_file = self._read_specee(manifest, threshold)
-        so = session_options(threads, spinning=False, profile_dir=profile_dir)
+        so = session_options(threads, self.spinning, profile_dir)
         try:
             self.segments = [ort.InferenceSession(str(self.path / f), so, providers=providers()) for f in files]
             self.draft = ort.InferenceSession(str(self.path / draft_file), so, providers=providers())
