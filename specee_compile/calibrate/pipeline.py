@@ -42,7 +42,7 @@ class CalibrationSettings:
 
     calib_file: str | None = None  # JSONL of prompts/responses; default: ShareGPT
     draft_file: str | None = None  # a trained draft (safetensors, this project's layout) to use as is
-    draft_sequences: int = 480
+    draft_sequences: int = 320
     predictor_sequences: int = 48
     max_seq_len: int = 384
     generate_tokens: int = 96  # continuation length for examples without a response
