@@ -63,3 +63,14 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0) -> P
     make_tiny_model(family, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def write_calibration_jsonl(path: str | Path, examples: int = 12) -> Path:
+    """A tiny calibration JSONL (prompt + response per line) for tests."""
+    import json
+
+    path = Path(path)
+    path.write_text("\n".join(json.dumps({"prompt": f"hello world {i}",
+                                          "response": "the quick brown fox jumps over the lazy dog " * 3})
+                              for i in range(examples)))
+    return path

@@ -13,7 +13,7 @@ from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
-from specee_compile.testing import make_tiny_model
+from specee_compile.testing import make_tiny_model, write_calibration_jsonl
 
 PROMPTS = ([1, 40, 41, 42], [1, 7, 8, 9, 10, 11], [1, 200])
 TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
@@ -22,10 +22,7 @@ TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_
 
 @pytest.fixture(scope="module")
 def calibrations(tiny_dirs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"hello world {i}",
-                                          "response": "the quick brown fox jumps over the lazy dog " * 3})
-                              for i in range(12)))
+    path = write_calibration_jsonl(tmp_path_factory.mktemp("calib") / "c.jsonl")
     settings = CalibrationSettings(calib_file=str(path), **TINY)
     return {family: calibrate(d, settings, progress=False) for family, d in tiny_dirs.items()}
 

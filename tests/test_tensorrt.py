@@ -28,6 +28,7 @@ from specee_compile.lower.trt_check import TensorRTCompatibilityError
 from specee_compile.passes import FuseOrtTransformersPass, Pipeline
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
+from specee_compile.testing import write_calibration_jsonl
 from tests.conftest import FAMILIES, make_tiny_model
 
 HARDWARE = trt_lowering.unavailable_reason()
@@ -116,10 +117,7 @@ def test_check_trt_cli_writes_an_onnx_runtime_bundle_with_the_gqa_bundles_tokens
 @pytest.fixture(scope="module")
 def calibration(tiny_dirs, tmp_path_factory):
     """A tiny calibration artifact of the tiny Llama."""
-    calib = tmp_path_factory.mktemp("calib") / "c.jsonl"
-    calib.write_text("\n".join(json.dumps({"prompt": f"hello world {i}",
-                                           "response": "the quick brown fox jumps over the lazy dog " * 3})
-                               for i in range(12)))
+    calib = write_calibration_jsonl(tmp_path_factory.mktemp("calib") / "c.jsonl")
     settings = CalibrationSettings(calib_file=str(calib), draft_sequences=8, predictor_sequences=4, draft_vocab=64,
                                    predictor_hidden=16, predictor_epochs=3, positions_per_sequence=16, draft_epochs=1)
     return calibrate(tiny_dirs["llama"], settings, progress=False)

@@ -129,17 +129,8 @@ class OrtEngine:
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
                  profile_dir: Path | None = None):
-        self.path = Path(path)
+        self._read_manifest(path, manifest, tokenizer)
         self.profile_dir = profile_dir
-        self.manifest = manifest
-        self.tokenizer = tokenizer
-        m = manifest["model"]
-        self.num_layers = int(m["num_layers"])
-        self.vocab_size = int(m["vocab_size"])
-        self.hidden_size = int(m["hidden_size"])
-        self.eos_token_ids = set(m["eos_token_ids"])
-        self.capacity = int(manifest["cache"]["capacity"])
-        self._cache_shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
         graph = manifest["graphs"]["step"]
         try:
             self.session = ort.InferenceSession(
@@ -152,6 +143,19 @@ class OrtEngine:
         _check_shapes(self.session, manifest, self.path / graph["file"])
         self._pool: list[_CacheState] = []
         self._lock = threading.Lock()
+
+    def _read_manifest(self, path: Path, manifest: dict, tokenizer) -> None:
+        """The model and cache facts every engine of a bundle needs, from its manifest."""
+        self.path = Path(path)
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        m = manifest["model"]
+        self.num_layers = int(m["num_layers"])
+        self.vocab_size = int(m["vocab_size"])
+        self.hidden_size = int(m["hidden_size"])
+        self.eos_token_ids = set(m["eos_token_ids"])
+        self.capacity = int(manifest["cache"]["capacity"])
+        self._cache_shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
 
     # ---- tokens -----------------------------------------------------------------------
     def encode(self, prompt, chat: bool | None = None) -> list[int]:

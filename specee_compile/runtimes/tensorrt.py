@@ -93,17 +93,8 @@ class TrtEngine(OrtEngine):
                  profile_dir: Path | None = None):
         # OrtEngine.__init__ opens an ONNX Runtime session; this engine shares only its
         # tokenization and decode loop, so it sets the same attributes itself.
-        self.path = Path(path)
+        self._read_manifest(path, manifest, tokenizer)
         self.profile_dir = None
-        self.manifest = manifest
-        self.tokenizer = tokenizer
-        m = manifest["model"]
-        self.num_layers = int(m["num_layers"])
-        self.vocab_size = int(m["vocab_size"])
-        self.hidden_size = int(m["hidden_size"])
-        self.eos_token_ids = set(m["eos_token_ids"])
-        self.capacity = int(manifest["cache"]["capacity"])
-        self._cache_shape = (1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"]))
         graph = manifest["graphs"]["step"]
         reason = unavailable_reason()
         if reason:
