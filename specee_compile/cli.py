@@ -81,6 +81,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
+THREAD_POOL_HELP = ("shared (default): every ONNX Runtime session of the process runs in one thread pool, which "
+                    "keeps a SpecEE engine's several sessions per step warm; per-session: a pool each")
+
+
+def _thread_pool(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--thread-pool", choices=("shared", "per-session"), default="shared", help=THREAD_POOL_HELP)
+
+
 def compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specee-compile",
@@ -162,13 +170,16 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
+    _thread_pool(p)
     _common(p)
     return p
 
 
 def _run_main(args) -> int:
-    from specee_compile.runtimes import load
+    from specee_compile.runtimes import load, share_threads
 
+    if args.thread_pool == "shared":
+        share_threads(args.threads)
     engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold)
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
@@ -277,10 +288,14 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-prompts", type=int, default=20, help="prompts per sweep threshold")
     p.add_argument("--ppl-samples", type=int, default=40, help="held-out ShareGPT responses for perplexity")
     p.add_argument("--profile-prompts", type=int, default=3, help="prompts run under the ONNX Runtime profiler")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the eager reference decoder (PyTorch; slow) on the prompts and report on how many "
+                        "steps each SpecEE bundle emits the same token from the same exit layer")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")
     p.add_argument("--force", action="store_true", help="replace a report already in --out")
+    _thread_pool(p)
     _common(p)
     return p
 
@@ -300,7 +315,8 @@ def _bench_main(args) -> int:
         prompts=args.prompts, limit=args.limit, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
         sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
-        quick=args.quick, force=args.force)
+        quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
+        reference=args.reference)
     run(settings, progress=not args.quiet)
     out = Path(args.out)
     print((out / "report.md").read_text() if not args.quiet else "", end="")

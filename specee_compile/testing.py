@@ -74,3 +74,9 @@ def write_calibration_jsonl(path: str | Path, examples: int = 12) -> Path:
                                           "response": "the quick brown fox jumps over the lazy dog " * 3})
                               for i in range(examples)))
     return path
+
+
+# Commands called inside the test process keep a thread pool per session: the shared pool the
+# commands default to is process-wide, and ONNX Runtime would then refuse the per-session
+# sessions later tests make. The shared pool itself is tested in a subprocess.
+IN_PROCESS = ["--thread-pool", "per-session"]

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from specee_compile.cli import bench_main
+from specee_compile.testing import IN_PROCESS
 
 SYSTEMS = {"dense", "specee", "transformers"}
 SPEED = ("decode_tps_median", "decode_tps_q1", "decode_tps_q3", "ttft_ms_median", "speedup_vs_dense",
@@ -19,7 +20,7 @@ SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draf
 @pytest.mark.slow
 def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
-    assert bench_main(["smollm2", "--quick", "--out", str(out), "-q"]) == 0
+    assert bench_main(["smollm2", "--quick", "--reference", "--out", str(out), "-q", *IN_PROCESS]) == 0
     report = json.loads((out / "report.json").read_text())
     systems = report["systems"]
     assert set(systems) == SYSTEMS
@@ -37,14 +38,24 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     assert 0 < spec["mean_executed_layers"] <= report["model"]["num_layers"] == 30
     assert sum(spec["exit_histogram"].values()) == sum(len(r["exit_layers"]) - 1 for r in report["runs"]["specee"])
     assert 0 < spec["draft_share"] < 1 and 0 < spec["predictors_share"] < 1
+    # every exit layer's step time next to the sum of its separately measured parts
+    assert set(spec["step_vs_parts"]) == set(spec["exit_histogram"])
+    for row in spec["step_vs_parts"].values():
+        assert row["measured_ms"] > 0 and row["parts_ms"] > 0 and row["ratio"] == row["measured_ms"] / row["parts_ms"]
+    assert all(v > 0 for k, v in spec["part_ms"].items() if k != "kv_per_layer")
+    # the compiled engine against the eager reference decoder: same tokens from the same exit layers
+    ref = spec["reference"]
+    assert ref["prompts"] == 2 and ref["steps"] >= 2 * 16 - 2
+    assert ref["step_agreement"] >= 0.9, ref["differences"]
     assert [row["threshold"] for row in report["sweep"]] == [0.5, 0.9]
     assert all(0 <= row["teacher_forced_agreement"] <= 1 for row in report["sweep"])
     for plot in ("speed.png", "exits.png", "frontier.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
     md = (out / "report.md").read_text()
-    assert "| specee |" in md and "## Threshold sweep" in md and "![frontier](frontier.png)" in md
+    assert "| specee |" in md and "## Threshold sweep" in md and "sum of parts ms" in md
+    assert "## Compiled engine against the eager reference decoder" in md and "![frontier](frontier.png)" in md
     # a second run into the same folder refuses to replace the report without --force
-    assert bench_main(["smollm2", "--quick", "--out", str(out), "-q"]) == 1
+    assert bench_main(["smollm2", "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,6 +65,6 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     (["--prompts", "nowhere.jsonl"], "--prompts must be 'mtbench', 'sharegpt' or a JSONL file"),
 ])
 def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message):
-    assert bench_main(["smollm2", "--out", str(tmp_path / "b"), *args]) == 1
+    assert bench_main(["smollm2", "--out", str(tmp_path / "b"), *args, *IN_PROCESS]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

@@ -15,6 +15,7 @@ from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, ModelLoadError, OutputError, UnsupportedModelError
 from specee_compile.runtimes import load
+from specee_compile.testing import IN_PROCESS
 from tests.conftest import FAMILIES
 
 
@@ -144,7 +145,7 @@ def test_cli_usage_error_exits_2(capsys):
 
 
 def test_cli_run_prints_text_and_stats(tiny_bundle, capsys):
-    assert cli.run_main([str(tiny_bundle), "--prompt", "hello world", "--max-new-tokens", "5"]) == 0
+    assert cli.run_main([str(tiny_bundle), "--prompt", "hello world", "--max-new-tokens", "5", *IN_PROCESS]) == 0
     err = capsys.readouterr().err
     assert "tok/s" in err and "time to first token" in err
 

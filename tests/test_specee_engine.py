@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +16,7 @@ from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
-from specee_compile.testing import make_tiny_model, write_calibration_jsonl
+from specee_compile.testing import IN_PROCESS, make_tiny_model, write_calibration_jsonl
 
 PROMPTS = ([1, 40, 41, 42], [1, 7, 8, 9, 10, 11], [1, 200])
 TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
@@ -70,6 +73,22 @@ def test_compiled_exits_equal_the_reference_decoder(bundle, calibrations, family
         assert (got.token_ids, got.exit_layers) == (want.tokens, want.exit_layers)
 
 
+def test_specee_run_in_one_shared_thread_pool_gives_the_same_tokens_and_exits(bundle):
+    """The installed command shares one ONNX Runtime pool across the engine's sessions (a
+    process-wide switch, hence a subprocess); the output equals per-session pools'."""
+    out = bundle("llama", 0.3, "full")
+    engine = load(out)
+    want = engine.generate("hello world", max_new_tokens=8, chat=False)
+    command = Path(sys.executable).with_name("specee-run")
+    done = subprocess.run([str(command), str(out), "--prompt", "hello world", "--max-new-tokens", "8", "--no-chat",
+                           "--show-exits", "--threads", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from specee_compile.cli import annotate_exits
+
+    shown = annotate_exits(engine.tokenizer, want.token_ids, want.exit_layers, engine.num_layers)
+    assert done.stdout.strip() == shown.strip() and "⁽" in shown
+
+
 def test_specee_bundle_manifest_lists_segments_draft_and_schedule(bundle):
     manifest = read_manifest(bundle("llama", 0.3, "draft"))
     spec = manifest["specee"]
@@ -99,7 +118,7 @@ def test_specee_run_takes_a_threshold(bundle, capsys):
     from specee_compile.cli import run_main
 
     out = bundle("llama", 0.3, "draft")
-    args = [str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--no-chat", "--show-exits"]
+    args = [str(out), "--prompt", "hello world", "--max-new-tokens", "6", "--no-chat", "--show-exits", *IN_PROCESS]
     assert run_main(args) == 0
     assert "⁽" in capsys.readouterr().out
     assert run_main([*args, "--threshold", "1.0"]) == 0

@@ -45,17 +45,55 @@ def agreement_free_running(runs: list[Run], reference: list[list[int]]) -> dict:
 
 
 def exits(runs: list[Run], num_layers: int) -> dict:
-    """Mean executed layers per decode step, the exit-layer histogram and step time per exit layer."""
+    """Mean executed layers per decode step and the exit-layer histogram."""
     layers = [e for r in runs for e in r.exit_layers[1:]]  # [0] is the prefill's token
-    steps: dict[int, list[float]] = {}
-    for r in runs:
-        for e, t in zip(r.exit_layers[1:], r.step_seconds):
-            steps.setdefault(e, []).append(t)
     return {"mean_executed_layers": statistics.mean(e + 1 for e in layers) if layers else float(num_layers),
             "exit_rate": sum(e < num_layers - 1 for e in layers) / max(len(layers), 1),
-            "exit_histogram": {str(k): v for k, v in sorted(Counter(layers).items())},
-            "step_ms_by_exit_layer": {str(k): {"median": 1000 * statistics.median(v), "steps": len(v)}
-                                      for k, v in sorted(steps.items())}}
+            "exit_histogram": {str(k): v for k, v in sorted(Counter(layers).items())}}
+
+
+def step_parts(runs: list[Run], dense: list[Run], shares: dict, active_layers, num_layers: int, rule: str,
+               head_seconds: float, reduced_head_seconds: float) -> dict:
+    """The measured step time at each exit layer against the sum of its parts, each measured
+    on its own: a decoder layer (the dense bundle's median step minus the LM head, over L), the
+    draft (runtime timer), a predictor with its exit check (their ONNX Runtime profile share
+    over the predictor runs), the exit rule's head product and the final head (``*_seconds``,
+    timed alone) and K/V propagation per skipped layer (runtime timer). Whatever the parts
+    leave over (session calls, copies, the host loop) shows as a ratio above 1.
+
+    ``active_layers(history)`` replays the engine's schedule, so each step is charged for the
+    predictors that really ran before its exit.
+    """
+    L = num_layers
+    layer = (statistics.median(t for r in dense for t in r.step_seconds) - head_seconds) / L
+    steps, predictor_runs, skipped = [], 0, 0
+    for r in runs:
+        history: list[int] = []
+        for e, t in zip(r.exit_layers[1:], r.step_seconds):
+            n = int(active_layers(history)[: e + 1].sum())
+            steps.append((e, t, n))
+            predictor_runs += n
+            skipped += L - 1 - e
+            history.append(e)
+    decode = sum(r.decode_seconds for r in runs)
+    draft = sum(r.breakdown.get("draft", 0.0) for r in runs) / max(len(steps), 1)
+    predictor = (shares.get("predictors_share", 0.0) + shares.get("exit_checks_share", 0.0)) * decode \
+        / max(predictor_runs, 1)
+    kv = shares.get("kv_propagation_share", 0.0) * decode / max(skipped, 1)
+    exit_head = {"full": head_seconds, "reduced": reduced_head_seconds}.get(rule, 0.0)
+    by_layer: dict[int, tuple[list, list]] = {}
+    for e, t, n in steps:
+        parts = layer * (e + 1) + draft + n * predictor + (head_seconds if e == L - 1 else exit_head + kv * (L - 1 - e))
+        measured, predicted = by_layer.setdefault(e, ([], []))
+        measured.append(t)
+        predicted.append(parts)
+    rows = {}
+    for e, (measured, predicted) in sorted(by_layer.items()):
+        m, p = statistics.median(measured), statistics.median(predicted)
+        rows[str(e)] = {"measured_ms": 1000 * m, "parts_ms": 1000 * p, "ratio": m / p, "steps": len(measured)}
+    return {"part_ms": {"layer": 1000 * layer, "head": 1000 * head_seconds, "exit_head": 1000 * exit_head,
+                        "draft": 1000 * draft, "predictor_and_check": 1000 * predictor, "kv_per_layer": 1000 * kv},
+            "step_vs_parts": rows}
 
 
 def time_shares(runs: list[Run], node_shares: dict[str, float] | None = None) -> dict:

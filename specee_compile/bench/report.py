@@ -24,7 +24,8 @@ def markdown(r: dict) -> str:
     lines = [f"# specee-bench report: {r['model']['source']}", "",
              f"`{r['command']}`", "",
              f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "
-             f"{r['machine']['threads']} threads · {r['machine']['platform']} · load average "
+             f"{r['machine']['threads']} threads ({r['machine'].get('thread_pool', 'per-session')} ONNX Runtime thread pool) · "
+             f"{r['machine']['platform']} · load average "
              f"{r['machine']['load_average_start']} at the start, {r['machine']['load_average_end']} at the end", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), "",
              f"{r['model']['prompts']} {r['model']['prompt_set']} prompts × {r['settings']['new_tokens']} new tokens, "
@@ -63,11 +64,31 @@ def markdown(r: dict) -> str:
                          f"{_pct(s.get('predictors_share'))} | {_pct(s.get('exit_checks_share'))} | "
                          f"{_pct(s.get('kv_propagation_share'))} | {_pct(s.get('host_loop_share'))} |")
         for name, s in spec.items():
-            steps = s["step_ms_by_exit_layer"]
-            lines += ["", f"Step time by exit layer, {name} (median ms, steps):", "",
-                      "| exit layer | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
-                      "| ms | " + " | ".join(f"{v['median']:.1f}" for v in steps.values()) + " |",
-                      "| steps | " + " | ".join(str(v["steps"]) for v in steps.values()) + " |"]
+            rows, part = s["step_vs_parts"], s["part_ms"]
+            lines += ["", f"Step time by exit layer, {name}, against the sum of its parts, each measured on its own "
+                      f"(ms: decoder layer {part['layer']:.3f} = the dense step less the head, over "
+                      f"{r['model']['num_layers']}; LM head {part['head']:.2f}; exit-rule head {part['exit_head']:.2f}; "
+                      f"draft {part['draft']:.2f}; predictor + exit check {part['predictor_and_check']:.3f} per "
+                      f"predictor run; K/V propagation {part['kv_per_layer']:.3f} per skipped layer). Medians; a ratio "
+                      "above 1 is time no part accounts for (session calls, copies, the host loop).", "",
+                      "| exit layer | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
+                      "| measured ms | " + " | ".join(f"{v['measured_ms']:.1f}" for v in rows.values()) + " |",
+                      "| sum of parts ms | " + " | ".join(f"{v['parts_ms']:.1f}" for v in rows.values()) + " |",
+                      "| measured / parts | " + " | ".join(f"{v['ratio']:.2f}" for v in rows.values()) + " |",
+                      "| steps | " + " | ".join(str(v["steps"]) for v in rows.values()) + " |"]
+    checked = {n: s["reference"] for n, s in spec.items() if "reference" in s}
+    if checked:
+        lines += ["", "## Compiled engine against the eager reference decoder", "",
+                  "Same prompts, the reference decoder in eager PyTorch with the bundle's calibration, rule, K/V policy "
+                  "and threshold. A step agrees when both emit the same token from the same exit layer; after a "
+                  "prompt's first difference the rest of it counts as different.", "",
+                  "| system | steps agreeing | identical prompts | first differences (prompt, step: compiled vs "
+                  "reference (token, exit layer)) |", "|---|---|---|---|"]
+        for name, c in checked.items():
+            shown = "; ".join(f"{d['prompt']}, {d['step']}: {d['compiled']} vs {d['reference']}"
+                              for d in c["differences"][:5]) or "none"
+            lines.append(f"| {name} | {c['step_agreement']:.2%} of {c['steps']} | {c['identical_prompts']} of "
+                         f"{c['prompts']} | {shown} |")
     if r["sweep"]:
         lines += ["", "## Threshold sweep", "",
                   f"{r['sweep'][0]['system']} on the first {r['settings']['sweep_prompts']} prompts, each threshold "

@@ -3,7 +3,8 @@
     bundles (given, or compiled from configurations) -> systems -> warm-up
     -> timed runs, interleaved prompt by prompt in a rotating order
     -> quality against dense greedy (free-running, teacher-forced, held-out perplexity)
-    -> ORT profile of the SpecEE segments -> optional threshold sweep -> report + plots
+    -> ORT profile of the SpecEE segments -> step time vs its parts -> optional threshold sweep
+    -> report + plots
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import datetime
 import logging
 import os
 import platform
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +32,7 @@ from specee_compile.bundle import read_manifest
 from specee_compile.calibrate import CalibrationSettings, calibrate, data
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, SpecEEError
-from specee_compile.runtimes import load
+from specee_compile.runtimes import load, share_threads
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class BenchSettings:
     max_context: int = 1024
     quick: bool = False
     force: bool = False
+    shared_threads: bool = False  # one ONNX Runtime thread pool for the whole process (runtimes.share_threads)
+    reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
 
     def resolved(self) -> "BenchSettings":
         """Apply --quick's presets and check every field."""
@@ -105,6 +110,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         raise ConfigError(f"{out} already holds a benchmark report; pass --force to replace it or choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = os.getloadavg()[0]
+    if s.shared_threads:
+        share_threads(s.threads)
     torch.set_num_threads(s.threads or torch.get_num_threads())
     model_dir = model_load.resolve(s.model)
     model_load.inspect(model_dir)
@@ -116,6 +123,10 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     systems = [bundle_system("dense", "dense", dense_engine, s.new_tokens)]
     for b in spec:
         engine = load(b.path, threads=s.threads)
+        if s.reference and not Path(engine.manifest["specee"]["calibration"]).is_dir():
+            raise ConfigError(f"--reference needs the calibration {b.path} was compiled from, and "
+                              f"{engine.manifest['specee']['calibration']} is gone; recompile the bundle or leave "
+                              "out --reference.")
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
     hf, _ = model_load.load(model_dir)
@@ -146,7 +157,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     head = hf.get_output_embeddings().weight.detach().numpy()
     ppl_set = _perplexity_set(s, dense_engine)
     L = dense_engine.num_layers
-    results = {}
+    results, heads = {}, None
     for system in systems:
         r = runs[system.name]
         row = {"kind": system.kind, "description": KINDS[system.kind], **system.settings, **measure.speed(r),
@@ -159,7 +170,12 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         if system.kind == "specee":
             row.update(measure.exits(r, L))
             row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress, system.name)
+            if s.reference:
+                row["reference"] = _reference(s, system, hf, prompts, r[:n], progress)
             row.update(measure.time_shares(r, _profile(s, system, prompts, out, progress)))
+            heads = heads or _head_seconds(head, system.engine.manifest["specee"]["draft"]["vocab_size"])
+            row.update(measure.step_parts(r, runs["dense"], row, system.engine.active_layers, L,
+                                          system.settings.get("rule", "full"), *heads))
         results[system.name] = row
     if "transformers" in results and ppl_set:
         results["transformers"]["perplexity"] = _perplexity_hf(hf, ppl_set)
@@ -168,7 +184,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     rep = {
         "command": _command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**_machine(s.threads), "load_average_start": round(load_at_start, 2),
+        "machine": {**_machine(s.threads, s.shared_threads), "load_average_start": round(load_at_start, 2),
                     "load_average_end": round(os.getloadavg()[0], 2)},
         "versions": {p: metadata.version(p) for p in PACKAGES if _installed(p)},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()},
@@ -287,6 +303,38 @@ def _agreement(engine, prompts, dense_tokens, progress: bool, name: str) -> floa
     return agree / total if total else float("nan")
 
 
+def _reference(s: BenchSettings, system: System, hf, prompts, runs, progress: bool) -> dict:
+    """The eager reference decoder (calibration's draft, predictors and schedule, the bundle's
+    rule, K/V policy and threshold) on the same prompts: the steps where the compiled engine
+    emits the same token from the same exit layer. Steps are compared up to a prompt's first
+    difference; everything after it counts as different (the contexts no longer match)."""
+    from specee_compile.calibrate import load_calibration
+    from specee_compile.reference import DecodeSettings, ReferenceDecoder
+
+    engine = system.engine
+    spec = engine.manifest["specee"]
+    cal = load_calibration(Path(spec["calibration"]), hf)
+    ref = ReferenceDecoder(hf, cal.draft, cal.bank, cal.schedule,
+                           DecodeSettings(rule=spec["rule"], kv_policy=spec["kv_policy"], threshold=engine.threshold),
+                           capacity=engine.capacity)
+    same = total = identical = 0
+    differences = []
+    for k, (ids, run) in enumerate(tqdm(list(zip(prompts, runs)), desc=f"reference {system.name}",
+                                        disable=not progress)):
+        want = ref.generate(ids, s.new_tokens, eos_ids=engine.eos_token_ids)
+        got, expected = list(zip(run.token_ids, run.exit_layers)), list(zip(want.tokens, want.exit_layers))
+        agree = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        same += agree
+        total += max(len(got), len(expected))
+        identical += got == expected
+        if got != expected:
+            differences.append({"prompt": k, "step": agree,
+                                "compiled": list(got[agree]) if agree < len(got) else None,
+                                "reference": list(expected[agree]) if agree < len(expected) else None})
+    return {"step_agreement": same / max(total, 1), "identical_prompts": identical, "prompts": len(runs),
+            "steps": total, "differences": differences}
+
+
 def _profile(s: BenchSettings, system: System, prompts, out: Path, progress: bool) -> dict:
     """Predictor and exit-check shares of segment time, from ONNX Runtime's per-node profile."""
     if not s.profile_prompts:
@@ -297,6 +345,36 @@ def _profile(s: BenchSettings, system: System, prompts, out: Path, progress: boo
         engine.generate(ids, max_new_tokens=s.new_tokens)
     traces = engine.end_profiling()
     return measure.profile_node_shares(traces[2:])  # step (prefill), draft, then the segments
+
+
+def _head_seconds(head, reduced_vocab: int, repeats: int = 50) -> tuple[float, float]:
+    """Median time of the LM-head product alone (a Gemm with the head weight, then ArgMax, as
+    the compiled graphs do it) in ONNX Runtime: the full head and the draft's reduced one."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from specee_compile.runtimes.ort import session_options
+
+    times = []
+    for rows in (head, head[:reduced_vocab]):
+        graph = helper.make_graph(
+            [helper.make_node("Gemm", ["x", "w"], ["logits"], transB=1),
+             helper.make_node("ArgMax", ["logits"], ["token"], axis=-1)], "head",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows.shape[1]])],
+            [helper.make_tensor_value_info("token", TensorProto.INT64, [1, 1])],
+            [numpy_helper.from_array(np.ascontiguousarray(rows, np.float32), "w")])
+        session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), session_options(),
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": np.random.default_rng(0).standard_normal((1, rows.shape[1])).astype(np.float32)}
+        session.run(None, feed)
+        laps = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feed)
+            laps.append(time.perf_counter() - start)
+        times.append(statistics.median(laps))
+    return times[0], times[1]
 
 
 def _sweep(s: BenchSettings, systems: list[System], prompts, dense_tokens, progress: bool) -> list[dict]:
@@ -334,7 +412,7 @@ def _command() -> str:
         " ".join(sys.argv)
 
 
-def _machine(threads) -> dict:
+def _machine(threads, shared: bool) -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = platform.processor()
     try:
@@ -342,7 +420,8 @@ def _machine(threads) -> dict:
     except (OSError, StopIteration):
         pass
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "threads": threads, "python": platform.python_version()}
+            "threads": threads, "thread_pool": "shared" if shared else "per-session",
+            "python": platform.python_version()}
 
 
 def _installed(name: str) -> bool:

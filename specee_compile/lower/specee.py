@@ -92,6 +92,7 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
         "exit_mode": exit_mode,
         "predictor_layers": list(layers),
         "schedule": cal.schedule.to_dict(),
+        "cost_model": {k: v for k, v in cal.meta["cost_model"].items() if k != "seconds_per_layer"},
         "draft": {"file": f"{FOLDER}/draft.onnx", "vocab_size": int(len(cal.draft.vocab_map)),
                   "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
         "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},

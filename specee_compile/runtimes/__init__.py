@@ -7,7 +7,9 @@ from pathlib import Path
 from specee_compile.bundle import read_manifest
 from specee_compile.errors import BundleError
 
-__all__ = ["load"]
+from specee_compile.runtimes.ort import share_threads
+
+__all__ = ["load", "share_threads"]
 
 
 def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,

@@ -57,6 +57,27 @@ class Scored:
 
 
 SPINNING = ("always", "during_run", "never")
+_shared_pool: dict = {}  # set by share_threads: {"threads": n}
+
+
+def share_threads(threads: int | None = None) -> None:
+    """Run every session this package creates from now on in ONE process-wide ONNX Runtime
+    intra-op thread pool of ``threads`` threads (default: ONNX Runtime's choice, the physical
+    cores), instead of a pool per session.
+
+    A SpecEE engine runs several sessions per decode step (the draft, then the segments). Each
+    with its own pool, the idle pools' threads must sleep so as not to spin against the running
+    one, and are woken again for every op; one shared pool stays warm across sessions. This is
+    process-wide: once it is on, ONNX Runtime refuses any session, ours or another library's,
+    that asks for a pool of its own. So programs turn it on (the ``specee-run`` and
+    ``specee-bench`` commands do, first thing); a library should leave that choice to its caller.
+    """
+    if _shared_pool:
+        if _shared_pool["threads"] != threads:
+            logger.warning("the shared thread pool already has %s threads; keeping it", _shared_pool["threads"])
+        return
+    ort.set_global_thread_pool_sizes(threads or 0, 1)
+    _shared_pool["threads"] = threads
 
 
 def session_options(threads: int | None = None, spinning: str = "always",
@@ -68,6 +89,8 @@ def session_options(threads: int | None = None, spinning: str = "always",
     ``during_run`` (between the ops of a run, stopping when the run returns: for engines that
     run several sessions per step, whose pools would otherwise spin against each other) or
     ``never``. ``profile_dir``: write ONNX Runtime's per-node profile (Chrome trace JSON) there.
+    After :func:`share_threads` every session runs in the shared pool: ``threads`` and
+    ``spinning`` are then the pool's, not the session's.
     """
     if spinning not in SPINNING:
         raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
@@ -76,12 +99,15 @@ def session_options(threads: int | None = None, spinning: str = "always",
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(profile_dir) / "ort")
-    if threads:
-        so.intra_op_num_threads = threads
-    if spinning == "never":
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    elif spinning == "during_run":
-        so.add_session_config_entry("session.force_spinning_stop", "1")
+    if _shared_pool:
+        so.use_per_session_threads = False
+    else:
+        if threads:
+            so.intra_op_num_threads = threads
+        if spinning == "never":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif spinning == "during_run":
+            so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so

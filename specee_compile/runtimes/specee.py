@@ -107,7 +107,7 @@ class SegmentedDecode:
             raise BundleError(f"the exit threshold must be in [0, 1], got {value}.")
         self._threshold = np.array([value], np.float32)
 
-    def _active_layers(self, history: list[int]) -> np.ndarray:
+    def active_layers(self, history: list[int]) -> np.ndarray:
         """[L] bool: the predictors that run this step (the schedule's set, those that exist)."""
         active = np.zeros(self.num_layers, dtype=bool)
         active[[i for i in self.schedule.active(history) if i in self.candidates]] = True
@@ -126,7 +126,7 @@ class SegmentedDecode:
         clock = time.perf_counter()
         draft_ids = self._draft(state, [token], state.feature)
         clock = _lap(state.breakdown, "draft", clock)
-        active = self._active_layers(state.history)
+        active = self.active_layers(state.history)
         values = self._step_values(state, token, n, draft_ids, active)
         for k, exit_at in enumerate(self.segment_exit):
             outs = self._run_segment(state, k, values)
@@ -279,7 +279,7 @@ class SpecEEGraphEngine(SpecEEEngine):
         clock = time.perf_counter()
         draft_ids = self._draft(state, [token], state.feature)
         clock = _lap(state.breakdown, "draft", clock)
-        values = self._step_values(state, token, n, draft_ids, self._active_layers(state.history))
+        values = self._step_values(state, token, n, draft_ids, self.active_layers(state.history))
         b = state.seg_bindings[0]
         for name in self.segment_inputs[0]:
             b.bind_cpu_input(name, values[name])
