@@ -31,17 +31,18 @@ def _gqa_schema() -> OpSchema:
     """The part of ORT's GroupQueryAttention contract this project uses (onnx has no copy)."""
     param = OpSchema.FormalParameter
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k",
-             "total_sequence_length", "cos_cache", "sin_cache"]
-    types = ["T", "T", "T", "T", "T", "M", "M", "T", "T"]
+             "total_sequence_length", "cos_cache", "sin_cache", "position_ids", "attention_bias"]
+    types = ["T", "T", "T", "T", "T", "M", "M", "T", "T", "P", "T"]
     attrs = [("num_heads", OpSchema.AttrType.INT), ("kv_num_heads", OpSchema.AttrType.INT),
              ("scale", OpSchema.AttrType.FLOAT), ("do_rotary", OpSchema.AttrType.INT)]
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[param(n, t, "", param_option=OpSchema.FormalParameterOption.Optional
-                      if n in ("key", "value") else OpSchema.FormalParameterOption.Single)
+                      if n in ("key", "value", "position_ids", "attention_bias")
+                      else OpSchema.FormalParameterOption.Single)
                 for n, t in zip(names, types)],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
         attributes=[OpSchema.Attribute(n, t, "") for n, t in attrs],
     )
 
@@ -85,6 +86,64 @@ def _(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
     out_shape = (*qkv.shape[:2], num_heads * past_key.shape[-1])
     return qkv.new_empty(out_shape), past_key.new_empty(past_key.shape), past_value.new_empty(
         past_value.shape
+    )
+
+
+@torch.library.custom_op("specee::tree_attention", mutates_args=())
+def tree_attention(
+    qkv: torch.Tensor,  # [B, S, (H + 2*KVH)*D]: the S nodes of a token tree, parents before children
+    past_key: torch.Tensor,  # [B, KVH, CAP, D]
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,  # [B] int32: past_len + S - 1
+    total_length: torch.Tensor,  # [] int32: past_len + S
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    position_ids: torch.Tensor,  # [B, S] int64: each node's position (past_len + its depth)
+    attention_bias: torch.Tensor,  # [B, 1, S, past_len + S]: 0 where a node may look, very negative elsewhere
+    num_heads: int,
+    kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cached_attention`` over a token tree. Node s is rotated at ``position_ids[0, s]``, its
+    K/V lands in row past_len + s, and it attends to row t iff t <= past_len + s (causal by
+    row, as GroupQueryAttention) with ``attention_bias[0, 0, s, t]`` added to the score: the
+    runtime sets it very negative for the rows of nodes that are not its ancestors."""
+    b, s, _ = qkv.shape
+    d = past_key.shape[-1]
+    query, key, value = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    total = int(total_length)
+    past = total - s
+    pos = position_ids[0]
+    q = apply_rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
+    k = apply_rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
+    v = value.view(b, s, kv_heads, d).transpose(1, 2)
+    present_key = past_key.clone()
+    present_value = past_value.clone()
+    present_key[:, :, past:total] = k
+    present_value[:, :, past:total] = v
+    group = num_heads // kv_heads
+    keys = present_key[:, :, :total].repeat_interleave(group, dim=1)
+    values = present_value[:, :, :total].repeat_interleave(group, dim=1)
+    causal = torch.arange(total)[None, :] <= (past + torch.arange(s))[:, None]  # [S, T]
+    mask = attention_bias.masked_fill(~causal, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
+
+
+@tree_attention.register_fake
+def _(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, position_ids, attention_bias,
+      num_heads, kv_heads, scale):
+    out_shape = (*qkv.shape[:2], num_heads * past_key.shape[-1])
+    return qkv.new_empty(out_shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
+
+
+def tree_attention_ort(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                       position_ids, attention_bias, num_heads: int, kv_heads: int, scale: float):
+    """ONNX Runtime lowering: GroupQueryAttention with its ``position_ids`` (RoPE per node) and
+    ``attention_bias`` (the tree mask) inputs."""
+    return GROUP_QUERY_ATTENTION(
+        qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, position_ids,
+        attention_bias, num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1,
     )
 
 
@@ -147,6 +206,7 @@ def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
     return op.Reshape(out, ints(0, -1, num_heads * d)), present_key, present_value
 
 
-ORT_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_ort}
+ORT_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_ort,
+                    torch.ops.specee.tree_attention.default: tree_attention_ort}
 ONNX_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_onnx}
 TRANSLATIONS = {"ort": ORT_TRANSLATIONS, "trt": ONNX_TRANSLATIONS}  # by graph target

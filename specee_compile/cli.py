@@ -116,6 +116,9 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-mode", choices=["segments", "graph"], default=None,
                    help="with --specee: segments (one graph per block of layers, the runtime stops at the first "
                         "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
+    p.add_argument("--tree", action="store_true",
+                   help="with --specee: also export the tree verification graph for lossless tree speculation "
+                        "(specee-run --tree)")
     p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -131,7 +134,8 @@ def _compile_main(args) -> int:
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
-        exit_mode=args.exit_mode or "segments", backend=args.backend, precision=args.precision, check=args.check,
+        exit_mode=args.exit_mode or "segments", tree=args.tree, backend=args.backend, precision=args.precision,
+        check=args.check,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -170,6 +174,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
+    p.add_argument("--tree", type=int, default=None, metavar="W",
+                   help="lossless tree speculation verifying W draft candidates per step (1-4; a SpecEE bundle "
+                        "compiled with --tree)")
     _thread_pool(p)
     _common(p)
     return p
@@ -180,7 +187,8 @@ def _run_main(args) -> int:
 
     if args.thread_pool == "shared":
         share_threads(args.threads)
-    engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold)
+    engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold,
+                  tree_width=args.tree)
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
         stream=None if args.quiet or args.show_exits else lambda s: print(s, end="", flush=True),
@@ -191,7 +199,10 @@ def _run_main(args) -> int:
         print(result.text)
     else:
         print()
-    if result.exit_layers and not args.no_exit and "specee" in engine.manifest:
+    if result.accepted_lengths:
+        mean = sum(result.accepted_lengths) / len(result.accepted_lengths)
+        print(f"[tree width {args.tree}: {mean:.2f} tokens per target forward]", file=sys.stderr)
+    elif result.exit_layers and not args.no_exit and "specee" in engine.manifest:
         mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
         print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
     print(
@@ -291,6 +302,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true",
                    help="also run the eager reference decoder (PyTorch; slow) on the prompts and report on how many "
                         "steps each SpecEE bundle emits the same token from the same exit layer")
+    p.add_argument("--tree", default="", metavar="W1,W2,...",
+                   help="also time lossless tree speculation verifying W draft candidates per step (1-4), with the "
+                        "first SpecEE bundle (compiled with --tree)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")
@@ -310,13 +324,17 @@ def _bench_main(args) -> int:
         sweep = tuple(float(t) for t in args.sweep.split(",") if t.strip())
     except ValueError as e:
         raise ConfigError(f"--sweep takes comma-separated thresholds like 0.5,0.7,0.9 ({e}).") from e
+    try:
+        widths = tuple(int(w) for w in args.tree.split(",") if w.strip())
+    except ValueError as e:
+        raise ConfigError(f"--tree takes comma-separated widths like 2,4 ({e}).") from e
     settings = BenchSettings(
         model=args.model, out=Path(args.out), bundles=tuple(args.bundle), configs=tuple(args.config),
         prompts=args.prompts, limit=args.limit, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
         sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
         quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
-        reference=args.reference)
+        reference=args.reference, tree_widths=widths)
     run(settings, progress=not args.quiet)
     out = Path(args.out)
     print((out / "report.md").read_text() if not args.quiet else "", end="")

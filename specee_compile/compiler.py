@@ -112,7 +112,7 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         spec_graphs = specee_lowering.build(
             config.model, hf_model, capacity, calib_file=config.calib_file, rule=config.exit_rule,
             threshold=config.threshold, opt_level=config.opt_level, progress=stages.disable is False,
-            calibration=config.calibration, target=target, exit_mode=config.exit_mode)
+            calibration=config.calibration, target=target, exit_mode=config.exit_mode, tree=config.tree)
 
     checked = None
     if target == "trt":

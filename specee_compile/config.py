@@ -39,6 +39,8 @@ class CompileConfig:
             layers, the runtime stops after the first block whose exit flag is set) or
             "graph" (one decode graph with a nested ``If`` after every predictor layer).
             TensorRT bundles take "segments" only: one engine per segment and one for the draft.
+        tree: with ``specee``, also export the tree verification graph (``specee/tree.onnx``)
+            that lossless tree speculation runs (``load(bundle, tree_width=k)``). ONNX Runtime only.
         precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
             Runtime bundles are fp32 only. Empty: the backend's default.
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
@@ -59,6 +61,7 @@ class CompileConfig:
     exit_rule: str = "full"
     threshold: float = 0.0  # 0: the calibrated threshold
     exit_mode: str = "segments"
+    tree: bool = False
     calibration: Path | None = None  # a calibration artifact folder to use as is
     precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
     check: str = ""
@@ -106,6 +109,12 @@ class CompileConfig:
                 f"'{self.exit_mode}' is not built for TensorRT. Drop --exit-mode, or compile --out NAME.onnx "
                 f"--specee --exit-mode {self.exit_mode} --check trt for its TensorRT-checked graph."
             )
+        if self.tree and not self.specee:
+            raise ConfigError("tree speculation needs the draft of a SpecEE bundle; add --specee (specee=true) or drop "
+                              "--tree.")
+        if self.tree and (self.backend != "ort" or self.check):
+            raise ConfigError("the tree verification graph is built for ONNX Runtime only; compile --out NAME.onnx "
+                              "without --check trt, or drop --tree.")
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:

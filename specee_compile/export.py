@@ -104,15 +104,49 @@ class StepLayer(nn.Module):
             [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
         )
 
-    def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache):
+    def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, tree=None):
+        """``tree``: (position_ids, attention_bias) when the S tokens are the nodes of a token tree."""
         attn = self.layer.self_attn
         x = self.layer.input_layernorm(h)  # [1, S, d]
-        out, present_key, present_value = torch.ops.specee.cached_attention(
-            self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, self.num_heads, self.kv_heads, self.scale,
-        )
+        if tree is None:
+            out, present_key, present_value = torch.ops.specee.cached_attention(
+                self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, self.num_heads,
+                self.kv_heads, self.scale,
+            )
+        else:
+            out, present_key, present_value = torch.ops.specee.tree_attention(
+                self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, *tree,
+                self.num_heads, self.kv_heads, self.scale,
+            )
         h = h + attn.o_proj(out)
         h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
         return h, present_key, present_value
+
+
+class TreeStep(DecoderStep):
+    """The verification step of tree speculation: the S new tokens are the nodes of a token
+    tree (parents before children) rooted at position past_sequence_length.
+
+    inputs   input_ids [1, S], past_sequence_length [1], position_ids [1, S] (past + depth),
+             attention_bias [1, 1, S, past + S] (0: visible, very negative: another branch),
+             past_key_values.{i}.key|value
+    outputs  tokens [1, S] int64 (greedy: the argmax of every node's logits), features [1, S, d],
+             present.{i}.key|value (node s written at row past + s)
+    """
+
+    def forward(self, input_ids, past_sequence_length, position_ids, attention_bias, past: list[torch.Tensor]):
+        s = input_ids.shape[1]
+        total = past_sequence_length + s
+        seqlens_k = (total - 1).to(torch.int32)
+        total_i32 = total.to(torch.int32).reshape(())
+        h = self.embed_tokens(input_ids)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32, self.cos_cache, self.sin_cache,
+                              tree=(position_ids, attention_bias))
+            presents += [pk, pv]
+        z = self.norm(h)
+        return (self.lm_head(z).argmax(-1), z, *presents)
 
 
 def _packed_linear(linears: list[nn.Linear]) -> nn.Linear:
@@ -185,6 +219,36 @@ def export_step(hf_model: nn.Module, capacity: int, target: str = "ort") -> tupl
     model.graph.inputs[0].shape = ir.Shape([1, ir.SymbolicDim("sequence")])
     _name_structure(model, shapes.num_layers)
     return model, shapes
+
+
+def export_tree(hf_model: nn.Module, capacity: int) -> ir.Model:
+    """Export the tree verification step (``TreeStep``) for ONNX Runtime."""
+    step = TreeStep(hf_model, capacity).eval()
+    layers = len(step.blocks)
+    past = torch.zeros(1, step.kv_heads, capacity, step.head_dim)
+    example = (torch.zeros(1, 3, dtype=torch.int64), torch.full((1,), 2, dtype=torch.int64),
+               torch.tensor([[2, 3, 3]]), torch.zeros(1, 1, 3, 5), [past.clone() for _ in range(2 * layers)])
+    seq = torch.export.Dim("sequence", min=1, max=capacity)
+    total = torch.export.Dim("total", min=1, max=capacity)
+    dynamic = {"input_ids": {1: seq}, "past_sequence_length": None, "position_ids": {1: seq},
+               "attention_bias": {2: seq, 3: total}, "past": [None] * (2 * layers)}
+    names = input_names(layers)
+    names[2:2] = ["position_ids", "attention_bias"]
+    outputs = output_names(layers)
+    outputs[0] = "tokens"
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step, example, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
+                dynamic_shapes=dynamic, custom_translation_table=_translations("ort"), optimize=True, verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed on the tree verification step: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}. Run with -v for the exporter's report.") from e
+    model = program.model
+    _name_structure(model, layers)
+    return model
 
 
 def _translations(target: str) -> dict:

@@ -32,17 +32,17 @@ def calibrations(tiny_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_dirs, calibrations, tmp_path_factory):
-    """bundle(family, threshold, rule, exit_mode="segments", check="") -> a compiled tiny SpecEE bundle,
+    """bundle(family, threshold, rule, exit_mode="segments", check="", tree=False) -> a compiled tiny SpecEE bundle,
     compiled once per module (tests that change a bundle copy it first)."""
     built = {}
 
-    def get(family, threshold, rule, exit_mode="segments", check=""):
-        key = (family, threshold, rule, exit_mode, check)
+    def get(family, threshold, rule, exit_mode="segments", check="", tree=False):
+        key = (family, threshold, rule, exit_mode, check, tree)
         if key not in built:
             out = tmp_path_factory.mktemp("specee") / f"{family}.onnx"
             built[key] = compile_bundle(CompileConfig(
                 model=str(tiny_dirs[family]), out=out, max_context=64, specee=True, calibration=calibrations[family],
-                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check), progress=False)
+                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check, tree=tree), progress=False)
         return built[key]
 
     return get
@@ -267,3 +267,13 @@ def test_exit_mode_without_specee_is_refused(capsys):
         CompileConfig(model="smollm2", out="x.onnx", exit_mode="graph")
     with pytest.raises(ConfigError, match="exit_mode 'ifs' is unknown"):
         CompileConfig(model="smollm2", out="x.onnx", specee=True, exit_mode="ifs")
+
+
+def test_compiling_warns_when_the_calibration_predicts_no_speedup(caplog):
+    from specee_compile.lower.specee import _warn_if_slower
+
+    with caplog.at_level("WARNING", logger="specee_compile.lower.specee"):
+        _warn_if_slower({"relative_cost": 0.93, "agreement": 0.985, "mean_layers": 26.1}, 30)
+        assert not caplog.records
+        _warn_if_slower({"relative_cost": 1.048, "agreement": 0.9858, "mean_layers": 29.58}, 30)
+    assert "104.8% of the dense cost" in caplog.text and "29.58 of 30 layers" in caplog.text

@@ -52,6 +52,13 @@ def exits(runs: list[Run], num_layers: int) -> dict:
             "exit_histogram": {str(k): v for k, v in sorted(Counter(layers).items())}}
 
 
+def tree(runs: list[Run]) -> dict:
+    """Tokens emitted per target forward (the root's greedy token, plus the accepted candidate's)."""
+    accepted = [a for r in runs for a in r.accepted_lengths]
+    return {"tokens_per_forward": statistics.mean(accepted) if accepted else float("nan"),
+            "acceptance_rate": sum(a > 1 for a in accepted) / max(len(accepted), 1), "forwards": len(accepted)}
+
+
 def step_parts(runs: list[Run], dense: list[Run], shares: dict, active_layers, num_layers: int, rule: str,
                head_seconds: float, reduced_head_seconds: float) -> dict:
     """The measured step time at each exit layer against the sum of its parts, each measured

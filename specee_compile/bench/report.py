@@ -21,6 +21,7 @@ def write(report: dict, out: Path) -> None:
 def markdown(r: dict) -> str:
     systems = r["systems"]
     has_hf = "transformers" in systems
+    has_genai = "genai" in systems
     lines = [f"# specee-bench report: {r['model']['source']}", "",
              f"`{r['command']}`", "",
              f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "
@@ -33,12 +34,14 @@ def markdown(r: dict) -> str:
              "the systems run interleaved prompt by prompt in a rotating order. Ratios are medians over prompts of "
              "per-prompt ratios between systems timed in this run.", "",
              "## Speed", "",
-             "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |" + (" × transformers |" if has_hf else ""),
-             "|---|---|---|---|---|" + ("---|" if has_hf else "")]
+             "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |" + (" × transformers |" if has_hf else "")
+             + (" × GenAI |" if has_genai else ""),
+             "|---|---|---|---|---|" + ("---|" if has_hf else "") + ("---|" if has_genai else "")]
     for name, s in systems.items():
         lines.append(f"| {name} | {s['decode_tps_median']:.1f} | {s['decode_tps_q1']:.1f}–{s['decode_tps_q3']:.1f} | "
                      f"{s['ttft_ms_median']:.0f} | {_x(s['speedup_vs_dense'])} |"
-                     + (f" {_x(s['speedup_vs_transformers'])} |" if has_hf else ""))
+                     + (f" {_x(s['speedup_vs_transformers'])} |" if has_hf else "")
+                     + (f" {_x(s['speedup_vs_genai'])} |" if has_genai else ""))
     lines += ["", "## Quality against dense greedy (the dense bundle's tokens)", "",
               "Exact match and first divergence: free-running outputs of the timed runs. Teacher-forced agreement: "
               "fed the dense prefix, the share of positions where the system emits the dense token. Perplexity: "
@@ -89,6 +92,24 @@ def markdown(r: dict) -> str:
                               for d in c["differences"][:5]) or "none"
             lines.append(f"| {name} | {c['step_agreement']:.2%} of {c['steps']} | {c['identical_prompts']} of "
                          f"{c['prompts']} | {shown} |")
+    trees = {n: s for n, s in systems.items() if s["kind"] == "tree"}
+    if trees:
+        lines += ["", "## Tree speculation (lossless)", "",
+                  "Per step the draft proposes W candidates for the next token; one target forward over the tree "
+                  "[newest token, candidates] gives the dense greedy token and, when a candidate is that token, the "
+                  "one after it. Shares of decode time come from the runtime's timers.", "",
+                  "| system | width | tokens per target forward | steps accepting a candidate | draft | verification "
+                  "| exact match vs dense |", "|---|---|---|---|---|---|---|"]
+        for name, s in trees.items():
+            lines.append(f"| {name} | {s['width']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
+                         f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {s['exact_match']:.0%} |")
+        cost = next(iter(trees.values()))["verification_ms"]
+        base = cost.get("1")
+        lines += ["", "Verification cost by tree size (nodes, the newest token included; median ms of one forward "
+                  "after the first prompt):", "",
+                  "| nodes | " + " | ".join(cost) + " |", "|---|" + "---|" * len(cost),
+                  "| ms | " + " | ".join(f"{v:.1f}" for v in cost.values()) + " |",
+                  "| × one node | " + " | ".join(f"{v / base:.2f}" for v in cost.values()) + " |"]
     if r["sweep"]:
         lines += ["", "## Threshold sweep", "",
                   f"{r['sweep'][0]['system']} on the first {r['settings']['sweep_prompts']} prompts, each threshold "

@@ -72,6 +72,8 @@ class BenchSettings:
     force: bool = False
     shared_threads: bool = False  # one ONNX Runtime thread pool for the whole process (runtimes.share_threads)
     reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
+    tree_widths: tuple[int, ...] = ()  # lossless tree speculation at these widths, with the first SpecEE bundle
+    tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
 
     def resolved(self) -> "BenchSettings":
         """Apply --quick's presets and check every field."""
@@ -84,6 +86,8 @@ class BenchSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}.")
         if s.threads is not None and s.threads <= 0:
             raise ConfigError(f"--threads must be positive, got {s.threads}.")
+        if any(not 1 <= w <= 4 for w in s.tree_widths):
+            raise ConfigError(f"--tree widths must be from 1 to 4 (the draft's candidates), got {list(s.tree_widths)}.")
         bad = [t for t in s.sweep if not 0.0 <= t <= 1.0]
         if bad:
             raise ConfigError(f"sweep thresholds must be in [0, 1]; got {bad}.")
@@ -129,6 +133,15 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                               "out --reference.")
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
+    if s.tree_widths:
+        with_tree = next((b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]), None)
+        if with_tree is None:
+            raise ConfigError("--tree needs a SpecEE bundle compiled with --tree; compile one (specee-compile --specee "
+                              "--tree) and pass it with --bundle, or let specee-bench compile it (--config).")
+        for w in s.tree_widths:
+            engine = load(with_tree.path, threads=s.threads, tree_width=w)
+            systems.append(bundle_system(f"tree-w{w}", "tree", engine, s.new_tokens,
+                                         {"width": w, "path": str(with_tree.path)}))
     hf, _ = model_load.load(model_dir)
     eos = dense_engine.eos_token_ids
     if s.transformers:
@@ -165,7 +178,13 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                **measure.agreement_free_running(r[:n], dense_tokens)}
         if "transformers" in runs:
             row["speedup_vs_transformers"] = measure.paired_ratio(r, runs["transformers"])
-        if system.engine is not None:
+        if "genai" in runs:
+            row["speedup_vs_genai"] = measure.paired_ratio(r, runs["genai"])
+        if system.kind == "tree":
+            row.update(measure.tree(r), **measure.time_shares(r))
+            row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
+                prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
+        elif system.engine is not None:
             row["perplexity"] = _perplexity(system.engine, ppl_set, head, progress, system.name)
         if system.kind == "specee":
             row.update(measure.exits(r, L))
@@ -210,6 +229,8 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
         raise ConfigError("give at most one dense bundle; SpecEE bundles hold their own dense graph as well.")
     configs = list(s.configs) or ([] if any(b.specee for b in found) else [""])
     calibration = None
+    if s.tree_widths and not configs and not any(b.specee for b in found):
+        configs = [""]
     if s.quick and configs:
         calibration = calibrate(s.model, CalibrationSettings(**QUICK_CALIBRATION), progress=progress)
     for k, overrides in enumerate(configs):
@@ -220,7 +241,7 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
             name = f"{name}#{k}"
         path = out / "bundles" / (f"specee-{k}.onnx" if pairs else "specee.onnx")
         config = with_overrides(CompileConfig(model=s.model, out=path, specee=True, max_context=s.max_context,
-                                              calibration=calibration, force=True), pairs)
+                                              calibration=calibration, force=True, tree=bool(s.tree_widths)), pairs)
         if not _matches(path, config):
             from specee_compile.compiler import compile as compile_bundle
 
@@ -234,7 +255,7 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
 def _matches(path: Path, config: CompileConfig) -> bool:
     """An earlier run's bundle at ``path`` compiled from the same configuration can be reused."""
     keys = ("model", "max_context", "opt_level", "specee", "calib_file", "exit_rule", "threshold", "calibration",
-            "skip_passes")
+            "skip_passes", "tree")
     try:
         recorded = read_manifest(path, verify=False)["compile"]
     except (SpecEEError, KeyError):

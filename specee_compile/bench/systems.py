@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 KINDS = {"transformers": "Hugging Face transformers, eager, greedy generate",
          "dense": "this compiler's dense bundle (ONNX Runtime)",
          "specee": "this compiler's SpecEE bundle (ONNX Runtime)",
+         "tree": "lossless tree speculation with a SpecEE bundle's draft (ONNX Runtime)",
          "genai": "ONNX Runtime GenAI, fp32 CPU build of the same model"}
 
 
@@ -39,6 +40,7 @@ class Run:
     breakdown: dict[str, float] = field(default_factory=dict)
     decode_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)  # tree speculation: tokens per target forward
 
 
 @dataclass
@@ -86,7 +88,7 @@ def bundle_system(name: str, kind: str, engine, new_tokens: int, settings: dict 
     def generate(ids: list[int]) -> Run:
         g = engine.generate(ids, max_new_tokens=new_tokens)
         return Run(g.token_ids, g.time_to_first_token, g.decode_tokens_per_second, g.exit_layers, g.breakdown,
-                   g.decode_seconds, g.step_seconds)
+                   g.decode_seconds, g.step_seconds, g.accepted_lengths)
 
     return System(name, kind, generate, engine, settings or {})
 

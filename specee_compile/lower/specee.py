@@ -12,6 +12,7 @@ them from the saved graphs' I/O, the compiler builds them, ``with_engines`` reco
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.numpy import save_file
 from specee_compile.bundle import io_contract
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.errors import BackendError
-from specee_compile.export import export_draft, export_step
+from specee_compile.export import export_draft, export_step, export_tree
 from specee_compile.functional import rope_tables
 from specee_compile.lower.exit_graph import nest_segments
 from specee_compile.lower.segments import Segment, save_segments, split_segments
@@ -33,9 +34,13 @@ from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
 from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
 from specee_compile.passes.insert_predictors import InsertPredictorsPass
 
+logger = logging.getLogger(__name__)
+
 FOLDER = "specee"
 EXIT_MODES = ("segments", "graph")
 DECODE_FILE = "decode.onnx"
+TREE_FILE = "tree.onnx"
+DRAFT_CANDIDATES = 4  # the draft graph's draft_ids: its top 4, the widest tree it can propose
 
 
 @dataclass
@@ -46,6 +51,7 @@ class SpecEEGraphs:
     kv_fill: dict[str, np.ndarray]
     manifest: dict
     pass_log: list[dict]
+    tree: ir.Model | None = None  # the tree verification step, when asked for
 
 
 def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
@@ -59,13 +65,14 @@ def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
 
 def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full", threshold=0.0,
           opt_level="O1", progress=True, calibration: Path | None = None, target="ort",
-          exit_mode="segments") -> SpecEEGraphs:
+          exit_mode="segments", tree=False) -> SpecEEGraphs:
     """``target`` "trt" exports standard ONNX attention and skips the ONNX Runtime fusions;
     ``exit_mode`` "graph" nests the segments into one decode graph (see lower/exit_graph.py)."""
     cal_dir = calibration or calibrate(model_source, CalibrationSettings(calib_file=calib_file, rule=rule),
                                        progress=progress)
     cal = load_calibration(cal_dir, hf_model)
     L = hf_model.config.num_hidden_layers
+    _warn_if_slower(cal.meta.get("chosen", {}), L)
     threshold = threshold or cal.threshold
     reach = max(0, -min(cal.schedule.offsets, default=0))
     lo = max(0, min(cal.schedule.offline_layers, default=0) - reach)
@@ -84,6 +91,11 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
         decode = nest_segments(segments, input_names, kv_fill, _eps(hf_model), L, kv_heads, rows=target == "trt")
         segments = []
     draft = export_draft(cal.draft, capacity, target)
+    tree_model = None
+    if tree:
+        tree_model = export_tree(hf_model, capacity)
+        if opt_level != "O0":
+            FuseOrtTransformersPass()(tree_model)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,
@@ -97,7 +109,19 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
                   "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
         "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},
     }
-    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log)
+    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log, tree_model)
+
+
+def _warn_if_slower(chosen: dict, num_layers: int) -> None:
+    """Say so when the calibration itself predicts no speedup for this model."""
+    cost = chosen.get("relative_cost")
+    if cost is not None and cost >= 1.0:
+        logger.warning(
+            "the calibration predicts SpecEE decode steps at %.1f%% of the dense cost on this model (%.1f%% "
+            "agreement, %.2f of %d layers executed on average): expect no speedup over the dense graph, which the "
+            "bundle keeps (specee-run --no-exit). A draft that hits more often lets exits come earlier.",
+            100 * cost, 100 * chosen.get("agreement", float("nan")), chosen.get("mean_layers", float("nan")),
+            num_layers)
 
 
 def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
@@ -110,6 +134,9 @@ def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
     save_file(graphs.kv_fill, folder / "kv_fill.safetensors")
     spec = dict(graphs.manifest)
     spec["draft"] = {**spec["draft"], **io_contract(graphs.draft)}
+    if graphs.tree is not None:
+        ir.save(graphs.tree, folder / TREE_FILE, external_data=TREE_FILE + ".data")
+        spec["tree"] = {"file": f"{FOLDER}/{TREE_FILE}", "max_width": DRAFT_CANDIDATES, **io_contract(graphs.tree)}
     if graphs.decode is not None:
         spec["decode"] = {"file": f"{FOLDER}/{DECODE_FILE}", **io_contract(graphs.decode)}
     else:

@@ -6,14 +6,13 @@ from pathlib import Path
 
 from specee_compile.bundle import read_manifest
 from specee_compile.errors import BundleError
-
 from specee_compile.runtimes.ort import share_threads
 
 __all__ = ["load", "share_threads"]
 
 
 def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,
-         threshold: float | None = None, profile_dir: str | Path | None = None):
+         threshold: float | None = None, profile_dir: str | Path | None = None, tree_width: int | None = None):
     """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
 
     Args:
@@ -24,6 +23,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
         threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
         profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
+        tree_width: decode by lossless tree speculation, verifying this many draft candidates
+            per step (1 to 4), with a SpecEE bundle compiled with ``--tree``.
     """
     from transformers import AutoTokenizer
 
@@ -37,6 +38,13 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
     except Exception as e:
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
     specee = "specee" in manifest and not dense
+    if tree_width is not None:
+        if "specee" not in manifest or backend != "onnxruntime" or dense or threshold is not None:
+            raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
+                              f"dense or a threshold; {path} with these options is not one.")
+        from specee_compile.runtimes.tree import TreeEngine
+
+        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, width=tree_width)
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     if backend == "tensorrt":

@@ -38,6 +38,7 @@ class Generation:
     decode_steps: int = 0
     exit_layers: list[int] = field(default_factory=list)  # per token; L-1 for prefill and full depth
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per engine part (SpecEE)
+    accepted_lengths: list[int] = field(default_factory=list)  # tree speculation: tokens per target forward
     step_seconds: list[float] = field(default_factory=list)  # per decode step; step k made token k + 1
 
     @property
@@ -146,6 +147,7 @@ class _CacheState:
         self.past_len_value = ort.OrtValue.ortvalue_from_numpy(self.past_len)
         self.last_features = self.step_features
         self.breakdown: dict[str, float] = {}  # decode seconds per engine part, for engines that split a step
+        self.accepted: list[int] = []  # tokens emitted per target forward, for engines that speculate
 
 
 class OrtEngine:
@@ -273,7 +275,7 @@ class OrtEngine:
         return state.last_features.numpy()[0, -1].copy()
 
     def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
-        state.breakdown = {}
+        state.breakdown, state.accepted = {}, []
         start = time.perf_counter()
         token = self._first_token(state, ids)
         first_token_at = time.perf_counter()
@@ -320,6 +322,7 @@ class OrtEngine:
             exit_layers=[self.num_layers - 1] + exits[: max(len(out) - 1, 0)],
             breakdown=dict(state.breakdown),
             step_seconds=step_seconds,
+            accepted_lengths=list(state.accepted),
         )
 
     def _first_token(self, state: _CacheState, ids: list[int]) -> int:
