@@ -21,7 +21,7 @@ def write(report: dict, out: Path) -> None:
 def markdown(r: dict) -> str:
     systems = r["systems"]
     has_hf = "transformers" in systems
-    has_genai = "genai" in systems
+    has_genai = any(s["kind"] == "genai" for s in systems.values())
     lines = [f"# specee-bench report: {r['model']['source']}", "",
              f"`{r['command']}`", "",
              f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "

@@ -171,6 +171,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     ppl_set = _perplexity_set(s, dense_engine)
     L = dense_engine.num_layers
     results, heads = {}, None
+    genai_name = next((x.name for x in systems if x.kind == "genai"), None)
     for system in systems:
         r = runs[system.name]
         row = {"kind": system.kind, "description": KINDS[system.kind], **system.settings, **measure.speed(r),
@@ -178,8 +179,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                **measure.agreement_free_running(r[:n], dense_tokens)}
         if "transformers" in runs:
             row["speedup_vs_transformers"] = measure.paired_ratio(r, runs["transformers"])
-        if "genai" in runs:
-            row["speedup_vs_genai"] = measure.paired_ratio(r, runs["genai"])
+        if genai_name:
+            row["speedup_vs_genai"] = measure.paired_ratio(r, runs[genai_name])
         if system.kind == "tree":
             row.update(measure.tree(r), **measure.time_shares(r))
             row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
