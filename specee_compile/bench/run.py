@@ -230,8 +230,6 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
         raise ConfigError("give at most one dense bundle; SpecEE bundles hold their own dense graph as well.")
     configs = list(s.configs) or ([] if any(b.specee for b in found) else [""])
     calibration = None
-    if s.tree_widths and not configs and not any(b.specee for b in found):
-        configs = [""]
     if s.quick and configs:
         calibration = calibrate(s.model, CalibrationSettings(**QUICK_CALIBRATION), progress=progress)
     for k, overrides in enumerate(configs):

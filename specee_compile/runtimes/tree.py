@@ -21,6 +21,7 @@ floating-point differences between the one-token and the many-token kernels.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class TreeEngine(SpecEEEngine):
                 for array in state.arrays:  # the accepted child's K/V goes to the path's next row
                     array[0, :, n + 1, :] = array[0, :, n + j, :]
             state.pending = [int(tokens[j])]
-            state.draft_prefix = [(first, feats[:, :1])]
+            state.draft_prefix = [(first, feats[:, :1].copy())]
             state.feature = feats[:, j:j + 1].copy()
             state.accepted.append(2)
         else:
@@ -127,8 +128,6 @@ class TreeEngine(SpecEEEngine):
     def verification_seconds(self, prompt, sizes, repeats: int = 10) -> dict[int, float]:
         """Median seconds of one tree verification forward per tree size (nodes, the root
         included) after ``prompt``: what verifying more candidates costs on this machine."""
-        import statistics
-
         ids = self.encode(prompt)
         rng = np.random.default_rng(0)
         state = self._acquire()
