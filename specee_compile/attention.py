@@ -50,6 +50,22 @@ def _gqa_schema() -> OpSchema:
 GROUP_QUERY_ATTENTION = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
 
 
+def _rotate_and_write(qkv, past_key, past_value, positions, total: int, cos_cache, sin_cache, num_heads: int,
+                      kv_heads: int):
+    """Split packed QKV [B, S, ...], rotate q and k at ``positions`` [S], and return q [B, H, S, D]
+    with copies of the caches holding the new K/V at rows total - S .. total - 1."""
+    b, s, _ = qkv.shape
+    d = past_key.shape[-1]
+    query, key, value = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = apply_rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[positions], sin_cache[positions])
+    k = apply_rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[positions], sin_cache[positions])
+    present_key = past_key.clone()
+    present_value = past_value.clone()
+    present_key[:, :, total - s:total] = k
+    present_value[:, :, total - s:total] = value.view(b, s, kv_heads, d).transpose(1, 2)
+    return q, present_key, present_value
+
+
 @torch.library.custom_op("specee::cached_attention", mutates_args=())
 def cached_attention(
     qkv: torch.Tensor,  # [B, S, (H + 2*KVH)*D]: packed q, k, v projections, before RoPE
@@ -64,20 +80,12 @@ def cached_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = qkv.shape
-    d = past_key.shape[-1]
-    query, key, value = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
     total = int(total_length)
-    past = total - s
-    pos = torch.arange(past, total)
-    q = apply_rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
-    k = apply_rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
-    v = value.view(b, s, kv_heads, d).transpose(1, 2)
-    present_key = past_key.clone()
-    present_value = past_value.clone()
-    present_key[:, :, past:total] = k
-    present_value[:, :, past:total] = v
+    pos = torch.arange(total - s, total)
+    q, present_key, present_value = _rotate_and_write(qkv, past_key, past_value, pos, total, cos_cache, sin_cache,
+                                                      num_heads, kv_heads)
     out = attention(q, present_key[:, :, :total], present_value[:, :, :total], pos, scale=scale)  # [B, H, S, D]
-    return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
+    return out.transpose(1, 2).reshape(b, s, -1), present_key, present_value
 
 
 @cached_attention.register_fake
@@ -109,25 +117,17 @@ def tree_attention(
     row, as GroupQueryAttention) with ``attention_bias[0, 0, s, t]`` added to the score: the
     runtime sets it very negative for the rows of nodes that are not its ancestors."""
     b, s, _ = qkv.shape
-    d = past_key.shape[-1]
-    query, key, value = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
     total = int(total_length)
     past = total - s
-    pos = position_ids[0]
-    q = apply_rope(query.view(b, s, num_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
-    k = apply_rope(key.view(b, s, kv_heads, d).transpose(1, 2), cos_cache[pos], sin_cache[pos])
-    v = value.view(b, s, kv_heads, d).transpose(1, 2)
-    present_key = past_key.clone()
-    present_value = past_value.clone()
-    present_key[:, :, past:total] = k
-    present_value[:, :, past:total] = v
+    q, present_key, present_value = _rotate_and_write(qkv, past_key, past_value, position_ids[0], total, cos_cache,
+                                                      sin_cache, num_heads, kv_heads)
     group = num_heads // kv_heads
     keys = present_key[:, :, :total].repeat_interleave(group, dim=1)
     values = present_value[:, :, :total].repeat_interleave(group, dim=1)
     causal = torch.arange(total)[None, :] <= (past + torch.arange(s))[:, None]  # [S, T]
     mask = attention_bias.masked_fill(~causal, float("-inf"))
     out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(b, s, num_heads * d), present_key, present_value
+    return out.transpose(1, 2).reshape(b, s, -1), present_key, present_value
 
 
 @tree_attention.register_fake

@@ -74,11 +74,11 @@ def markdown(r: dict) -> str:
                       f"draft {part['draft']:.2f}; predictor + exit check {part['predictor_and_check']:.3f} per "
                       f"predictor run; K/V propagation {part['kv_per_layer']:.3f} per skipped layer). Medians; a ratio "
                       "above 1 is time no part accounts for (session calls, copies, the host loop).", "",
-                      "| exit layer | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
-                      "| measured ms | " + " | ".join(f"{v['measured_ms']:.1f}" for v in rows.values()) + " |",
-                      "| sum of parts ms | " + " | ".join(f"{v['parts_ms']:.1f}" for v in rows.values()) + " |",
-                      "| measured / parts | " + " | ".join(f"{v['ratio']:.2f}" for v in rows.values()) + " |",
-                      "| steps | " + " | ".join(str(v["steps"]) for v in rows.values()) + " |"]
+                      *_wide_table("exit layer", rows, {
+                          "measured ms": lambda v: f"{v['measured_ms']:.1f}",
+                          "sum of parts ms": lambda v: f"{v['parts_ms']:.1f}",
+                          "measured / parts": lambda v: f"{v['ratio']:.2f}",
+                          "steps": lambda v: str(v["steps"])})]
     checked = {n: s["reference"] for n, s in spec.items() if "reference" in s}
     if checked:
         lines += ["", "## Compiled engine against the eager reference decoder", "",
@@ -107,9 +107,7 @@ def markdown(r: dict) -> str:
         base = cost.get("1")
         lines += ["", "Verification cost by tree size (nodes, the newest token included; median ms of one forward "
                   "after the first prompt):", "",
-                  "| nodes | " + " | ".join(cost) + " |", "|---|" + "---|" * len(cost),
-                  "| ms | " + " | ".join(f"{v:.1f}" for v in cost.values()) + " |",
-                  "| × one node | " + " | ".join(f"{v / base:.2f}" for v in cost.values()) + " |"]
+                  *_wide_table("nodes", cost, {"ms": lambda v: f"{v:.1f}", "× one node": lambda v: f"{v / base:.2f}"})]
     if r["sweep"]:
         lines += ["", "## Threshold sweep", "",
                   f"{r['sweep'][0]['system']} on the first {r['settings']['sweep_prompts']} prompts, each threshold "
@@ -123,6 +121,14 @@ def markdown(r: dict) -> str:
     if r.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in r["plots"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _wide_table(label: str, columns: dict, rows: dict) -> list[str]:
+    """A table with one column per key of ``columns`` and one row per ``rows`` entry, whose
+    function formats a column's value."""
+    lines = [f"| {label} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    return lines + [f"| {name} | " + " | ".join(cell(v) for v in columns.values()) + " |"
+                    for name, cell in rows.items()]
 
 
 def _plots(r: dict, out: Path) -> dict[str, str]:
