@@ -174,9 +174,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
-    p.add_argument("--tree", type=int, default=None, metavar="W",
-                   help="lossless tree speculation verifying W draft candidates per step (1-4; a SpecEE bundle "
-                        "compiled with --tree)")
+    p.add_argument("--tree", default=None, metavar="SHAPE",
+                   help="lossless tree speculation with trees WIDTHxDEPTHxBUDGET (e.g. 4x2x6; one number W is Wx1xW) "
+                        "of draft tokens (a SpecEE bundle compiled with --tree)")
     _thread_pool(p)
     _common(p)
     return p
@@ -188,7 +188,7 @@ def _run_main(args) -> int:
     if args.thread_pool == "shared":
         share_threads(args.threads)
     engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold,
-                  tree_width=args.tree)
+                  tree=args.tree)
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
         stream=None if args.quiet or args.show_exits else lambda s: print(s, end="", flush=True),
@@ -201,7 +201,7 @@ def _run_main(args) -> int:
         print()
     if result.accepted_lengths:
         mean = sum(result.accepted_lengths) / len(result.accepted_lengths)
-        print(f"[tree width {args.tree}: {mean:.2f} tokens per target forward]", file=sys.stderr)
+        print(f"[tree {engine.shape}: {mean:.2f} tokens per target forward]", file=sys.stderr)
     elif result.exit_layers and not args.no_exit and "specee" in engine.manifest:
         mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
         print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
@@ -302,9 +302,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true",
                    help="also run the eager reference decoder (PyTorch; slow) on the prompts and report on how many "
                         "steps each SpecEE bundle emits the same token from the same exit layer")
-    p.add_argument("--tree", default="", metavar="W1,W2,...",
-                   help="also time lossless tree speculation verifying W draft candidates per step (1-4), with the "
-                        "first SpecEE bundle (compiled with --tree)")
+    p.add_argument("--tree", default="", metavar="SHAPE1,SHAPE2,...",
+                   help="also time lossless tree speculation with trees of these shapes (WIDTHxDEPTHxBUDGET, or a "
+                        "width W for Wx1xW), with the first SpecEE bundle (compiled with --tree)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")
@@ -324,17 +324,16 @@ def _bench_main(args) -> int:
         sweep = tuple(float(t) for t in args.sweep.split(",") if t.strip())
     except ValueError as e:
         raise ConfigError(f"--sweep takes comma-separated thresholds like 0.5,0.7,0.9 ({e}).") from e
-    try:
-        widths = tuple(int(w) for w in args.tree.split(",") if w.strip())
-    except ValueError as e:
-        raise ConfigError(f"--tree takes comma-separated widths like 2,4 ({e}).") from e
+    from specee_compile.runtimes.tree import TreeShape
+
+    shapes = tuple(TreeShape.parse(t) for t in args.tree.split(",") if t.strip())
     settings = BenchSettings(
         model=args.model, out=Path(args.out), bundles=tuple(args.bundle), configs=tuple(args.config),
         prompts=args.prompts, limit=args.limit, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
         sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
         quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
-        reference=args.reference, tree_widths=widths)
+        reference=args.reference, tree_shapes=shapes)
     run(settings, progress=not args.quiet)
     out = Path(args.out)
     print((out / "report.md").read_text() if not args.quiet else "", end="")

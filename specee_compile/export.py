@@ -308,21 +308,52 @@ class DraftStep(nn.Module):
         self.scale = float(draft.layer.self_attn.scaling)
 
     def forward(self, input_ids, features, past_sequence_length, past_key, past_value):
+        f, pk, pv = self._layer(input_ids, features, past_sequence_length, past_key, past_value)
+        logits = self.draft.head(f[:, -1])  # [1, Vd]
+        top = torch.topk(logits[0], 4).indices
+        return self.draft.vocab_map[top], pk, pv
+
+    def _layer(self, input_ids, features, past_sequence_length, past_key, past_value, tree=None):
+        """The draft's normed output features [1, S, d] and its cache."""
         d = self.draft
-        s = input_ids.shape[1]
-        total = past_sequence_length + s
+        total = past_sequence_length + input_ids.shape[1]
         x = d.fc(torch.cat([d.embed(input_ids), features], dim=-1))
         layer = d.layer
-        h = layer.input_layernorm(x)
-        out, pk, pv = torch.ops.specee.cached_attention(
-            self.qkv_proj(h), past_key, past_value, (total - 1).to(torch.int32), total.to(torch.int32).reshape(()),
-            self.cos_cache, self.sin_cache, d.num_heads, d.kv_heads, self.scale,
-        )
+        qkv = self.qkv_proj(layer.input_layernorm(x))
+        args = (qkv, past_key, past_value, (total - 1).to(torch.int32), total.to(torch.int32).reshape(()),
+                self.cos_cache, self.sin_cache)
+        if tree is None:
+            out, pk, pv = torch.ops.specee.cached_attention(*args, d.num_heads, d.kv_heads, self.scale)
+        else:
+            out, pk, pv = torch.ops.specee.tree_attention(*args, *tree, d.num_heads, d.kv_heads, self.scale)
         x = x + layer.self_attn.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = d.head(d.norm(x[:, -1]))  # [1, Vd]
-        top = torch.topk(logits[0], 4).indices
-        return d.vocab_map[top], pk, pv
+        return d.norm(x), pk, pv
+
+
+class DraftTreeStep(DraftStep):
+    """The draft over the nodes of a token tree (tree speculation expands one depth per run).
+
+    inputs   input_ids [1, S], features [1, S, d] (each node's parent's feature),
+             past_sequence_length [1], position_ids [1, S], attention_bias [1, 1, S, past + S]
+             (as ``TreeStep``), past_key_values.0.key|value
+    outputs  draft_ids [S, K] (target ids of every node's top-K children, best first),
+             draft_logprobs [S, K] (their log-probabilities under the draft), draft_features
+             [1, S, d] (the draft's estimate of every node's target feature: its children's
+             input), present.0.key|value (node s written at row past + s)
+    """
+
+    def __init__(self, draft: nn.Module, capacity: int, top_k: int):
+        super().__init__(draft, capacity)
+        self.top_k = min(top_k, len(draft.vocab_map))
+
+    def forward(self, input_ids, features, past_sequence_length, position_ids, attention_bias, past_key,
+                past_value):
+        f, pk, pv = self._layer(input_ids, features, past_sequence_length, past_key, past_value,
+                                tree=(position_ids, attention_bias))
+        logprobs = torch.log_softmax(self.draft.head(f[0]), dim=-1)  # [S, Vd]
+        top = torch.topk(logprobs, self.top_k, dim=-1)
+        return self.draft.vocab_map[top.indices], top.values, f, pk, pv
 
 
 def rope_tables_like(draft: nn.Module, capacity: int):
@@ -330,24 +361,32 @@ def rope_tables_like(draft: nn.Module, capacity: int):
     return draft.cos[:n].contiguous(), draft.sin[:n].contiguous()
 
 
-def export_draft(draft: nn.Module, capacity: int, target: str = "ort") -> ir.Model:
-    """Export the draft step (prefill over many positions and one-token steps) to onnx_ir."""
-    step = DraftStep(draft, capacity).eval()
+def export_draft(draft: nn.Module, capacity: int, target: str = "ort", tree_top_k: int | None = None) -> ir.Model:
+    """Export the draft step (prefill over many positions and one-token steps) to onnx_ir;
+    with ``tree_top_k``, the tree-expanding ``DraftTreeStep`` (ONNX Runtime only)."""
     d = draft.fc.out_features
     past = torch.zeros(1, draft.kv_heads, capacity, draft.head_dim)
-    args = (torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3, d), torch.zeros(1, dtype=torch.int64),
-            past, past.clone())
     seq = torch.export.Dim("sequence", min=1, max=capacity)
+    names = ["input_ids", "features", "past_sequence_length", "past_key_values.0.key", "past_key_values.0.value"]
+    args = [torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3, d), torch.full((1,), 2, dtype=torch.int64),
+            past, past.clone()]
+    dynamic = {"input_ids": {1: seq}, "features": {1: seq}, "past_sequence_length": None, "past_key": None,
+               "past_value": None}
+    if tree_top_k is None:
+        step, outputs = DraftStep(draft, capacity).eval(), ["draft_ids"]
+    else:
+        step, outputs = DraftTreeStep(draft, capacity, tree_top_k).eval(), ["draft_ids", "draft_logprobs",
+                                                                            "draft_features"]
+        names[3:3] = ["position_ids", "attention_bias"]
+        args[3:3] = [torch.tensor([[2, 3, 3]]), torch.zeros(1, 1, 3, 5)]
+        total = torch.export.Dim("total", min=1, max=capacity)
+        dynamic = {**dynamic, "position_ids": {1: seq}, "attention_bias": {2: seq, 3: total}}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                step, args, dynamo=True, opset_version=OPSET,
-                input_names=["input_ids", "features", "past_sequence_length", "past_key_values.0.key",
-                             "past_key_values.0.value"],
-                output_names=["draft_ids", "present.0.key", "present.0.value"],
-                dynamic_shapes={"input_ids": {1: seq}, "features": {1: seq}, "past_sequence_length": None,
-                                "past_key": None, "past_value": None},
+                step, tuple(args), dynamo=True, opset_version=OPSET, input_names=names,
+                output_names=[*outputs, "present.0.key", "present.0.value"], dynamic_shapes=dynamic,
                 custom_translation_table=_translations(target), optimize=True, verbose=False,
             )
     except Exception as e:

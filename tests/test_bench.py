@@ -10,7 +10,7 @@ import pytest
 from specee_compile.cli import bench_main
 from specee_compile.testing import IN_PROCESS
 
-SYSTEMS = {"dense", "specee", "transformers", "tree-w4"}
+SYSTEMS = {"dense", "specee", "transformers", "tree-2x2x3"}
 SPEED = ("decode_tps_median", "decode_tps_q1", "decode_tps_q3", "ttft_ms_median", "speedup_vs_dense",
          "speedup_vs_transformers", "exact_match", "mean_first_divergence", "perplexity")
 SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draft_share", "segments_share",
@@ -20,7 +20,7 @@ SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draf
 @pytest.mark.slow
 def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
-    assert bench_main(["smollm2", "--quick", "--reference", "--tree", "4", "--out", str(out), "-q", *IN_PROCESS]) == 0
+    assert bench_main(["smollm2", "--quick", "--reference", "--tree", "2x2x3", "--out", str(out), "-q", *IN_PROCESS]) == 0
     report = json.loads((out / "report.json").read_text())
     systems = report["systems"]
     assert set(systems) == SYSTEMS
@@ -43,9 +43,9 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     for row in spec["step_vs_parts"].values():
         assert row["measured_ms"] > 0 and row["parts_ms"] > 0 and row["ratio"] == pytest.approx(row["measured_ms"] / row["parts_ms"])
     assert all(v > 0 for k, v in spec["part_ms"].items() if k != "kv_per_layer")
-    # lossless tree speculation: the dense tokens, one or two tokens per target forward
-    tree = systems["tree-w4"]
-    assert tree["exact_match"] == 1.0 and 1.0 <= tree["tokens_per_forward"] <= 2.0 and tree["forwards"] > 0
+    # lossless tree speculation: the dense tokens, one to depth + 1 tokens per target forward
+    tree = systems["tree-2x2x3"]
+    assert tree["exact_match"] == 1.0 and 1.0 <= tree["tokens_per_forward"] <= 3.0 and tree["forwards"] > 0
     assert 0 < tree["draft_share"] < 1 and 0 < tree["verify_share"] < 1
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
     # the compiled engine against the eager reference decoder: same tokens from the same exit layers
@@ -67,8 +67,8 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     (["--sweep", "0.5,high"], "--sweep takes comma-separated thresholds"),
     (["--sweep", "1.5"], "sweep thresholds must be in [0, 1]"),
     (["--limit", "0"], "--limit must be positive"),
-    (["--tree", "5"], "--tree widths must be from 1 to 4"),
-    (["--tree", "two"], "--tree takes comma-separated widths"),
+    (["--tree", "9"], "the width must be from 1 to 8"),
+    (["--tree", "two"], "a tree shape is WIDTHxDEPTHxBUDGET"),
     (["--prompts", "nowhere.jsonl"], "--prompts must be 'mtbench', 'sharegpt' or a JSONL file"),
 ])
 def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message):

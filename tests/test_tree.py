@@ -1,4 +1,4 @@
-"""Lossless tree speculation (depth-1 trees of draft candidates) on tiny random models."""
+"""Lossless tree speculation (EAGLE-2-style trees of draft tokens) on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,77 +8,128 @@ import pytest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
+from specee_compile.runtimes.tree import TokenTree, TreeShape
 from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
 
 NEW = 16
+SHAPES = ["1", "4", "2x2x4", "3x3x8", "8x4x20"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_tree_speculation_gives_the_dense_greedy_tokens_at_every_width(bundle, family):
+def test_tree_speculation_gives_the_dense_greedy_tokens_for_every_shape(bundle, family):
     out = bundle(family, 0.3, "full", tree=True)
     dense = load(out, dense=True)
-    engine = load(out, tree_width=1)
-    for width in range(1, 5):
-        engine.width = width
+    engine = load(out, tree="1")
+    for shape in SHAPES:
+        engine.shape = shape
         for prompt in PROMPTS:
             got = engine.generate(prompt, max_new_tokens=NEW)
-            assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids, (family, width)
-            assert set(got.accepted_lengths) <= {1, 2}
+            assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids, (family, shape)
+            assert max(got.accepted_lengths) <= engine.shape.depth + 1
             assert sum(got.accepted_lengths) >= len(got.token_ids) - 1  # every later token came from a tree step
             assert set(got.exit_layers) == {engine.num_layers - 1}
 
 
-@pytest.mark.parametrize("slot", [0, 2])
-def test_an_accepted_candidate_keeps_the_cache_on_the_accepted_path(bundle, slot):
-    """A draft that always proposes the right token (in slot ``slot`` of 3): every step accepts
-    two tokens, the accepted child's K/V moves to the path's row (slot 2: a real copy), and the
+def _oracle_draft(engine, sequence, slot):
+    """Replace the draft's tree by a chain of the right tokens, each with a wrong sibling first
+    when ``slot`` is 1: every step accepts the whole chain."""
+
+    def draft(state, token, n):
+        engine._real_draft(state, token, n)  # keeps the draft's cache and bookkeeping as in real decoding
+        tokens, parents, depths = [token], [-1], [0]
+        for d in range(1, engine.shape.depth + 1):
+            right = sequence[n + d] if n + d < len(sequence) else 0
+            parent = len(tokens) - 1
+            for t in ([(right + 1) % engine.vocab_size] if slot else []) + [right]:
+                tokens.append(t)
+                parents.append(parent)
+                depths.append(d)
+        return TokenTree(tokens, parents, depths)
+
+    return draft
+
+
+@pytest.mark.parametrize("slot", [0, 1])
+def test_an_accepted_path_keeps_the_cache_on_its_rows(bundle, slot):
+    """With a draft that always knows the next 3 tokens, every step emits 4; with a wrong
+    sibling before every right node (slot 1) the accepted rows are copied down, and the
     output still equals dense greedy decoding."""
     out = bundle("llama", 0.3, "full", tree=True)
     dense = load(out, dense=True)
-    engine = load(out, tree_width=3)
-    verify = engine._verify
+    engine = load(out, tree="2x3x6")
+    engine._real_draft = engine._draft_tree
     for prompt in PROMPTS:
         want = dense.generate(prompt, max_new_tokens=NEW).token_ids
-        sequence = list(prompt) + want
-
-        def oracle(state, token, candidates, n):
-            right = sequence[n + 1] if n + 1 < len(sequence) else None
-            others = [c for c in candidates if c != right]
-            candidates[:] = others[:slot] + [right] + others[slot:2] if right is not None else candidates
-            return verify(state, token, candidates, n)
-
-        engine._verify = oracle
+        engine._draft_tree = _oracle_draft(engine, list(prompt) + want, slot)
         got = engine.generate(prompt, max_new_tokens=NEW)
         assert got.token_ids == want
-        assert got.accepted_lengths[: len(want) // 2 - 1] == [2] * (len(want) // 2 - 1)
+        assert got.accepted_lengths[:3] == [4, 4, 4]
 
 
 def test_tree_speculation_refuses_what_it_cannot_run(bundle):
     plain = bundle("llama", 0.3, "full")
     with pytest.raises(BundleError, match="recompile it with --specee --tree"):
-        load(plain, tree_width=2)
-    with pytest.raises(BundleError, match="tree width must be an integer from 1 to 4"):
-        load(bundle("llama", 0.3, "full", tree=True), tree_width=5)
+        load(plain, tree=2)
+    tree = bundle("llama", 0.3, "full", tree=True)
+    for shape, message in (("9", "width must be from 1 to 8"), ("2x2x7", "budget must be from 1 to the 6 nodes"),
+                           ("2x0x2", "depth must be at least 1"), ("wide", "WIDTHxDEPTHxBUDGET")):
+        with pytest.raises(ConfigError, match=message):
+            load(tree, tree=shape)
     with pytest.raises(ConfigError, match="add --specee"):
         CompileConfig(model="m", out="o.onnx", tree=True)
     with pytest.raises(ConfigError, match="ONNX Runtime only"):
         CompileConfig(model="m", out="o.onnx", specee=True, tree=True, check="trt")
 
 
+def test_tree_shapes_parse_and_count_their_nodes():
+    assert TreeShape.parse("4") == TreeShape(4, 1, 4)
+    assert TreeShape.parse(" 4x2x6 ") == TreeShape(4, 2, 6)
+    assert str(TreeShape(3, 2, 5)) == "3x2x5"
+    assert TreeShape(4, 3, 8).drafted == 4 + 2 * 16
+
+
+def test_a_token_tree_masks_all_but_ancestors_and_walks_the_greedy_path():
+    #     0 -> 1 (a) -> 3 (c)
+    #       -> 2 (b) -> 4 (d)
+    tree = TokenTree([9, 10, 11, 12, 13], [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2])
+    seen = tree.bias(past=2)[0, 0] == 0
+    assert seen[:, :2].all()  # the past
+    assert [list(np.flatnonzero(row[2:])) for row in seen] == [[0], [0, 1], [0, 2], [0, 1, 3], [0, 2, 4]]
+    assert tree.accepted(np.array([11, 0, 13, 0, 0])) == [2, 4]
+    assert tree.accepted(np.array([10, 5, 0, 0, 0])) == [1]
+    assert tree.accepted(np.array([7, 0, 0, 0, 0])) == []
+
+
 def test_tree_graph_nodes_see_only_their_ancestors(bundle):
-    """A child's greedy token and K/V do not depend on its siblings: the same candidate in a
-    tree of one and in a tree of four gives the same outputs."""
+    """A node's greedy token and K/V do not depend on the branches beside it: the same chain
+    alone and inside a bushier tree gives the same outputs."""
     out = bundle("llama", 0.3, "full", tree=True)
-    engine = load(out, tree_width=4)
+    engine = load(out, tree=4)
     state = engine._new_state()
     engine._first_token(state, PROMPTS[0])
     n = len(PROMPTS[0])
-    alone, _ = engine._verify(state, 5, [9], n)
-    row = [a[0, :, n + 1].copy() for a in state.arrays]
-    crowd, _ = engine._verify(state, 5, [3, 9, 4, 7], n)
-    assert alone[1] == crowd[2] and alone[0] == crowd[0]
-    for a, r in zip(state.arrays, row):
-        np.testing.assert_allclose(a[0, :, n + 2], r, atol=1e-5)
+    alone, _ = engine._verify(state, TokenTree([5, 9, 6], [-1, 0, 1], [0, 1, 2]), n)
+    rows = [a[0, :, n + 1:n + 3].copy() for a in state.arrays]
+    crowd, _ = engine._verify(state, TokenTree([5, 3, 9, 4, 7, 6], [-1, 0, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2]), n)
+    assert alone[0] == crowd[0] and alone[1] == crowd[2] and alone[2] == crowd[5]
+    for a, r in zip(state.arrays, rows):
+        np.testing.assert_allclose(a[0, :, [n + 2, n + 5]].transpose(1, 0, 2), r, atol=1e-5)
+
+
+def test_draft_tree_graph_equals_the_draft_graph_on_a_chain(bundle):
+    """The tree draft graph over a causal chain proposes what the one-token draft graph does."""
+    out = bundle("llama", 0.3, "full", tree=True)
+    engine = load(out, tree=4)
+    state = engine._new_state()
+    engine._first_token(state, PROMPTS[1])
+    ids, feats = [3, 4], np.random.default_rng(0).standard_normal((1, 2, engine.hidden_size)).astype(np.float32)
+    start = state.draft_len
+    top, logp, _ = engine._run_draft(state, ids, feats, [start, start + 1], np.zeros((1, 1, 2, start + 2),
+                                                                                     np.float32), start)
+    state.draft_len = start
+    want = engine._draft(state, ids, feats)
+    np.testing.assert_array_equal(top[-1, :4], want)
+    assert (np.diff(logp, axis=1) <= 0).all() and (logp <= 0).all()
 
 
 def test_specee_run_decodes_with_a_tree(bundle, capsys):
@@ -87,8 +138,8 @@ def test_specee_run_decodes_with_a_tree(bundle, capsys):
 
     out = bundle("llama", 0.3, "full", tree=True)
     args = [str(out), "--prompt", "hello world", "--max-new-tokens", "8", "--no-chat", "-q", *IN_PROCESS]
-    assert run_main([*args, "--tree", "3"]) == 0
+    assert run_main([*args, "--tree", "3x2x5"]) == 0
     tree = capsys.readouterr()
-    assert "tokens per target forward" in tree.err
+    assert "tree 3x2x5" in tree.err and "tokens per target forward" in tree.err
     assert run_main([*args, "--no-exit"]) == 0
     assert tree.out == capsys.readouterr().out  # the dense graph's text

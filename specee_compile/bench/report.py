@@ -95,13 +95,14 @@ def markdown(r: dict) -> str:
     trees = {n: s for n, s in systems.items() if s["kind"] == "tree"}
     if trees:
         lines += ["", "## Tree speculation (lossless)", "",
-                  "Per step the draft proposes W candidates for the next token; one target forward over the tree "
-                  "[newest token, candidates] gives the dense greedy token and, when a candidate is that token, the "
-                  "one after it. Shares of decode time come from the runtime's timers.", "",
-                  "| system | width | tokens per target forward | steps accepting a candidate | draft | verification "
+                  "Tree shape WxDxN: the draft grows a tree of its tokens for D depths, expanding the W best nodes "
+                  "of each depth into their W best children, and the N best nodes by path probability are verified "
+                  "in one target forward after the newest token; the longest path of the target's greedy tokens "
+                  "and one more token are emitted. Shares of decode time come from the runtime's timers.", "",
+                  "| system | shape | tokens per target forward | steps accepting a draft token | draft | verification "
                   "| exact match vs dense |", "|---|---|---|---|---|---|---|"]
         for name, s in trees.items():
-            lines.append(f"| {name} | {s['width']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
+            lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {s['exact_match']:.0%} |")
         cost = next(iter(trees.values()))["verification_ms"]
         base = cost.get("1")

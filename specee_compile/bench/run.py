@@ -32,7 +32,9 @@ from specee_compile.bundle import read_manifest
 from specee_compile.calibrate import CalibrationSettings, calibrate, data
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, SpecEEError
+from specee_compile.lower.specee import TREE_MAX_WIDTH
 from specee_compile.runtimes import load, share_threads
+from specee_compile.runtimes.tree import TreeShape
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class BenchSettings:
     force: bool = False
     shared_threads: bool = False  # one ONNX Runtime thread pool for the whole process (runtimes.share_threads)
     reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
-    tree_widths: tuple[int, ...] = ()  # lossless tree speculation at these widths, with the first SpecEE bundle
+    tree_shapes: tuple = ()  # lossless tree speculation with trees of these shapes (TreeShape), with the first SpecEE bundle
     tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
 
     def resolved(self) -> "BenchSettings":
@@ -86,8 +88,8 @@ class BenchSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}.")
         if s.threads is not None and s.threads <= 0:
             raise ConfigError(f"--threads must be positive, got {s.threads}.")
-        if any(not 1 <= w <= 4 for w in s.tree_widths):
-            raise ConfigError(f"--tree widths must be from 1 to 4 (the draft's candidates), got {list(s.tree_widths)}.")
+        for shape in s.tree_shapes:
+            TreeShape.parse(shape).check(TREE_MAX_WIDTH)
         bad = [t for t in s.sweep if not 0.0 <= t <= 1.0]
         if bad:
             raise ConfigError(f"sweep thresholds must be in [0, 1]; got {bad}.")
@@ -133,15 +135,15 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                               "out --reference.")
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
-    if s.tree_widths:
+    if s.tree_shapes:
         with_tree = next((b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]), None)
         if with_tree is None:
             raise ConfigError("--tree needs a SpecEE bundle compiled with --tree; compile one (specee-compile --specee "
                               "--tree) and pass it with --bundle, or let specee-bench compile it (--config).")
-        for w in s.tree_widths:
-            engine = load(with_tree.path, threads=s.threads, tree_width=w)
-            systems.append(bundle_system(f"tree-w{w}", "tree", engine, s.new_tokens,
-                                         {"width": w, "path": str(with_tree.path)}))
+        for shape in s.tree_shapes:
+            engine = load(with_tree.path, threads=s.threads, tree=shape)
+            systems.append(bundle_system(f"tree-{engine.shape}", "tree", engine, s.new_tokens,
+                                         {"shape": str(engine.shape), "path": str(with_tree.path)}))
     hf, _ = model_load.load(model_dir)
     eos = dense_engine.eos_token_ids
     if s.transformers:
@@ -240,7 +242,7 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
             name = f"{name}#{k}"
         path = out / "bundles" / (f"specee-{k}.onnx" if pairs else "specee.onnx")
         config = with_overrides(CompileConfig(model=s.model, out=path, specee=True, max_context=s.max_context,
-                                              calibration=calibration, force=True, tree=bool(s.tree_widths)), pairs)
+                                              calibration=calibration, force=True, tree=bool(s.tree_shapes)), pairs)
         if not _matches(path, config):
             from specee_compile.compiler import compile as compile_bundle
 

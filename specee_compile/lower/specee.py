@@ -40,7 +40,8 @@ FOLDER = "specee"
 EXIT_MODES = ("segments", "graph")
 DECODE_FILE = "decode.onnx"
 TREE_FILE = "tree.onnx"
-DRAFT_CANDIDATES = 4  # the draft graph's draft_ids: its top 4, the widest tree it can propose
+DRAFT_TREE_FILE = "draft_tree.onnx"
+TREE_MAX_WIDTH = 8  # the tree draft graph's top-K children per node: the widest a tree can branch
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SpecEEGraphs:
     manifest: dict
     pass_log: list[dict]
     tree: ir.Model | None = None  # the tree verification step, when asked for
+    draft_tree: ir.Model | None = None  # the draft over a token tree's nodes, with ``tree``
 
 
 def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
@@ -91,11 +93,12 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
         decode = nest_segments(segments, input_names, kv_fill, _eps(hf_model), L, kv_heads, rows=target == "trt")
         segments = []
     draft = export_draft(cal.draft, capacity, target)
-    tree_model = None
+    tree_model = draft_tree = None
     if tree:
         tree_model = export_tree(hf_model, capacity)
         if opt_level != "O0":
             FuseOrtTransformersPass()(tree_model)
+        draft_tree = export_draft(cal.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,
@@ -109,7 +112,7 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
                   "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
         "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},
     }
-    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log, tree_model)
+    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log, tree_model, draft_tree)
 
 
 def _warn_if_slower(chosen: dict, num_layers: int) -> None:
@@ -136,7 +139,9 @@ def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
     spec["draft"] = {**spec["draft"], **io_contract(graphs.draft)}
     if graphs.tree is not None:
         ir.save(graphs.tree, folder / TREE_FILE, external_data=TREE_FILE + ".data")
-        spec["tree"] = {"file": f"{FOLDER}/{TREE_FILE}", "max_width": DRAFT_CANDIDATES, **io_contract(graphs.tree)}
+        ir.save(graphs.draft_tree, folder / DRAFT_TREE_FILE, external_data=DRAFT_TREE_FILE + ".data")
+        spec["tree"] = {"file": f"{FOLDER}/{TREE_FILE}", "max_width": TREE_MAX_WIDTH, **io_contract(graphs.tree),
+                        "draft": {"file": f"{FOLDER}/{DRAFT_TREE_FILE}", **io_contract(graphs.draft_tree)}}
     if graphs.decode is not None:
         spec["decode"] = {"file": f"{FOLDER}/{DECODE_FILE}", **io_contract(graphs.decode)}
     else:

@@ -12,7 +12,7 @@ __all__ = ["load", "share_threads"]
 
 
 def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,
-         threshold: float | None = None, profile_dir: str | Path | None = None, tree_width: int | None = None):
+         threshold: float | None = None, profile_dir: str | Path | None = None, tree=None):
     """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
 
     Args:
@@ -23,8 +23,9 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
         threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
         profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
-        tree_width: decode by lossless tree speculation, verifying this many draft candidates
-            per step (1 to 4), with a SpecEE bundle compiled with ``--tree``.
+        tree: decode by lossless tree speculation with trees of this shape (a ``TreeShape``,
+            "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1), with
+            a SpecEE bundle compiled with ``--tree``.
     """
     from transformers import AutoTokenizer
 
@@ -38,13 +39,13 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
     except Exception as e:
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
     specee = "specee" in manifest and not dense
-    if tree_width is not None:
+    if tree is not None:
         if "specee" not in manifest or backend != "onnxruntime" or dense or threshold is not None:
             raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
                               f"dense or a threshold; {path} with these options is not one.")
         from specee_compile.runtimes.tree import TreeEngine
 
-        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, width=tree_width)
+        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, shape=tree)
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     if backend == "tensorrt":

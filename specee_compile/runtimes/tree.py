@@ -1,38 +1,129 @@
-"""Lossless tree speculation over a SpecEE bundle's draft and tree verification graph.
+"""Lossless tree speculation (EAGLE-2 style) over a SpecEE bundle's draft and tree graphs.
 
 Per target forward (batch 1, greedy), with ``t`` the newest token, not yet in the cache, at
-position n:
+position n, and a tree shape of width w, depth D and budget N (``TreeShape``):
 
-1. the draft proposes its top ``width`` candidates c_1..c_k for the token after ``t`` (from
-   ``t`` and the feature that produced it, as in SpecEE's decode step);
-2. the tree graph (``specee/tree.onnx``) runs the target once over the tree [t, c_1..c_k]:
-   t at position n, every c_i at n+1 seeing the past, t and itself only (``attention_bias``);
-   it returns the greedy token of every node and writes node s's K/V at row n+s;
-3. g1, t's greedy token, is exactly what dense decoding emits next. If g1 is some c_j, the
-   greedy token g2 at c_j is the one after it, so both are emitted; c_j's K/V row is copied
-   to row n+1 (the accepted path stays contiguous) and the other rows are left to be
-   overwritten. Otherwise only g1 is emitted.
+1. the tree draft graph (``specee/draft_tree.onnx``) runs over the accepted tokens it has not
+   seen yet and t, each fed the target feature that produced it; t's top-w tokens become the
+   depth-1 nodes, scored by their log-probability under the draft. For depths 2..D, the w
+   best-scored nodes of the previous depth run through the draft in one call, each fed its
+   parent's draft feature (the draft's estimate of the target feature, EAGLE's regression)
+   and seeing only its ancestors; each gets its top-w tokens as children, scored by the
+   path's summed log-probability;
+2. the N best-scored nodes (a child never scores above its parent, so they form a tree),
+   parents first, follow t in one target forward of the tree graph (``specee/tree.onnx``):
+   node s at position n + its depth sees the past, its ancestors and itself
+   (``attention_bias``); the graph returns every node's greedy token and writes node s's K/V
+   at row n + s;
+3. from t, the walk follows the child whose token is the target's greedy token at its parent
+   while there is one. The m accepted tokens and the greedy token at the last of them (the
+   bonus) are emitted: m + 1 tokens per target forward, each exactly what dense greedy
+   decoding emits. The accepted nodes' K/V rows move to rows n+1..n+m; the other rows are
+   overwritten later.
 
-The tree has depth 1: the draft predicts from the target's features, and deeper nodes would
-need the features of tokens the target has not run yet (an EAGLE draft that regresses
-features could go deeper). The output equals dense greedy decoding token for token, up to
-floating-point differences between the one-token and the many-token kernels.
+The output equals dense greedy decoding token for token, up to floating-point differences
+between the one-token and the many-token kernels.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from specee_compile.errors import BundleError, GenerationError
+from specee_compile.errors import BundleError, ConfigError, GenerationError
 from specee_compile.runtimes.ort import _check_io, providers, session_options
 from specee_compile.runtimes.specee import SpecEEEngine, _lap, _SpecEEState
 
 HIDDEN = -1e9  # attention bias of a key a tree node must not see
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How a speculation tree grows: ``width`` children per expanded node and nodes expanded
+    per depth, ``depth`` draft runs, ``budget`` nodes verified besides the newest token.
+    Written ``WxDxN``; a single number W is ``Wx1xW`` (t's top-W tokens)."""
+
+    width: int = 4
+    depth: int = 1
+    budget: int = 4
+
+    @classmethod
+    def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
+        if isinstance(value, TreeShape):
+            return value
+        text = str(value).strip()
+        if re.fullmatch(r"\d+", text):
+            return cls(int(text), 1, int(text))
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+        if match is None:
+            raise ConfigError(f"a tree shape is WIDTHxDEPTHxBUDGET like 4x2x6, or one width like 4; got {value!r}.")
+        return cls(*(int(g) for g in match.groups()))
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.depth}x{self.budget}"
+
+    @property
+    def drafted(self) -> int:
+        """Nodes the draft proposes: w at depth 1, w * w at every later depth."""
+        return self.width + (self.depth - 1) * self.width * self.width
+
+    def check(self, max_width: int) -> "TreeShape":
+        if not 1 <= self.width <= max_width:
+            raise ConfigError(f"tree {self}: the width must be from 1 to {max_width} (the draft graph's top-K).")
+        if self.depth < 1:
+            raise ConfigError(f"tree {self}: the depth must be at least 1.")
+        if not 1 <= self.budget <= self.drafted:
+            raise ConfigError(f"tree {self}: the budget must be from 1 to the {self.drafted} nodes this width and "
+                              "depth draft.")
+        return self
+
+
+@dataclass
+class TokenTree:
+    """A verification tree: node 0 is the newest token, nodes 1.. the drafted ones, parents
+    before children (``parents[0]`` is -1)."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+
+    @classmethod
+    def star(cls, root: int, children: list[int]) -> "TokenTree":
+        """The root and ``children`` at depth 1."""
+        return cls([root, *children], [-1] + [0] * len(children), [0] + [1] * len(children))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def bias(self, past: int) -> np.ndarray:
+        """[1, 1, S, past + S]: 0 where a node sees (the past, its ancestors, itself), else HIDDEN."""
+        s = len(self)
+        bias = np.zeros((1, 1, s, past + s), np.float32)
+        bias[0, 0, :, past + 1:] = HIDDEN
+        for node in range(1, s):
+            a = node
+            while a > 0:
+                bias[0, 0, node, past + a] = 0.0
+                a = self.parents[a]
+        return bias
+
+    def accepted(self, greedy: np.ndarray) -> list[int]:
+        """The nodes on the accepted path: from the root, the child whose token is its parent's
+        greedy token, while there is one."""
+        path, node = [], 0
+        while True:
+            nxt = next((c for c in range(node + 1, len(self)) if self.parents[c] == node
+                        and self.tokens[c] == int(greedy[node])), None)
+            if nxt is None:
+                return path
+            path.append(nxt)
+            node = nxt
 
 
 class _TreeState(_SpecEEState):
@@ -43,48 +134,52 @@ class _TreeState(_SpecEEState):
             for j, kind in enumerate(("key", "value")):
                 self.tree_binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.buffers[2 * i + j])
                 self.tree_binding.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
-        self.pending: list[int] = []  # an accepted token already in the cache, to return next
+        self.draft_tree_binding = engine.draft_tree.io_binding()
+        for j, kind in enumerate(("key", "value")):
+            self.draft_tree_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
+            self.draft_tree_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
+        self.pending: list[int] = []  # accepted tokens already in the cache, to return next
         self.draft_prefix: list[tuple[int, np.ndarray]] = []  # (token, feature that produced it) for the draft
 
 
 class TreeEngine(SpecEEEngine):
-    """A SpecEE bundle compiled with ``--tree``, decoding by lossless tree speculation of
-    ``width`` draft candidates per step. ``generate`` reports ``accepted_lengths``."""
+    """A SpecEE bundle compiled with ``--tree``, decoding by lossless tree speculation with
+    trees of ``shape`` (a ``TreeShape``). ``generate`` reports ``accepted_lengths``."""
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
-                 profile_dir: Path | None = None, width: int = 4):
+                 profile_dir: Path | None = None, shape: TreeShape | str | int = TreeShape()):
         super().__init__(path, manifest, tokenizer, threads, profile_dir)
         spec = manifest["specee"].get("tree")
-        if not isinstance(spec, dict) or "file" not in spec:
-            raise BundleError(f"{self.path} has no tree verification graph; recompile it with --specee --tree.")
-        self.max_width = int(spec.get("max_width", 4))
-        self.width = width
-        try:
-            self.tree = ort.InferenceSession(str(self.path / spec["file"]), session_options(threads, self.spinning,
-                                                                                             profile_dir),
-                                             providers=providers())
-        except Exception as e:
-            raise BundleError(f"ONNX Runtime cannot load {self.path / spec['file']}: {e}") from e
-        _check_io(self.tree, spec, self.path / spec["file"])
+        if not isinstance(spec, dict) or "file" not in spec or "draft" not in spec:
+            raise BundleError(f"{self.path} has no tree verification and tree draft graphs; recompile it with "
+                              "--specee --tree.")
+        self.max_width = int(spec.get("max_width", 1))
+        self.shape = shape
+        so = session_options(threads, self.spinning, profile_dir)
+        sessions = []
+        for graph in (spec, spec["draft"]):
+            try:
+                sessions.append(ort.InferenceSession(str(self.path / graph["file"]), so, providers=providers()))
+            except Exception as e:
+                raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
+            _check_io(sessions[-1], graph, self.path / graph["file"])
+        self.tree, self.draft_tree = sessions
 
     @property
-    def width(self) -> int:
-        """Draft candidates verified per step (the tree's children of the newest token)."""
-        return self._width
+    def shape(self) -> TreeShape:
+        """The trees this engine drafts and verifies."""
+        return self._shape
 
-    @width.setter
-    def width(self, value: int) -> None:
-        if not isinstance(value, int) or not 1 <= value <= self.max_width:
-            raise BundleError(f"the tree width must be an integer from 1 to {self.max_width} (the draft's "
-                              f"candidates), got {value!r}.")
-        self._width = value
+    @shape.setter
+    def shape(self, value: TreeShape | str | int) -> None:
+        self._shape = TreeShape.parse(value).check(self.max_width)
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         self.segment_layers, self.segment_exit = [], []  # no segments: the tree graph runs every layer
         return []
 
     def _sessions(self) -> list[ort.InferenceSession]:
-        return [self.session, self.draft, self.tree]
+        return [self.session, self.draft, self.tree, self.draft_tree]
 
     def _new_state(self) -> _TreeState:
         return _TreeState(self)
@@ -96,30 +191,90 @@ class TreeEngine(SpecEEEngine):
     def _next_token(self, state: _TreeState, token: int, n: int) -> tuple[int, int]:
         last = self.num_layers - 1
         if state.pending:  # accepted by the last tree step: ``token`` is already in the cache at n
-            return state.pending.pop(), last
+            return state.pending.pop(0), last
         clock = time.perf_counter()
-        ids = [t for t, _ in state.draft_prefix] + [token]
-        features = np.concatenate([f for _, f in state.draft_prefix] + [state.feature], axis=1)
-        state.draft_prefix = []
-        candidates = [int(c) for c in self._draft(state, ids, features)[: self.width]]
-        candidates = candidates[: max(0, self.capacity - n - 1)]  # the tree's rows must fit the cache
+        tree = self._draft_tree(state, token, n)
         clock = _lap(state.breakdown, "draft", clock)
-        tokens, feats = self._verify(state, token, candidates, n)
+        greedy, feats = self._verify(state, tree, n)
         _lap(state.breakdown, "verify", clock)
-        first = int(tokens[0])
-        if first in candidates:
-            j = candidates.index(first) + 1
-            if j != 1:
-                for array in state.arrays:  # the accepted child's K/V goes to the path's next row
-                    array[0, :, n + 1, :] = array[0, :, n + j, :]
-            state.pending = [int(tokens[j])]
-            state.draft_prefix = [(first, feats[:, :1].copy())]
-            state.feature = feats[:, j:j + 1].copy()
-            state.accepted.append(2)
-        else:
-            state.feature = feats[:, :1].copy()
-            state.accepted.append(1)
-        return first, last
+        path = tree.accepted(greedy)
+        rows = [n + s for s in path]
+        if rows != list(range(n + 1, n + 1 + len(path))):
+            for array in state.arrays:  # the accepted nodes' K/V goes to the path's rows
+                array[0, :, n + 1:n + 1 + len(path), :] = array[0][:, rows, :]
+        producers = [0, *path]  # the node whose target feature produced each emitted token
+        emitted = [int(greedy[s]) for s in producers]
+        state.pending = emitted[1:]
+        state.draft_prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1].copy()) for i in range(len(path))]
+        state.feature = feats[:, producers[-1]:producers[-1] + 1].copy()
+        state.accepted.append(len(emitted))
+        return emitted[0], last
+
+    def _draft_tree(self, state: _TreeState, token: int, n: int) -> TokenTree:
+        """Grow the draft's tree after ``token`` at position n (module docstring, step 1) and
+        keep the budget's best nodes, parents first."""
+        w, depth, budget = self.shape.width, self.shape.depth, self.shape.budget
+        # The draft's cache row r holds the token at position r + 1 (it starts at the prompt's second
+        # token), and its graph rotates by row: t goes to row n - 1, expanded nodes from row n on.
+        root = n - 1
+        ids = [t for t, _ in state.draft_prefix] + [token]
+        feats = np.concatenate([f for _, f in state.draft_prefix] + [state.feature], axis=1)
+        state.draft_prefix = []
+        start = state.draft_len
+        top, logp, f = self._run_draft(state, ids, feats, list(range(start, root + 1)),
+                                       np.zeros((1, 1, len(ids), root + 1), np.float32), start)
+        state.draft_len = root + 1
+        # per node: token, parent (-1: the root), depth, score, the draft feature its children take, draft row
+        tokens, parents, depths = list(top[-1, :w]), [-1] * w, [1] * w
+        scores, inputs, rows = list(logp[-1, :w]), [f[0, -1]] * w, [None] * w
+        frontier, row = list(range(w)), root + 1
+        for d in range(2, depth + 1):
+            expand = sorted(frontier, key=lambda i: -scores[i])[: min(w, self.capacity - row)]
+            if not expand:
+                break
+            bias = np.full((1, 1, len(expand), row + len(expand)), HIDDEN, np.float32)
+            bias[0, 0, :, :root + 1] = 0.0
+            for j, node in enumerate(expand):
+                rows[node] = row + j
+                a = node
+                while a >= 0:
+                    bias[0, 0, j, rows[a]] = 0.0
+                    a = parents[a]
+            top, logp, f = self._run_draft(state, [int(tokens[i]) for i in expand],
+                                           np.stack([inputs[i] for i in expand])[None], [root + d - 1] * len(expand),
+                                           bias, row)
+            row += len(expand)
+            frontier = []
+            for j, node in enumerate(expand):
+                for k in range(w):
+                    frontier.append(len(tokens))
+                    tokens.append(top[j, k])
+                    parents.append(node)
+                    depths.append(d)
+                    scores.append(scores[node] + logp[j, k])
+                    inputs.append(f[0, j])
+                    rows.append(None)
+        best = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[: min(budget, self.capacity - n - 1)]
+        order = sorted(best, key=lambda i: (depths[i], i))
+        index = {node: s + 1 for s, node in enumerate(order)}
+        return TokenTree([token, *(int(tokens[i]) for i in order)], [-1, *(index.get(parents[i], 0) for i in order)],
+                         [0, *(depths[i] for i in order)])
+
+    def _run_draft(self, state: _TreeState, ids: list[int], features: np.ndarray, positions: list[int],
+                   bias: np.ndarray, past: int):
+        """The tree draft graph over ``ids`` written from row ``past``: every node's top-K target
+        ids [S, K], their log-probabilities [S, K] and the draft's features [1, S, d]."""
+        b = state.draft_tree_binding
+        b.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        b.bind_cpu_input("features", np.ascontiguousarray(features, np.float32))
+        b.bind_cpu_input("past_sequence_length", np.array([past], np.int64))
+        b.bind_cpu_input("position_ids", np.asarray([positions], np.int64))
+        b.bind_cpu_input("attention_bias", bias)
+        for name in ("draft_ids", "draft_logprobs", "draft_features"):
+            b.bind_output(name)  # rebound each run: their shapes change with the number of nodes
+        self.draft_tree.run_with_iobinding(b)
+        out = b.get_outputs()  # the presents, then these three (bound after them)
+        return out[-3].numpy(), out[-2].numpy(), out[-1].numpy()
 
     def score(self, prompt, continuation, chat=None):
         raise GenerationError("tree speculation is lossless: its teacher-forced predictions are the dense graph's; "
@@ -142,28 +297,23 @@ class TreeEngine(SpecEEEngine):
                                       f"({self.capacity}).")
                 laps = []
                 for _ in range(repeats + 1):
-                    candidates = [int(c) for c in rng.integers(0, self.vocab_size, size - 1)]
+                    tree = TokenTree.star(token, [int(c) for c in rng.integers(0, self.vocab_size, size - 1)])
                     start = time.perf_counter()
-                    self._verify(state, token, candidates, n)
+                    self._verify(state, tree, n)
                     laps.append(time.perf_counter() - start)
                 out[size] = statistics.median(laps[1:])  # the first run of a new shape warms up
             return out
         finally:
             self._release(state)
 
-    def _verify(self, state: _TreeState, token: int, candidates: list[int], n: int):
-        """One target forward over the tree [token, *candidates]; its nodes' greedy tokens [S]
+    def _verify(self, state: _TreeState, tree: TokenTree, n: int):
+        """One target forward over ``tree`` rooted at position n; its nodes' greedy tokens [S]
         and features [1, S, d]."""
-        s = 1 + len(candidates)
-        bias = np.zeros((1, 1, s, n + s), np.float32)
-        children = bias[0, 0, 1:, n + 1:]  # a child sees the past, the root and itself
-        children[...] = HIDDEN
-        np.fill_diagonal(children, 0.0)
         b = state.tree_binding
-        b.bind_cpu_input("input_ids", np.array([[token, *candidates]], np.int64))
+        b.bind_cpu_input("input_ids", np.array([tree.tokens], np.int64))
         b.bind_cpu_input("past_sequence_length", np.array([n], np.int64))
-        b.bind_cpu_input("position_ids", np.array([[n] + [n + 1] * len(candidates)], np.int64))
-        b.bind_cpu_input("attention_bias", bias)
+        b.bind_cpu_input("position_ids", np.array([[n + d for d in tree.depths]], np.int64))
+        b.bind_cpu_input("attention_bias", tree.bias(n))
         b.bind_output("tokens")  # rebound each run: their shapes change with the tree's size
         b.bind_output("features")
         self.tree.run_with_iobinding(b)
