@@ -164,6 +164,22 @@ def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
     runtime aliases the buffers). Query rows are grouped per KV head so the cache is never
     repeated: q [1, H, S, D] -> [1, KVH, G*S, D] against keys [1, KVH, CAP, D].
     """
+    return _standard_attention(qkv, past_key, past_value, total_length, cos_cache, sin_cache, num_heads, kv_heads,
+                               scale)
+
+
+def tree_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                        position_ids, attention_bias, num_heads: int, kv_heads: int, scale: float):
+    """Standard-ONNX lowering of ``tree_attention``: RoPE at ``position_ids``, the bias padded
+    to the cache's capacity and added to the scores of ``cached_attention_onnx``."""
+    return _standard_attention(qkv, past_key, past_value, total_length, cos_cache, sin_cache, num_heads, kv_heads,
+                               scale, position_ids, attention_bias)
+
+
+def _standard_attention(qkv, past_key, past_value, total_length, cos_cache, sin_cache, num_heads: int,
+                        kv_heads: int, scale: float, position_ids=None, attention_bias=None):
+    """The rows past_len .. total-1 take the new K/V; RoPE at those rows or ``position_ids``;
+    key row t is visible to query s iff t <= past_len + s, with ``attention_bias`` added."""
     cap, d = past_key.shape[2], past_key.shape[3]  # static: the cache buffer [1, KVH, CAP, D]
     group = num_heads // kv_heads
     half = d // 2
@@ -176,8 +192,9 @@ def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
     seq = op.Shape(qkv, start=1, end=2)  # [1]: S
     past = op.Sub(op.Cast(op.Reshape(total_length, ints(1)), to=7), seq)  # [1] int64
     positions = op.Add(op.Range(op.Constant(value_int=0), op.Squeeze(seq, ints(0)), op.Constant(value_int=1)), past)  # [S]
-    cos = op.Gather(cos_cache, positions, axis=0)  # [S, D/2]
-    sin = op.Gather(sin_cache, positions, axis=0)
+    rotated_at = positions if position_ids is None else op.Reshape(position_ids, ints(-1))
+    cos = op.Gather(cos_cache, rotated_at, axis=0)  # [S, D/2]
+    sin = op.Gather(sin_cache, rotated_at, axis=0)
 
     def heads(x, n):  # [1, S, n*D] -> [1, n, S, D]
         return op.Transpose(op.Reshape(x, ints(0, -1, n, d)), perm=[0, 2, 1, 3])
@@ -200,6 +217,11 @@ def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
     key_positions = op.Constant(value_ints=list(range(cap)))
     visible = op.LessOrEqual(op.Unsqueeze(key_positions, ints(0)), op.Unsqueeze(positions, ints(1)))  # [S, CAP]
     visible = op.Tile(visible, ints(group, 1))  # [G*S, CAP], row g*S + s
+    if attention_bias is not None:  # [1, 1, S, total] -> zeros after total -> [G*S, CAP] rows as ``visible``
+        total = op.Cast(op.Reshape(total_length, ints(1)), to=7)
+        pads = op.Concat(ints(0, 0, 0, 0, 0, 0, 0), op.Sub(ints(cap), total), axis=0)
+        bias = op.Reshape(op.Pad(attention_bias, pads), ints(-1, cap))
+        scores = op.Add(scores, op.Tile(bias, ints(group, 1)))
     scores = op.Where(visible, scores, op.Constant(value_float=float("-inf")))
     out = op.MatMul(op.Softmax(scores, axis=-1), present_value)  # [1, KVH, G*S, D]
     out = op.Transpose(op.Reshape(out, ints(0, num_heads, -1, d)), perm=[0, 2, 1, 3])  # [1, S, H, D]
@@ -208,5 +230,6 @@ def cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length,
 
 ORT_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_ort,
                     torch.ops.specee.tree_attention.default: tree_attention_ort}
-ONNX_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_onnx}
+ONNX_TRANSLATIONS = {torch.ops.specee.cached_attention.default: cached_attention_onnx,
+                     torch.ops.specee.tree_attention.default: tree_attention_onnx}
 TRANSLATIONS = {"ort": ORT_TRANSLATIONS, "trt": ONNX_TRANSLATIONS}  # by graph target

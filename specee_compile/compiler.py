@@ -123,6 +123,8 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
             if spec_graphs.decode is not None:
                 graphs["decode"] = spec_graphs.decode
             graphs["draft"] = spec_graphs.draft
+            if spec_graphs.tree is not None:
+                graphs.update({"tree": spec_graphs.tree, "draft_tree": spec_graphs.draft_tree})
         version = trt_lowering.check_graphs(graphs)
         checked = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(graphs), "problems": 0}
         stages.update()

@@ -39,8 +39,10 @@ class CompileConfig:
             layers, the runtime stops after the first block whose exit flag is set) or
             "graph" (one decode graph with a nested ``If`` after every predictor layer).
             TensorRT bundles take "segments" only: one engine per segment and one for the draft.
-        tree: with ``specee``, also export the tree verification graph (``specee/tree.onnx``)
-            that lossless tree speculation runs (``load(bundle, tree_width=k)``). ONNX Runtime only.
+        tree: with ``specee``, also export the tree verification and tree draft graphs
+            (``specee/tree.onnx``, ``specee/draft_tree.onnx``) that lossless tree speculation
+            runs (``load(bundle, tree="4x2x6")``). ONNX Runtime bundles only (``check`` "trt"
+            checks them too).
         precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
             Runtime bundles are fp32 only. Empty: the backend's default.
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
@@ -112,9 +114,10 @@ class CompileConfig:
         if self.tree and not self.specee:
             raise ConfigError("tree speculation needs the draft of a SpecEE bundle; add --specee (specee=true) or drop "
                               "--tree.")
-        if self.tree and (self.backend != "ort" or self.check):
-            raise ConfigError("the tree verification graph is built for ONNX Runtime only; compile --out NAME.onnx "
-                              "without --check trt, or drop --tree.")
+        if self.tree and self.backend != "ort":
+            raise ConfigError("tree speculation runs on ONNX Runtime only (no TensorRT engines of the tree graphs are "
+                              "built yet); compile --out NAME.onnx (add --check trt to check its graphs against "
+                              "TensorRT's parser), or drop --tree.")
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:

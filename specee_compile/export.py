@@ -221,8 +221,8 @@ def export_step(hf_model: nn.Module, capacity: int, target: str = "ort") -> tupl
     return model, shapes
 
 
-def export_tree(hf_model: nn.Module, capacity: int) -> ir.Model:
-    """Export the tree verification step (``TreeStep``) for ONNX Runtime."""
+def export_tree(hf_model: nn.Module, capacity: int, target: str = "ort") -> ir.Model:
+    """Export the tree verification step (``TreeStep``); ``target`` as for ``export_step``."""
     step = TreeStep(hf_model, capacity).eval()
     layers = len(step.blocks)
     past = torch.zeros(1, step.kv_heads, capacity, step.head_dim)
@@ -241,7 +241,7 @@ def export_tree(hf_model: nn.Module, capacity: int) -> ir.Model:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 step, example, dynamo=True, opset_version=OPSET, input_names=names, output_names=outputs,
-                dynamic_shapes=dynamic, custom_translation_table=_translations("ort"), optimize=True, verbose=False,
+                dynamic_shapes=dynamic, custom_translation_table=_translations(target), optimize=True, verbose=False,
             )
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed on the tree verification step: {type(e).__name__}: "
@@ -363,7 +363,7 @@ def rope_tables_like(draft: nn.Module, capacity: int):
 
 def export_draft(draft: nn.Module, capacity: int, target: str = "ort", tree_top_k: int | None = None) -> ir.Model:
     """Export the draft step (prefill over many positions and one-token steps) to onnx_ir;
-    with ``tree_top_k``, the tree-expanding ``DraftTreeStep`` (ONNX Runtime only)."""
+    with ``tree_top_k``, the tree-expanding ``DraftTreeStep``."""
     d = draft.fc.out_features
     past = torch.zeros(1, draft.kv_heads, capacity, draft.head_dim)
     seq = torch.export.Dim("sequence", min=1, max=capacity)

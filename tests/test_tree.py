@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
@@ -77,8 +78,8 @@ def test_tree_speculation_refuses_what_it_cannot_run(bundle):
             load(tree, tree=shape)
     with pytest.raises(ConfigError, match="add --specee"):
         CompileConfig(model="m", out="o.onnx", tree=True)
-    with pytest.raises(ConfigError, match="ONNX Runtime only"):
-        CompileConfig(model="m", out="o.onnx", specee=True, tree=True, check="trt")
+    with pytest.raises(ConfigError, match="runs on ONNX Runtime only"):
+        CompileConfig(model="m", out="o.plan", specee=True, tree=True)
 
 
 def test_tree_shapes_parse_and_count_their_nodes():
@@ -130,6 +131,21 @@ def test_draft_tree_graph_equals_the_draft_graph_on_a_chain(bundle):
     want = engine._draft(state, ids, feats)
     np.testing.assert_array_equal(top[-1, :4], want)
     assert (np.diff(logp, axis=1) <= 0).all() and (logp <= 0).all()
+
+
+def test_tensorrt_ready_tree_graphs_pass_the_check_and_decode_as_the_ort_ones(bundle):
+    """``--tree --check trt``: the tree and tree draft graphs in standard ONNX attention pass
+    TensorRT's parser check (the compile fails otherwise) and, run by ONNX Runtime, give the
+    dense tokens with the same accepted lengths as the GroupQueryAttention graphs."""
+    out = bundle("llama", 0.3, "full", tree=True, check="trt")
+    spec = read_manifest(out, verify=False)
+    assert spec["graph_target"] == "trt" and {"tree", "draft_tree"} <= set(spec["tensorrt_check"]["graphs"])
+    ort_graphs = load(bundle("llama", 0.3, "full", tree=True), tree="3x2x5")
+    trt_ready = load(out, tree="3x2x5")
+    for prompt in PROMPTS:
+        want = ort_graphs.generate(prompt, max_new_tokens=NEW)
+        got = trt_ready.generate(prompt, max_new_tokens=NEW)
+        assert got.token_ids == want.token_ids and got.accepted_lengths == want.accepted_lengths
 
 
 def test_specee_run_decodes_with_a_tree(bundle, capsys):

@@ -95,8 +95,8 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     draft = export_draft(cal.draft, capacity, target)
     tree_model = draft_tree = None
     if tree:
-        tree_model = export_tree(hf_model, capacity)
-        if opt_level != "O0":
+        tree_model = export_tree(hf_model, capacity, target)
+        if opt_level != "O0" and target == "ort":
             FuseOrtTransformersPass()(tree_model)
         draft_tree = export_draft(cal.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
     spec = {
