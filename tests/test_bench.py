@@ -47,6 +47,7 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     tree = systems["tree-2x2x3"]
     assert tree["exact_match"] == 1.0 and 1.0 <= tree["tokens_per_forward"] <= 3.0 and tree["forwards"] > 0
     assert 0 < tree["draft_share"] < 1 and 0 < tree["verify_share"] < 1
+    assert len(tree["depth_acceptance"]) <= 2 and all(0 <= v <= 1 for v in tree["depth_acceptance"])
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
     # the compiled engine against the eager reference decoder: same tokens from the same exit layers
     ref = spec["reference"]
@@ -75,3 +76,14 @@ def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message)
     assert bench_main(["smollm2", "--out", str(tmp_path / "b"), *args, *IN_PROCESS]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_tree_statistics_count_accepted_depths():
+    from specee_compile.bench.measure import tree
+    from specee_compile.bench.systems import Run
+
+    runs = [Run([], 0.0, 0.0, accepted_lengths=[1, 2]), Run([], 0.0, 0.0, accepted_lengths=[3, 3])]
+    got = tree(runs)
+    assert got["tokens_per_forward"] == 2.25 and got["forwards"] == 4 and got["acceptance_rate"] == 0.75
+    assert got["accepted_depth"] == [0.75, 0.5]
+    assert got["depth_acceptance"] == pytest.approx([0.75, 2 / 3])

@@ -53,10 +53,19 @@ def exits(runs: list[Run], num_layers: int) -> dict:
 
 
 def tree(runs: list[Run]) -> dict:
-    """Tokens emitted per target forward (the root's greedy token, plus the accepted candidate's)."""
-    accepted = [a for r in runs for a in r.accepted_lengths]
-    return {"tokens_per_forward": statistics.mean(accepted) if accepted else float("nan"),
-            "acceptance_rate": sum(a > 1 for a in accepted) / max(len(accepted), 1), "forwards": len(accepted)}
+    """Tokens emitted per target forward (the accepted path's draft tokens plus the target's
+    own next one), and how deep the accepted paths reach: ``accepted_depth[d - 1]`` is the
+    share of forwards accepting at least d draft tokens, ``depth_acceptance[d - 1]`` the
+    share of those reaching depth d - 1 that also accept at depth d (the draft's hit rate
+    at that depth, given the path so far)."""
+    accepted = [a - 1 for r in runs for a in r.accepted_lengths]
+    deepest = max(accepted, default=0)
+    reach = [sum(a >= d for a in accepted) / max(len(accepted), 1) for d in range(1, deepest + 1)]
+    given = [reach[0] if reach else float("nan")] + [
+        reach[d] / reach[d - 1] for d in range(1, len(reach))]
+    return {"tokens_per_forward": statistics.mean(accepted) + 1 if accepted else float("nan"),
+            "acceptance_rate": reach[0] if reach else 0.0, "forwards": len(accepted),
+            "accepted_depth": reach, "depth_acceptance": given if reach else []}
 
 
 def step_parts(runs: list[Run], dense: list[Run], shares: dict, active_layers, num_layers: int, rule: str,

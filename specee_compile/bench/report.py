@@ -104,6 +104,15 @@ def markdown(r: dict) -> str:
         for name, s in trees.items():
             lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {s['exact_match']:.0%} |")
+        deepest = max(len(s["depth_acceptance"]) for s in trees.values())
+        if deepest:
+            lines += ["", "The draft's hit rate by depth: of the target forwards whose accepted path reached depth d - 1, "
+                      "the share accepting a draft token at depth d as well.", "",
+                      "| system | " + " | ".join(f"depth {d}" for d in range(1, deepest + 1)) + " |",
+                      "|---|" + "---|" * deepest]
+            for name, s in trees.items():
+                cells = [_pct(v) for v in s["depth_acceptance"]] + ["–"] * (deepest - len(s["depth_acceptance"]))
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
         cost = next(iter(trees.values()))["verification_ms"]
         base = cost.get("1")
         lines += ["", "Verification cost by tree size (nodes, the newest token included; median ms of one forward "
