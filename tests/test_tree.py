@@ -9,11 +9,11 @@ from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
-from specee_compile.runtimes.tree import TokenTree, TreeShape
+from specee_compile.runtimes.tree import TokenTree, TreeShape, context_lookup
 from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
 
 NEW = 16
-SHAPES = ["1", "4", "2x2x4", "3x3x8", "8x4x20"]
+SHAPES = ["1", "4", "2x2x4", "3x3x8", "8x4x20", "2x2x3+4", "1+8"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -26,7 +26,7 @@ def test_tree_speculation_gives_the_dense_greedy_tokens_for_every_shape(bundle, 
         for prompt in PROMPTS:
             got = engine.generate(prompt, max_new_tokens=NEW)
             assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids, (family, shape)
-            assert max(got.accepted_lengths) <= engine.shape.depth + 1
+            assert max(got.accepted_lengths) <= max(engine.shape.depth, engine.shape.lookup) + 1
             assert sum(got.accepted_lengths) >= len(got.token_ids) - 1  # every later token came from a tree step
             assert set(got.exit_layers) == {engine.num_layers - 1}
 
@@ -87,6 +87,24 @@ def test_tree_shapes_parse_and_count_their_nodes():
     assert TreeShape.parse(" 4x2x6 ") == TreeShape(4, 2, 6)
     assert str(TreeShape(3, 2, 5)) == "3x2x5"
     assert TreeShape(4, 3, 8).drafted == 4 + 2 * 16
+    assert TreeShape.parse("4x2x6+3") == TreeShape(4, 2, 6, 3) and TreeShape.parse("2+5") == TreeShape(2, 1, 2, 5)
+    assert str(TreeShape(4, 2, 6, 3)) == "4x2x6+3"
+
+
+def test_context_lookup_continues_the_latest_earlier_occurrence():
+    assert context_lookup([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6], 3) == [9, 2, 5]  # the latest [5, 6], not the first
+    assert context_lookup([1, 2, 3, 9, 2, 3, 4, 7, 3], 2) == [4, 7]  # [2, 3] and [7, 3] are not there before: [3]
+    assert context_lookup([1, 2, 3], 4) == []
+    assert context_lookup([4, 4], 3) == [4]
+    assert context_lookup([1, 2, 1, 2], 0) == []
+
+
+def test_a_lookup_chain_merges_into_the_tree():
+    tree = TokenTree.star(9, [10, 11])
+    tree.add_chain([11, 12, 13])
+    assert tree.tokens == [9, 10, 11, 12, 13] and tree.parents == [-1, 0, 0, 2, 3] and tree.depths == [0, 1, 1, 2, 3]
+    tree.add_chain([14])
+    assert tree.parents[-1] == 0 and tree.depths[-1] == 1
 
 
 def test_a_token_tree_masks_all_but_ancestors_and_walks_the_greedy_path():

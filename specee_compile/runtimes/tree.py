@@ -46,27 +46,30 @@ HIDDEN = -1e9  # attention bias of a key a tree node must not see
 @dataclass(frozen=True)
 class TreeShape:
     """How a speculation tree grows: ``width`` children per expanded node and nodes expanded
-    per depth, ``depth`` draft runs, ``budget`` nodes verified besides the newest token.
-    Written ``WxDxN``; a single number W is ``Wx1xW`` (t's top-W tokens)."""
+    per depth, ``depth`` draft runs, ``budget`` draft nodes verified besides the newest token,
+    and ``lookup``: up to that many more nodes from the context (the tokens that followed the
+    latest earlier occurrence of the newest tokens, a chain merged into the tree).
+    Written ``WxDxN`` or ``WxDxN+L``; a single number W is ``Wx1xW``."""
 
     width: int = 4
     depth: int = 1
     budget: int = 4
+    lookup: int = 0
 
     @classmethod
     def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
         if isinstance(value, TreeShape):
             return value
         text = str(value).strip()
-        if re.fullmatch(r"\d+", text):
-            return cls(int(text), 1, int(text))
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+        match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text)
         if match is None:
-            raise ConfigError(f"a tree shape is WIDTHxDEPTHxBUDGET like 4x2x6, or one width like 4; got {value!r}.")
-        return cls(*(int(g) for g in match.groups()))
+            raise ConfigError(f"a tree shape is WIDTHxDEPTHxBUDGET like 4x2x6, one width like 4, either with +LOOKUP "
+                              f"like 4x2x6+3; got {value!r}.")
+        width, depth, budget, lookup = match.groups()
+        return cls(int(width), int(depth or 1), int(budget or width), int(lookup or 0))
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.depth}x{self.budget}"
+        return f"{self.width}x{self.depth}x{self.budget}" + (f"+{self.lookup}" if self.lookup else "")
 
     @property
     def drafted(self) -> int:
@@ -82,6 +85,21 @@ class TreeShape:
             raise ConfigError(f"tree {self}: the budget must be from 1 to the {self.drafted} nodes this width and "
                               "depth draft.")
         return self
+
+
+def context_lookup(context: list[int], length: int, longest: int = 3) -> list[int]:
+    """Up to ``length`` tokens that followed the latest earlier occurrence of the context's
+    last k tokens (k = ``longest`` down to 1, the first k that occurs)."""
+    if length <= 0 or len(context) < 2:
+        return []
+    tokens = np.asarray(context)
+    for k in range(min(longest, len(tokens) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], k)
+        hits = np.flatnonzero((windows == tokens[-k:]).all(axis=1))
+        if len(hits):
+            start = hits[-1] + k
+            return [int(t) for t in tokens[start:start + length]]
+    return []
 
 
 @dataclass
@@ -100,6 +118,20 @@ class TokenTree:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def add_chain(self, chain: list[int]) -> None:
+        """Merge a chain of tokens after the root: follow the nodes that already hold them,
+        append the rest."""
+        node = 0
+        for token in chain:
+            child = next((c for c in range(node + 1, len(self)) if self.parents[c] == node and self.tokens[c] == token),
+                         None)
+            if child is None:
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(self.depths[node] + 1)
+                child = len(self) - 1
+            node = child
 
     def bias(self, past: int) -> np.ndarray:
         """[1, 1, S, past + S]: 0 where a node sees (the past, its ancestors, itself), else HIDDEN."""
@@ -139,6 +171,7 @@ class _TreeState(_SpecEEState):
             self.draft_tree_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
             self.draft_tree_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
         self.pending: list[int] = []  # accepted tokens already in the cache, to return next
+        self.context: list[int] = []  # the prompt and every token decided so far (for lookup)
         self.draft_prefix: list[tuple[int, np.ndarray]] = []  # (token, feature that produced it) for the draft
 
 
@@ -186,7 +219,9 @@ class TreeEngine(SpecEEEngine):
 
     def _first_token(self, state: _TreeState, ids: list[int]) -> int:
         state.pending, state.draft_prefix = [], []
-        return super()._first_token(state, ids)
+        token = super()._first_token(state, ids)
+        state.context = [*ids, token]
+        return token
 
     def _next_token(self, state: _TreeState, token: int, n: int) -> tuple[int, int]:
         last = self.num_layers - 1
@@ -205,6 +240,7 @@ class TreeEngine(SpecEEEngine):
         producers = [0, *path]  # the node whose target feature produced each emitted token
         emitted = [int(greedy[s]) for s in producers]
         state.pending = emitted[1:]
+        state.context += emitted
         state.draft_prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1].copy()) for i in range(len(path))]
         state.feature = feats[:, producers[-1]:producers[-1] + 1].copy()
         state.accepted.append(len(emitted))
@@ -257,8 +293,11 @@ class TreeEngine(SpecEEEngine):
         best = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[: min(budget, self.capacity - n - 1)]
         order = sorted(best, key=lambda i: (depths[i], i))
         index = {node: s + 1 for s, node in enumerate(order)}
-        return TokenTree([token, *(int(tokens[i]) for i in order)], [-1, *(index.get(parents[i], 0) for i in order)],
+        tree = TokenTree([token, *(int(tokens[i]) for i in order)], [-1, *(index.get(parents[i], 0) for i in order)],
                          [0, *(depths[i] for i in order)])
+        room = self.capacity - n - len(tree)  # rows left after the draft's nodes
+        tree.add_chain(context_lookup(state.context, min(self.shape.lookup, room)))
+        return tree
 
     def _run_draft(self, state: _TreeState, ids: list[int], features: np.ndarray, positions: list[int],
                    bias: np.ndarray, past: int):
