@@ -174,9 +174,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
-    p.add_argument("--tree", default=None, metavar="SHAPE",
-                   help="lossless tree speculation with trees WIDTHxDEPTHxBUDGET (e.g. 4x2x6; one number W is Wx1xW) "
-                        "of draft tokens (a SpecEE bundle compiled with --tree)")
+    p.add_argument("--tree", nargs="?", const=True, default=None, metavar="SHAPE",
+                   help="lossless tree speculation (a SpecEE bundle compiled with --tree) with trees of draft tokens "
+                        "WIDTHxDEPTHxBUDGET (e.g. 4x2x6; one number W is Wx1xW), +L for L context-lookup nodes "
+                        "(e.g. 4+4); alone: the measured default")
     _thread_pool(p)
     _common(p)
     return p

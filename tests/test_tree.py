@@ -21,12 +21,12 @@ def test_tree_speculation_gives_the_dense_greedy_tokens_for_every_shape(bundle, 
     out = bundle(family, 0.3, "full", tree=True)
     dense = load(out, dense=True)
     engine = load(out, tree="1")
-    for shape in SHAPES:
-        engine.shape = shape
+    for text in SHAPES:
+        shape = TreeShape.parse(text)
         for prompt in PROMPTS:
-            got = engine.generate(prompt, max_new_tokens=NEW)
+            got = engine.generate(prompt, max_new_tokens=NEW, tree=text)
             assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids, (family, shape)
-            assert max(got.accepted_lengths) <= max(engine.shape.depth, engine.shape.lookup) + 1
+            assert max(got.accepted_lengths) <= max(shape.depth, shape.lookup) + 1
             assert sum(got.accepted_lengths) >= len(got.token_ids) - 1  # every later token came from a tree step
             assert set(got.exit_layers) == {engine.num_layers - 1}
 

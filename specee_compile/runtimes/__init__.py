@@ -24,8 +24,9 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
         profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
         tree: decode by lossless tree speculation with trees of this shape (a ``TreeShape``,
-            "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1), with
-            a SpecEE bundle compiled with ``--tree``.
+            "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1, either
+            with "+L" context-lookup nodes; True: the measured default ``TreeShape()``), with a
+            SpecEE bundle compiled with ``--tree``.
     """
     from transformers import AutoTokenizer
 

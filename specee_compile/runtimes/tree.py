@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ class TreeShape:
     def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
         if isinstance(value, TreeShape):
             return value
+        if value is True:
+            return cls()
         text = str(value).strip()
         match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text)
         if match is None:
@@ -188,6 +191,7 @@ class TreeEngine(SpecEEEngine):
                               "--specee --tree.")
         self.max_width = int(spec.get("max_width", 1))
         self.shape = shape
+        self._request = threading.local()  # the shape of this thread's generate call
         so = session_options(threads, self.spinning, profile_dir)
         sessions = []
         for graph in (spec, spec["draft"]):
@@ -206,6 +210,13 @@ class TreeEngine(SpecEEEngine):
     @shape.setter
     def shape(self, value: TreeShape | str | int) -> None:
         self._shape = TreeShape.parse(value).check(self.max_width)
+
+    def generate(self, prompt, max_new_tokens: int = 128, stream=None, chat: bool | None = None,
+                 tree: TreeShape | str | int | None = None):
+        """``OrtEngine.generate`` by tree speculation; ``tree`` overrides the engine's ``shape``
+        for this call (thread-safe: concurrent calls may use different shapes)."""
+        self._request.shape = self.shape if tree is None else TreeShape.parse(tree).check(self.max_width)
+        return super().generate(prompt, max_new_tokens, stream, chat)
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         self.segment_layers, self.segment_exit = [], []  # no segments: the tree graph runs every layer
@@ -249,7 +260,8 @@ class TreeEngine(SpecEEEngine):
     def _draft_tree(self, state: _TreeState, token: int, n: int) -> TokenTree:
         """Grow the draft's tree after ``token`` at position n (module docstring, step 1) and
         keep the budget's best nodes, parents first."""
-        w, depth, budget = self.shape.width, self.shape.depth, self.shape.budget
+        shape = getattr(self._request, "shape", self.shape)
+        w, depth, budget = shape.width, shape.depth, shape.budget
         # The draft's cache row r holds the token at position r + 1 (it starts at the prompt's second
         # token), and its graph rotates by row: t goes to row n - 1, expanded nodes from row n on.
         root = n - 1
@@ -296,7 +308,7 @@ class TreeEngine(SpecEEEngine):
         tree = TokenTree([token, *(int(tokens[i]) for i in order)], [-1, *(index.get(parents[i], 0) for i in order)],
                          [0, *(depths[i] for i in order)])
         room = self.capacity - n - len(tree)  # rows left after the draft's nodes
-        tree.add_chain(context_lookup(state.context, min(self.shape.lookup, room)))
+        tree.add_chain(context_lookup(state.context, min(shape.lookup, room)))
         return tree
 
     def _run_draft(self, state: _TreeState, ids: list[int], features: np.ndarray, positions: list[int],
