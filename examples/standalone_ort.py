@@ -6,13 +6,16 @@ order. It never imports specee_compile, transformers or torch, and its tokens eq
 ``specee_compile.runtimes.load(BUNDLE).generate(...)`` (the tests check it).
 
     python examples/standalone_ort.py BUNDLE --prompt TEXT [--max-new-tokens N] [--chat]
-                                      [--no-exit] [--threads N] [--json]
+                                      [--no-exit] [--tree SHAPE] [--threads N] [--json]
 
 - A dense bundle runs its step graph (``model.onnx``): prefill, then one step per token.
 - A SpecEE bundle (manifest section ``specee``) prefills with the step graph, then runs
   draft -> segments per token, stops at the first segment whose exit flag is set, and fills
   the skipped layers' K/V by state propagation. A bundle of exit mode "graph" runs draft ->
   its one decode graph instead, which does both itself. ``--no-exit`` runs the step graph.
+- ``--tree SHAPE`` (a SpecEE bundle compiled with ``--tree``): lossless tree speculation,
+  the draft's token tree verified by ``tree.onnx`` in one forward; the tokens are the
+  dense ones, and ``--json`` adds ``accepted_lengths`` (tokens per target forward).
 - The prompt is tokenized as is (``specee-run --no-chat``). ``--chat`` wraps it as one user
   message in the bundle's chat template, as ``specee-run`` does by default for models that
   have one; that needs jinja2, the language chat templates are written in.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -289,7 +293,156 @@ class SpecEEGraphDecoder(SpecEEDecoder):
         return int(out["token"][0]), exit_layer
 
 
-# ---- 5. greedy generation --------------------------------------------------------------------
+# ---- 5. lossless tree speculation (SpecEE bundles compiled with --tree) -----------------------
+
+HIDDEN = -1e9  # attention bias of a row a tree node must not see
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"WxDxN+L" (or "W", "W+L") -> (width, depth, budget, lookup)."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text.strip())
+    if match is None:
+        sys.exit(f"--tree takes WIDTHxDEPTHxBUDGET[+LOOKUP] like 4x2x6+4 or 1+4, not {text!r}")
+    w, d, n, lookup = match.groups()
+    return int(w), int(d or 1), int(n or w), int(lookup or 0)
+
+
+def lookup_chain(context: list[int], length: int) -> list[int]:
+    """The up to ``length`` tokens after the latest earlier occurrence of the context's last
+    3 tokens (else 2, else 1)."""
+    for k in range(min(3, len(context) - 1), 0, -1):
+        tail = context[-k:]
+        for start in range(len(context) - k - 1, -1, -1):
+            if context[start:start + k] == tail:
+                return context[start + k:start + k + length]
+    return []
+
+
+class TreeDecoder(SpecEEDecoder):
+    """Per target forward: the tree draft graph grows a token tree (EAGLE-2 style, plus a
+    context-lookup chain), tree.onnx verifies it in one forward, and the longest path of the
+    target's greedy tokens plus one more token is emitted: dense greedy decoding's output."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None, shape: str):
+        super().__init__(bundle, manifest, threads)
+        spec = self.spec["tree"]
+        self.tree = session(bundle / spec["file"], threads)
+        self.tree_binding = self.cache.binding(self.tree, range(self.num_layers))
+        self.draft_tree = session(bundle / spec["draft"]["file"], threads)
+        self.draft_tree_binding = self.draft_cache.binding(self.draft_tree, [0])  # the draft's cache, shared
+        self.width, self.depth, self.budget, self.lookup = parse_shape(shape)
+        self.pending: list[int] = []  # accepted tokens already in the cache, returned one per call
+        self.prefix: list[tuple[int, np.ndarray]] = []  # (token, feature that produced it) the draft has not seen
+        self.context: list[int] = []
+        self.accepted: list[int] = []  # tokens emitted per target forward
+
+    def prefill(self, ids: list[int]) -> int:
+        token = super().prefill(ids)
+        self.pending, self.prefix, self.context, self.accepted = [], [], [*ids, token], []
+        return token
+
+    def run_draft(self, ids, features, positions, bias, past):
+        feeds = {"input_ids": np.array([ids], np.int64), "features": np.ascontiguousarray(features, np.float32),
+                 "past_sequence_length": np.array([past], np.int64),
+                 "position_ids": np.array([positions], np.int64), "attention_bias": bias}
+        out = run(self.draft_tree, self.draft_tree_binding, feeds, ["draft_ids", "draft_logprobs", "draft_features"])
+        return out["draft_ids"], out["draft_logprobs"], out["draft_features"][0]
+
+    def grow(self, token: int, n: int) -> tuple[list[int], list[int], list[int]]:
+        """The tree after ``token`` at position n: tokens, parents (-1 for the root), depths."""
+        w = self.width
+        root = n - 1  # the draft's row r holds position r + 1, and its graph rotates by row
+        ids = [t for t, _ in self.prefix] + [token]
+        feats = np.concatenate([f for _, f in self.prefix] + [self.feature], axis=1)
+        self.prefix = []
+        top, logp, f = self.run_draft(ids, feats, list(range(self.draft_len, root + 1)),
+                                      np.zeros((1, 1, len(ids), root + 1), np.float32), self.draft_len)
+        self.draft_len = root + 1
+        tokens, parents, depths = [int(t) for t in top[-1, :w]], [-1] * w, [1] * w
+        scores, inputs, rows = list(logp[-1, :w]), [f[-1]] * w, [None] * w
+        frontier, row = list(range(w)), root + 1
+        for d in range(2, self.depth + 1):  # expand the w best nodes of the last depth
+            expand = sorted(frontier, key=lambda i: -scores[i])[:min(w, self.capacity - row)]
+            if not expand:
+                break
+            bias = np.full((1, 1, len(expand), row + len(expand)), HIDDEN, np.float32)
+            bias[0, 0, :, :root + 1] = 0.0
+            for j, node in enumerate(expand):
+                rows[node] = row + j
+                a = node
+                while a >= 0:  # the node's own row and its ancestors'
+                    bias[0, 0, j, rows[a]] = 0.0
+                    a = parents[a]
+            top, logp, f = self.run_draft([tokens[i] for i in expand], np.stack([inputs[i] for i in expand])[None],
+                                          [root + d - 1] * len(expand), bias, row)
+            row += len(expand)
+            frontier = []
+            for j, node in enumerate(expand):
+                for k in range(w):
+                    frontier.append(len(tokens))
+                    tokens.append(int(top[j, k]))
+                    parents.append(node)
+                    depths.append(d)
+                    scores.append(scores[node] + logp[j, k])
+                    inputs.append(f[j])
+                    rows.append(None)
+        best = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))
+        order = sorted(best[:min(self.budget, self.capacity - n - 1)], key=lambda i: (depths[i], i))
+        index = {node: s + 1 for s, node in enumerate(order)}
+        out_tokens = [token, *(tokens[i] for i in order)]
+        out_parents = [-1, *(index.get(parents[i], 0) for i in order)]
+        out_depths = [0, *(depths[i] for i in order)]
+        node = 0
+        for t in lookup_chain(self.context, min(self.lookup, self.capacity - n - len(out_tokens))):
+            child = next((c for c in range(node + 1, len(out_tokens)) if out_parents[c] == node and out_tokens[c] == t),
+                         None)
+            if child is None:  # merge the chain: follow the nodes that hold its tokens, append the rest
+                out_tokens.append(t)
+                out_parents.append(node)
+                out_depths.append(out_depths[node] + 1)
+                child = len(out_tokens) - 1
+            node = child
+        return out_tokens, out_parents, out_depths
+
+    def next_token(self, token: int, position: int) -> tuple[int, int]:
+        last = self.num_layers - 1
+        if self.pending:  # accepted by the last forward; ``token`` is already in the cache
+            return self.pending.pop(0), last
+        n = position
+        tokens, parents, depths = self.grow(token, n)
+        s = len(tokens)
+        bias = np.zeros((1, 1, s, n + s), np.float32)
+        bias[0, 0, :, n + 1:] = HIDDEN
+        for node in range(1, s):
+            a = node
+            while a > 0:  # a node sees the past, the root, its ancestors and itself
+                bias[0, 0, node, n + a] = 0.0
+                a = parents[a]
+        feeds = {"input_ids": np.array([tokens], np.int64), "past_sequence_length": np.array([n], np.int64),
+                 "position_ids": np.array([[n + d for d in depths]], np.int64), "attention_bias": bias}
+        out = run(self.tree, self.tree_binding, feeds, ["tokens", "features"])
+        greedy, feats = out["tokens"][0], out["features"]
+        path, node = [], 0
+        while True:  # follow the child holding its parent's greedy token
+            node = next((c for c in range(node + 1, s) if parents[c] == node and tokens[c] == greedy[node]), None)
+            if node is None:
+                break
+            path.append(node)
+        for k, a in enumerate(path, start=1):  # the accepted nodes' K/V to rows n+1 .. n+m
+            if a != k:
+                for array in self.cache.arrays:
+                    array[0, :, n + k, :] = array[0, :, n + a, :]
+        producers = [0, *path]
+        emitted = [int(greedy[p]) for p in producers]
+        self.pending = emitted[1:]
+        self.prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1]) for i in range(len(path))]
+        self.feature = feats[:, producers[-1]:producers[-1] + 1]
+        self.context += emitted
+        self.accepted.append(len(emitted))
+        return emitted[0], last
+
+
+# ---- 6. greedy generation --------------------------------------------------------------------
 
 
 def generate(decoder: DenseDecoder, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
@@ -323,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="apply the bundle's chat template (needs jinja2)")
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle's dense step graph")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--tree", default=None, metavar="SHAPE",
+                   help="lossless tree speculation, WIDTHxDEPTHxBUDGET[+LOOKUP] (a bundle compiled with --tree)")
     p.add_argument("--json", action="store_true", help="print token ids, exit layers and stop reason as JSON")
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
@@ -331,11 +486,18 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(args.bundle)
     tokenizer = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
     ids = encode(args.bundle, tokenizer, args.prompt, args.chat)
-    kind = DenseDecoder
-    if "specee" in manifest and not args.no_exit:
+    if args.tree:
+        if "tree" not in manifest.get("specee", {}):
+            sys.exit(f"{args.bundle} has no tree graphs; compile it with specee-compile --specee --tree")
+        decoder = TreeDecoder(args.bundle, manifest, args.threads, args.tree)
+    elif "specee" in manifest and not args.no_exit:
         kind = SpecEEGraphDecoder if manifest["specee"].get("exit_mode") == "graph" else SpecEEDecoder
-    result = generate(kind(args.bundle, manifest, args.threads), ids, args.max_new_tokens,
-                      set(manifest["model"]["eos_token_ids"]))
+        decoder = kind(args.bundle, manifest, args.threads)
+    else:
+        decoder = DenseDecoder(args.bundle, manifest, args.threads)
+    result = generate(decoder, ids, args.max_new_tokens, set(manifest["model"]["eos_token_ids"]))
+    if args.tree:
+        result["accepted_lengths"] = decoder.accepted
     if args.json:
         print(json.dumps(result))
     else:

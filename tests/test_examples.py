@@ -60,7 +60,7 @@ def tiny_specee_bundle(tiny_dirs, tmp_path_factory) -> Path:
                                    predictor_hidden=16, predictor_epochs=3, positions_per_sequence=16, draft_epochs=1)
     cal = calibrate(tiny_dirs["llama"], settings, progress=False)
     return compile_bundle(CompileConfig(model=str(model_dir), out=work / "tiny-specee.onnx", max_context=64,
-                                        specee=True, calibration=cal, threshold=0.5, exit_rule="draft"),
+                                        specee=True, calibration=cal, threshold=0.5, exit_rule="draft", tree=True),
                           progress=False)
 
 
@@ -104,6 +104,18 @@ def test_standalone_example_reproduces_the_specee_engine_tokens_and_exit_layers(
         assert _standalone(tiny_specee_bundle, prompt, 24) == want
         exits += want["exit_layers"]
     assert min(exits) < 2  # early exits happened, so K/V propagation and the online schedule ran
+
+
+@pytest.mark.parametrize("shape", ["2x2x3+4", "3x3x6"])
+def test_standalone_example_decodes_with_a_tree_as_the_engine(tiny_specee_bundle, shape):
+    from specee_compile.runtimes import load
+
+    engine = load(tiny_specee_bundle, tree=shape)
+    for prompt in ("hello world, the quick", "the lazy dog"):
+        want = engine.generate(prompt, max_new_tokens=24, chat=False)
+        got = _standalone(tiny_specee_bundle, prompt, 24, "--tree", shape)
+        assert got["token_ids"] == want.token_ids == _engine(tiny_specee_bundle, prompt, 24, dense=True)["token_ids"]
+        assert got["accepted_lengths"] == want.accepted_lengths
 
 
 def test_standalone_example_with_chat_template_reproduces_the_engine(tiny_specee_bundle):

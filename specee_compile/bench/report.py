@@ -98,16 +98,19 @@ def markdown(r: dict) -> str:
                   "Tree shape WxDxN: the draft grows a tree of its tokens for D depths, expanding the W best nodes "
                   "of each depth into their W best children, and the N best nodes by path probability are verified "
                   "in one target forward after the newest token; the longest path of the target's greedy tokens "
-                  "and one more token are emitted. Shares of decode time come from the runtime's timers.", "",
-                  "| system | shape | tokens per target forward | steps accepting a draft token | draft | verification "
+                  "and one more token are emitted; +L adds up to L nodes from the context (the tokens that followed "
+                  "the latest earlier occurrence of the newest 1-3 tokens). Shares of decode time come from the "
+                  "runtime's timers.", "",
+                  "| system | shape | tokens per target forward | forwards accepting a tree token | draft | verification "
                   "| exact match vs dense |", "|---|---|---|---|---|---|---|"]
         for name, s in trees.items():
             lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {s['exact_match']:.0%} |")
         deepest = max(len(s["depth_acceptance"]) for s in trees.values())
         if deepest:
-            lines += ["", "The draft's hit rate by depth: of the target forwards whose accepted path reached depth d - 1, "
-                      "the share accepting a draft token at depth d as well.", "",
+            lines += ["", "Hit rate by depth: of the target forwards whose accepted path reached depth d - 1, the share "
+                      "accepting a tree token at depth d as well (from the draft, or with +L from the context "
+                      "lookup).", "",
                       "| system | " + " | ".join(f"depth {d}" for d in range(1, deepest + 1)) + " |",
                       "|---|" + "---|" * deepest]
             for name, s in trees.items():

@@ -52,10 +52,13 @@ class TreeShape:
     latest earlier occurrence of the newest tokens, a chain merged into the tree).
     Written ``WxDxN`` or ``WxDxN+L``; a single number W is ``Wx1xW``."""
 
-    width: int = 4
+    # The default, 1x1x1+4, was the fastest of 10 shapes on SmolLM2 here (docs/benchmarks/tree):
+    # the draft's regressed features make poor inputs (3.8-5% hits at depth 2), so depth
+    # costs a draft run for little, while verifying more nodes costs more on a CPU.
+    width: int = 1
     depth: int = 1
-    budget: int = 4
-    lookup: int = 0
+    budget: int = 1
+    lookup: int = 4
 
     @classmethod
     def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
