@@ -9,7 +9,7 @@ from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
-from specee_compile.runtimes.tree import TokenTree, TreeShape, context_lookup
+from specee_compile.runtimes.tree import DEFAULT_TREE, TokenTree, TreeShape, context_lookup
 from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
 
 NEW = 16
@@ -89,6 +89,7 @@ def test_tree_shapes_parse_and_count_their_nodes():
     assert TreeShape(4, 3, 8).drafted == 4 + 2 * 16
     assert TreeShape.parse("4x2x6+3") == TreeShape(4, 2, 6, 3) and TreeShape.parse("2+5") == TreeShape(2, 1, 2, 5)
     assert str(TreeShape(4, 2, 6, 3)) == "4x2x6+3"
+    assert TreeShape.parse(True) == DEFAULT_TREE == TreeShape.parse("1+4")  # specee-run --tree alone
 
 
 def test_context_lookup_continues_the_latest_earlier_occurrence():

@@ -25,7 +25,7 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
         tree: decode by lossless tree speculation with trees of this shape (a ``TreeShape``,
             "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1, either
-            with "+L" context-lookup nodes; True: the measured default ``TreeShape()``), with a
+            with "+L" context-lookup nodes; True: the measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a
             SpecEE bundle compiled with ``--tree``.
     """
     from transformers import AutoTokenizer

@@ -52,20 +52,17 @@ class TreeShape:
     latest earlier occurrence of the newest tokens, a chain merged into the tree).
     Written ``WxDxN`` or ``WxDxN+L``; a single number W is ``Wx1xW``."""
 
-    # The default, 1x1x1+4, was the fastest of 10 shapes on SmolLM2 here (docs/benchmarks/tree):
-    # the draft's regressed features make poor inputs (3.8-5% hits at depth 2), so depth
-    # costs a draft run for little, while verifying more nodes costs more on a CPU.
-    width: int = 1
+    width: int
     depth: int = 1
     budget: int = 1
-    lookup: int = 4
+    lookup: int = 0
 
     @classmethod
     def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
         if isinstance(value, TreeShape):
             return value
         if value is True:
-            return cls()
+            return DEFAULT_TREE
         text = str(value).strip()
         match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text)
         if match is None:
@@ -91,6 +88,13 @@ class TreeShape:
             raise ConfigError(f"tree {self}: the budget must be from 1 to the {self.drafted} nodes this width and "
                               "depth draft.")
         return self
+
+
+# The default, 1x1x1+4, was the fastest of 10 shapes on SmolLM2 here (docs/benchmarks/tree-shapes,
+# then 1.27x dense over 80 prompts in docs/benchmarks/tree): fed its own regressed feature the
+# draft hits at depth 2 on 4-5% of forwards, so depth costs a draft run for little, while
+# verifying more nodes costs more on a CPU.
+DEFAULT_TREE = TreeShape(1, 1, 1, 4)
 
 
 def context_lookup(context: list[int], length: int, longest: int = 3) -> list[int]:
@@ -186,7 +190,7 @@ class TreeEngine(SpecEEEngine):
     trees of ``shape`` (a ``TreeShape``). ``generate`` reports ``accepted_lengths``."""
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
-                 profile_dir: Path | None = None, shape: TreeShape | str | int = TreeShape()):
+                 profile_dir: Path | None = None, shape: TreeShape | str | int = DEFAULT_TREE):
         super().__init__(path, manifest, tokenizer, threads, profile_dir)
         spec = manifest["specee"].get("tree")
         if not isinstance(spec, dict) or "file" not in spec or "draft" not in spec:
