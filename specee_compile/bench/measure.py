@@ -61,11 +61,10 @@ def tree(runs: list[Run]) -> dict:
     accepted = [a - 1 for r in runs for a in r.accepted_lengths]
     deepest = max(accepted, default=0)
     reach = [sum(a >= d for a in accepted) / max(len(accepted), 1) for d in range(1, deepest + 1)]
-    given = [reach[0] if reach else float("nan")] + [
-        reach[d] / reach[d - 1] for d in range(1, len(reach))]
+    given = [reach[0]] + [reach[d] / reach[d - 1] for d in range(1, len(reach))] if reach else []
     return {"tokens_per_forward": statistics.mean(accepted) + 1 if accepted else float("nan"),
             "acceptance_rate": reach[0] if reach else 0.0, "forwards": len(accepted),
-            "accepted_depth": reach, "depth_acceptance": given if reach else []}
+            "accepted_depth": reach, "depth_acceptance": given}
 
 
 def step_parts(runs: list[Run], dense: list[Run], shares: dict, active_layers, num_layers: int, rule: str,

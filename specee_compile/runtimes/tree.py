@@ -131,13 +131,17 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def child(self, node: int, token: int) -> int | None:
+        """The child of ``node`` that holds ``token``, if any."""
+        return next((c for c in range(node + 1, len(self)) if self.parents[c] == node and self.tokens[c] == token),
+                    None)
+
     def add_chain(self, chain: list[int]) -> None:
         """Merge a chain of tokens after the root: follow the nodes that already hold them,
         append the rest."""
         node = 0
         for token in chain:
-            child = next((c for c in range(node + 1, len(self)) if self.parents[c] == node and self.tokens[c] == token),
-                         None)
+            child = self.child(node, token)
             if child is None:
                 self.tokens.append(token)
                 self.parents.append(node)
@@ -161,13 +165,9 @@ class TokenTree:
         """The nodes on the accepted path: from the root, the child whose token is its parent's
         greedy token, while there is one."""
         path, node = [], 0
-        while True:
-            nxt = next((c for c in range(node + 1, len(self)) if self.parents[c] == node
-                        and self.tokens[c] == int(greedy[node])), None)
-            if nxt is None:
-                return path
-            path.append(nxt)
-            node = nxt
+        while (node := self.child(node, int(greedy[node]))) is not None:
+            path.append(node)
+        return path
 
 
 class _TreeState(_SpecEEState):
