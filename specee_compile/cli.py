@@ -118,7 +118,8 @@ def compile_parser() -> argparse.ArgumentParser:
                         "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
     p.add_argument("--tree", action="store_true",
                    help="with --specee: also export the tree verification graph for lossless tree speculation "
-                        "(specee-run --tree)")
+                        "(specee-run --tree) and, in exit mode segments, its segments with per-node predictors for "
+                        "early exit inside verification (--tree SHAPE:exit)")
     p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -177,7 +178,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", nargs="?", const=True, default=None, metavar="SHAPE",
                    help="lossless tree speculation (a SpecEE bundle compiled with --tree) with trees of draft tokens "
                         "WIDTHxDEPTHxBUDGET (e.g. 4x2x6; one number W is Wx1xW), +L for L context-lookup nodes "
-                        "(e.g. 4+4); alone: the measured default")
+                        "(e.g. 4+4), :exit for early exit inside verification (lossy, e.g. 1+4:exit; --threshold "
+                        "sets its threshold); alone: the measured default")
     _thread_pool(p)
     _common(p)
     return p
@@ -202,7 +204,10 @@ def _run_main(args) -> int:
         print()
     if result.accepted_lengths:
         mean = sum(result.accepted_lengths) / len(result.accepted_lengths)
-        print(f"[tree {engine.shape}: {mean:.2f} tokens per target forward]", file=sys.stderr)
+        layers = ""
+        if engine.shape.exits:
+            layers = f", mean executed layers {sum(e + 1 for e in result.exit_layers) / len(result.exit_layers):.2f}"
+        print(f"[tree {engine.shape}: {mean:.2f} tokens per target forward{layers}]", file=sys.stderr)
     elif result.exit_layers and not args.no_exit and "specee" in engine.manifest:
         mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
         print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
@@ -304,8 +309,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="also run the eager reference decoder (PyTorch; slow) on the prompts and report on how many "
                         "steps each SpecEE bundle emits the same token from the same exit layer")
     p.add_argument("--tree", default="", metavar="SHAPE1,SHAPE2,...",
-                   help="also time lossless tree speculation with trees of these shapes (WIDTHxDEPTHxBUDGET, or a "
-                        "width W for Wx1xW), with the first SpecEE bundle (compiled with --tree)")
+                   help="also time tree speculation with trees of these shapes (WIDTHxDEPTHxBUDGET, or a width W "
+                        "for Wx1xW; +L context lookup; :exit for early exit inside verification), with the first "
+                        "SpecEE bundle (compiled with --tree)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")

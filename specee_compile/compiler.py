@@ -125,6 +125,7 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
             graphs["draft"] = spec_graphs.draft
             if spec_graphs.tree is not None:
                 graphs.update({"tree": spec_graphs.tree, "draft_tree": spec_graphs.draft_tree})
+                graphs.update({f"tree_segment_{k}": seg.model for k, seg in enumerate(spec_graphs.tree_segments)})
         version = trt_lowering.check_graphs(graphs)
         checked = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(graphs), "problems": 0}
         stages.update()

@@ -9,6 +9,7 @@ from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
+from specee_compile.runtimes.specee import propagated_kv
 from specee_compile.runtimes.tree import DEFAULT_TREE, TokenTree, TreeShape, context_lookup
 from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
 
@@ -178,3 +179,116 @@ def test_specee_run_decodes_with_a_tree(bundle, capsys):
     assert "tree 3x2x5" in tree.err and "tokens per target forward" in tree.err
     assert run_main([*args, "--no-exit"]) == 0
     assert tree.out == capsys.readouterr().out  # the dense graph's text
+
+
+# ---- merged mapping: early exit inside tree verification --------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tree_exits_that_never_fire_give_the_dense_tokens(bundle, family):
+    """Through the tree segments with every predictor unable to pass (threshold 1): the
+    dense tokens, every token from the last layer, the same accepted lengths as lossless."""
+    out = bundle(family, 0.3, "full", tree=True)
+    dense, lossless = load(out, dense=True), load(out, tree="2x2x3+4")
+    engine = load(out, tree="2x2x3+4:exit", threshold=1.0)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=NEW)
+        assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids
+        assert got.accepted_lengths == lossless.generate(prompt, max_new_tokens=NEW).accepted_lengths
+        assert set(got.exit_layers) == {engine.num_layers - 1}
+
+
+def _record_candidates(engine):
+    """Wrap ``engine._candidates`` to keep every step's tree and candidates."""
+    steps, real = [], engine._candidates
+
+    def candidates(state, tree, n):
+        got = real(state, tree, n)
+        steps.append((n, tree, got))
+        return got
+
+    engine._candidates = candidates
+    return steps
+
+
+@pytest.mark.parametrize("shape", ["1+4:exit", "3x2x5:exit"])
+def test_tree_exits_emit_each_nodes_choice_at_the_exit_layer(bundle, tiny_dirs, shape):
+    """Rule "draft", threshold 0 and only layer 1's predictor active: every verification
+    settles at layer 1, so layers 0-1 of every position are computed, never propagated.
+    Each emitted token must then be its producing node's best candidate under the truncated
+    model's layer-1 state at that position (PyTorch over the final sequence), which checks
+    the per-node candidates, the walk, the rows kept and the positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = bundle("llama", 0.0, "draft", tree=True)
+    engine = load(out, tree=shape, threshold=0.0)
+    only = np.zeros(engine.num_layers, bool)
+    only[1] = True
+    engine.active_layers = lambda history: only
+    steps = _record_candidates(engine)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    head = model.lm_head.weight.detach()
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=NEW)
+        steps.clear()
+        scored = engine.score(prompt, got.token_ids)  # the same steps, keeping every prediction's feature
+        assert scored.predicted == got.token_ids
+        assert set(got.exit_layers[1:]) == {1} and max(got.accepted_lengths) > 1
+        sequence = list(prompt) + got.token_ids
+        with torch.no_grad():
+            h = model.model(torch.tensor([sequence]), output_hidden_states=True).hidden_states[2][0]
+            z = model.model.norm(h)
+        # the exit feature of every prediction after the first is the layer-1 state at its position
+        np.testing.assert_allclose(scored.features[1:], z[len(prompt):-1].numpy(), atol=1e-4)
+        cache = engine._pool[-1].arrays  # the cache score left: layer 2 of every decoded position is propagated
+        for p in range(len(prompt), len(sequence) - 1):
+            k, v = propagated_kv(np, engine.kv, 2, h[p].numpy(), engine.kv["cos"][p], engine.kv["sin"][p],
+                                 engine.kv_eps, engine.kv_heads)
+            np.testing.assert_allclose(cache[4][0, :, p], k, atol=1e-4)
+            np.testing.assert_allclose(cache[5][0, :, p], v, atol=1e-4)
+        emitted = 1  # the first token comes from prefill
+        for (n, tree, cands), length in zip(steps, got.accepted_lengths):
+            node = 0
+            for j in range(length):  # token j of this step is predicted at position n + j by the path's node j
+                if emitted >= len(got.token_ids):
+                    break
+                c = torch.as_tensor(cands[node])
+                want = int(c[(head[c] @ z[n + j]).argmax()])
+                assert got.token_ids[emitted] == want, (prompt, n, j)
+                emitted += 1
+                node = tree.child(node, want) if j + 1 < length else None
+        assert emitted == len(got.token_ids)
+
+
+def test_teacher_forced_tree_exits_reproduce_their_own_output(bundle):
+    """``score`` by tree steps along the engine's own output predicts that output (every
+    position once); along the dense output, lossless trees predict it all."""
+    out = bundle("llama", 0.3, "full", tree=True)
+    engine = load(out, tree="2x2x3+4:exit", threshold=0.0)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=NEW)
+        scored = engine.score(prompt, got.token_ids)
+        assert scored.predicted == got.token_ids and scored.exit_layers == got.exit_layers
+        assert scored.features.shape == (len(got.token_ids), engine.hidden_size)
+    dense = load(out, dense=True)
+    want = dense.generate(PROMPTS[0], max_new_tokens=NEW).token_ids
+    assert engine.score(PROMPTS[0], want, tree="2x2x3+4").predicted == want
+
+
+def test_tree_exits_need_the_tree_segments(bundle, tmp_path):
+    import json
+    import shutil
+
+    out = bundle("llama", 0.3, "full", tree=True)
+    spec = read_manifest(out, verify=False)["specee"]["tree"]
+    assert [g["exit_layer"] for g in spec["segments"]][:-1] == read_manifest(out, verify=False)["specee"][
+        "predictor_layers"]
+    copy = tmp_path / "b.onnx"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["specee"]["tree"]["segments"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load(copy, tree="4", verify=False).generate(PROMPTS[0], max_new_tokens=4).token_ids
+    with pytest.raises(BundleError, match="no tree segments with per-node exits"):
+        load(copy, tree="4:exit", verify=False)

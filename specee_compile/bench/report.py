@@ -94,18 +94,23 @@ def markdown(r: dict) -> str:
                          f"{c['prompts']} | {shown} |")
     trees = {n: s for n, s in systems.items() if s["kind"] == "tree"}
     if trees:
-        lines += ["", "## Tree speculation (lossless)", "",
+        lines += ["", "## Tree speculation", "",
                   "Tree shape WxDxN: the draft grows a tree of its tokens for D depths, expanding the W best nodes "
                   "of each depth into their W best children, and the N best nodes by path probability are verified "
                   "in one target forward after the newest token; the longest path of the target's greedy tokens "
                   "and one more token are emitted; +L adds up to L nodes from the context (the tokens that followed "
-                  "the latest earlier occurrence of the newest 1-3 tokens). Shares of decode time come from the "
-                  "runtime's timers.", "",
+                  "the latest earlier occurrence of the newest 1-3 tokens). Without :exit it is lossless; with "
+                  ":exit (merged mapping) the verification forward stops at the first active predictor layer where "
+                  "every node on the walk from the newest token is settled (its predictor passes the threshold and "
+                  "its exit token is one of its own draft candidates), and the path's deeper K/V is propagated. "
+                  "Shares of decode time come from the runtime's timers.", "",
                   "| system | shape | tokens per target forward | forwards accepting a tree token | draft | verification "
-                  "| exact match vs dense |", "|---|---|---|---|---|---|---|"]
+                  "| mean executed layers | exit rate | exact match vs dense |", "|---|---|---|---|---|---|---|---|---|"]
         for name, s in trees.items():
+            layers = f"{s['mean_executed_layers']:.2f}" if "mean_executed_layers" in s else "–"
             lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
-                         f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {s['exact_match']:.0%} |")
+                         f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {layers} | "
+                         f"{_pct(s.get('exit_rate'))} | {s['exact_match']:.0%} |")
         deepest = max(len(s["depth_acceptance"]) for s in trees.values())
         if deepest:
             lines += ["", "Hit rate by depth: of the target forwards whose accepted path reached depth d - 1, the share "

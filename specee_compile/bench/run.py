@@ -185,6 +185,10 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             row["speedup_vs_genai"] = measure.paired_ratio(r, runs[genai_name])
         if system.kind == "tree":
             row.update(measure.tree(r), **measure.time_shares(r))
+            if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles
+                row.update(measure.exits(r, L), threshold=system.engine.threshold)
+                row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,
+                                                             system.name)
             row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
                 prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
         elif system.engine is not None:

@@ -26,7 +26,6 @@ import onnx_ir.passes.common  # noqa: F401
 from specee_compile.passes.analysis import scope
 from specee_compile.passes.insert_predictors import SEGMENT
 
-WEIGHTS_FILE = "segments.data"
 INLINE_BYTES = 1024
 
 
@@ -122,11 +121,13 @@ def _subnodes(node: ir.Node):
             yield from ir.traversal.RecursiveGraphIterator(g)
 
 
-def save_segments(segments: list[Segment], folder: Path) -> list[str]:
-    """Write segment_{k}.onnx files whose initializers all point into one shared data file."""
+def save_segments(segments: list[Segment], folder: Path, stem: str = "segment") -> list[str]:
+    """Write {stem}_{k}.onnx files whose initializers all point into one shared data file
+    ({stem}s.data)."""
     folder.mkdir(parents=True, exist_ok=True)
     offsets: dict[int, tuple[int, int]] = {}
-    with open(folder / WEIGHTS_FILE, "wb") as f:
+    weights = f"{stem}s.data"
+    with open(folder / weights, "wb") as f:
         for s in segments:
             for v in s.model.graph.initializers.values():
                 key = id(v.const_value)
@@ -143,9 +144,9 @@ def save_segments(segments: list[Segment], folder: Path) -> list[str]:
             if id(v.const_value) not in offsets:
                 continue  # small: stays inline (shape inference reads axes and shapes)
             offset, length = offsets[id(v.const_value)]
-            v.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, v.const_value.dtype,
+            v.const_value = ir.ExternalTensor(weights, offset, length, v.const_value.dtype,
                                               shape=v.const_value.shape, name=v.name, base_dir=folder)
-        name = f"segment_{k}.onnx"
+        name = f"{stem}_{k}.onnx"
         ir.save(s.model, folder / name)
         names.append(name)
     return names

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ EXIT_MODES = ("segments", "graph")
 DECODE_FILE = "decode.onnx"
 TREE_FILE = "tree.onnx"
 DRAFT_TREE_FILE = "draft_tree.onnx"
+TREE_SEGMENTS = "tree_segment"  # the tree step with per-node exits: tree_segment_{k}.onnx
 TREE_MAX_WIDTH = 8  # the tree draft graph's top-K children per node: the widest a tree can branch
 
 
@@ -54,13 +55,15 @@ class SpecEEGraphs:
     pass_log: list[dict]
     tree: ir.Model | None = None  # the tree verification step, when asked for
     draft_tree: ir.Model | None = None  # the draft over a token tree's nodes, with ``tree``
+    tree_segments: list[Segment] = field(default_factory=list)  # the tree step with per-node exits, cut
 
 
-def specee_pipeline(cal, layers: tuple[int, ...], rule: str) -> Pipeline:
+def specee_pipeline(cal, layers: tuple[int, ...], rule: str, per_node: bool = False) -> Pipeline:
+    """The SpecEE passes; ``per_node`` for the tree verification graph (a decision per node)."""
     state = {k: v.detach().numpy() for k, v in cal.bank.state_dict().items()}
     return Pipeline({"specee": [
-        InsertPredictorsPass(layers=layers, **state),
-        InsertEarlyExitPass(rule=rule, vocab_map=cal.draft.vocab_map.numpy()),
+        InsertPredictorsPass(layers=layers, per_node=per_node, **state),
+        InsertEarlyExitPass(rule=rule, vocab_map=cal.draft.vocab_map.numpy(), per_node=per_node),
         FuseDraftGathersPass(),
     ]})
 
@@ -82,10 +85,7 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     model, _ = export_step(hf_model, capacity, target)
     model, log = specee_pipeline(cal, layers, rule)(model)
     input_names = [v.name for v in model.graph.inputs]
-    segments = split_segments(model, list(layers), L)
-    if opt_level != "O0" and target == "ort":
-        for s in segments:
-            FuseOrtTransformersPass()(s.model)
+    segments = _segments(model, layers, L, opt_level, target)
     kv_fill = _kv_fill(hf_model, capacity)
     decode = None
     if exit_mode == "graph":
@@ -94,11 +94,16 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
         segments = []
     draft = export_draft(cal.draft, capacity, target)
     tree_model = draft_tree = None
+    tree_segments = []
     if tree:
         tree_model = export_tree(hf_model, capacity, target)
         if opt_level != "O0" and target == "ort":
             FuseOrtTransformersPass()(tree_model)
         draft_tree = export_draft(cal.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
+        if exit_mode == "segments":  # merged mapping: early exit inside tree verification
+            exits, tree_log = specee_pipeline(cal, layers, rule, per_node=True)(export_tree(hf_model, capacity, target))
+            log += [{**entry, "graph": "tree"} for entry in tree_log]
+            tree_segments = _segments(exits, layers, L, opt_level, target)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,
@@ -112,7 +117,16 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
                   "kv_heads": cal.draft.kv_heads, "head_dim": cal.draft.head_dim},
         "kv_fill": {"file": f"{FOLDER}/kv_fill.safetensors", "eps": _eps(hf_model)},
     }
-    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log, tree_model, draft_tree)
+    return SpecEEGraphs(segments, decode, draft, kv_fill, spec, log, tree_model, draft_tree, tree_segments)
+
+
+def _segments(model: ir.Model, layers: tuple[int, ...], num_layers: int, opt_level: str, target: str) -> list[Segment]:
+    """Cut ``model`` after every predictor layer; ONNX Runtime fusions per segment."""
+    segments = split_segments(model, list(layers), num_layers)
+    if opt_level != "O0" and target == "ort":
+        for s in segments:
+            FuseOrtTransformersPass()(s.model)
+    return segments
 
 
 def _warn_if_slower(chosen: dict, num_layers: int) -> None:
@@ -142,14 +156,19 @@ def save(graphs: SpecEEGraphs, bundle_dir: Path) -> dict:
         ir.save(graphs.draft_tree, folder / DRAFT_TREE_FILE, external_data=DRAFT_TREE_FILE + ".data")
         spec["tree"] = {"file": f"{FOLDER}/{TREE_FILE}", "max_width": TREE_MAX_WIDTH, **io_contract(graphs.tree),
                         "draft": {"file": f"{FOLDER}/{DRAFT_TREE_FILE}", **io_contract(graphs.draft_tree)}}
+        if graphs.tree_segments:
+            spec["tree"]["segments"] = _segment_entries(graphs.tree_segments,
+                                                        save_segments(graphs.tree_segments, folder, TREE_SEGMENTS))
     if graphs.decode is not None:
         spec["decode"] = {"file": f"{FOLDER}/{DECODE_FILE}", **io_contract(graphs.decode)}
     else:
-        spec["segments"] = [
-            {"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
-             "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, graphs.segments)
-        ]
+        spec["segments"] = _segment_entries(graphs.segments, names)
     return spec
+
+
+def _segment_entries(segments: list[Segment], names: list[str]) -> list[dict]:
+    return [{"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
+             "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, segments)]
 
 
 @dataclass(frozen=True)

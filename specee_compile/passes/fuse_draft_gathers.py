@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from specee_compile.passes.insert_predictors import ROLE
@@ -52,7 +53,8 @@ class FuseDraftGathersPass(ir.passes.InPlacePass):
             if norm_mul is not None and norm_mul.metadata_props.get(ROLE) == "norm_weight":
                 if folded is None:
                     norm_w = norm_mul.inputs[1]
-                    scale = norm_w if axis == 0 else tape.op("Unsqueeze", [norm_w, _axes(tape)])
+                    rank = len(ids.shape) if ids.shape is not None else 1  # draft_ids [4], or [S, 4] per node
+                    scale = norm_w if axis == 0 else tape.op("Unsqueeze", [norm_w, _axes(tape, rank)])
                     folded = tape.op("Mul", [rows, scale], name="specee.draft_rows_normed")
                     folded.name = "specee.draft_rows_normed"
                 logits.replace_input_with(0, norm_mul.inputs[0])
@@ -67,7 +69,6 @@ class FuseDraftGathersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
-def _axes(tape: ir.tape.Tape) -> ir.Value:
-    import numpy as np
-
-    return tape.op("Constant", [], {"value": ir.tensor(np.array([1], np.int64))})
+def _axes(tape: ir.tape.Tape, rank: int) -> ir.Value:
+    """Axes 1..rank: the norm weight [d] against rows gathered along axis 1 of a [d, V] head."""
+    return tape.op("Constant", [], {"value": ir.tensor(np.arange(1, rank + 1, dtype=np.int64))})

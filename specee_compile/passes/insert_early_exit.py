@@ -15,6 +15,13 @@ The head product of the rule runs only when the predictor fires. ``exit_feature`
 the draft is fed at the next step. The runtime (or the segmented lowering) stops at the
 first layer whose ``exit_flag`` is set; ``features`` gives the full-depth feature otherwise.
 
+With ``per_node`` (after InsertPredictorsPass(per_node=True), on the tree verification
+graph) every node s gets its own decision from its own row of ``draft_ids`` [S, 4]: the If
+runs when any node's score passes, and returns ``exit_flag`` [S] (score_s > threshold and
+the rule's check), ``exit_token`` [S] and ``exit_feature`` [S, d] (else [False], [-1],
+zeros [1, d], broadcast over the nodes). Which path of the tree may stop is the
+runtime's walk over these (runtimes/tree.py).
+
 ``exit_threshold`` (float32 [1]) is a graph input, so one compiled graph serves every
 threshold: the runtime feeds the calibrated one unless asked for another trade-off.
 """
@@ -28,7 +35,7 @@ import onnx_ir as ir
 
 from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
-from specee_compile.passes.insert_predictors import SEGMENT, _const, _named, normalized_last
+from specee_compile.passes.insert_predictors import SEGMENT, _const, _named, normalized_last, normalized_nodes
 
 RULES = ("full", "reduced", "draft")
 THRESHOLD_INPUT = "exit_threshold"
@@ -41,6 +48,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
 
     rule: str = "full"
     vocab_map: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for rule "reduced"
+    per_node: bool = False  # a decision per query position (draft_ids [S, 4])
     name: str = "insert_early_exit"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -70,8 +78,12 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
         for node in predictors:
             i = int(node.name.split(".")[1])
             start = len(tape.nodes)
-            fire = tape.op("And", [node.inputs[0], tape.op("Greater", [node.outputs[0], thr])])
+            score = node.outputs[0]
+            best = tape.op("ReduceMax", [score], {"keepdims": 1}) if self.per_node else score
+            fire = tape.op("And", [node.inputs[0], tape.op("Greater", [best, thr])])
             then = self._check(dec, i, draft_ids, reduced)
+            if self.per_node:  # each node's own flag: its score passes and the rule's check holds
+                then[1][0] = then[0].op("And", [then[1][0], then[0].op("Greater", [score, thr])])
             other = ir.tape.Tape()
             no = [other.op("Identity", [_const(other, v)]) for v in
                   (np.array([False]), np.array([-1], np.int64), np.zeros((1, d), np.float32))]
@@ -92,19 +104,35 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
 
     def _check(self, dec, i, draft_ids, reduced):
         t = ir.tape.Tape()
-        z = t.op("Mul", [normalized_last(t, dec, i), dec.norm_weight])  # [1, d]
+        if self.per_node:  # [S, 1, d] -> [S, d]
+            x = t.op("Squeeze", [normalized_nodes(t, dec, i), _const(t, np.array([1], np.int64))])
+        else:
+            x = normalized_last(t, dec, i)
+        z = t.op("Mul", [x, dec.norm_weight])  # [1, d] or [S, d]
         trans = 0 if dec.head_transposed else 1
         if self.rule == "full":
             token = t.op("ArgMax", [t.op("Gemm", [z, dec.head_weight], {"transB": trans})], {"axis": -1, "keepdims": 0})
         elif self.rule == "reduced":
             idx = t.op("ArgMax", [t.op("Gemm", [z, reduced[0]], {"transB": 1})], {"axis": -1, "keepdims": 0})
             token = t.op("Gather", [reduced[1], idx], {"axis": 0})
+        elif self.per_node:  # each node's argmax over its own candidates: [S, 1, d] @ [S, d, 4]
+            rows = t.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0})
+            rows = t.op("Transpose", [rows], {"perm": [1, 0, 2] if dec.head_transposed else [0, 2, 1]})
+            logits = t.op("MatMul", [t.op("Unsqueeze", [z, _const(t, np.array([1], np.int64))]), rows])
+            idx = t.op("ArgMax", [logits], {"axis": -1, "keepdims": 0})  # [S, 1]
+            token = t.op("Squeeze", [t.op("GatherElements", [draft_ids, idx], {"axis": 1}),
+                                     _const(t, np.array([1], np.int64))])
         else:
             rows = t.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0})
             idx = t.op("ArgMax", [t.op("Gemm", [z, rows], {"transB": trans})], {"axis": -1, "keepdims": 0})
             token = t.op("Gather", [draft_ids, idx], {"axis": 0})
         if self.rule == "draft":
             ok = t.op("Identity", [_const(t, np.array([True]))])
+        elif self.per_node:  # token s among row s of draft_ids
+            hit = t.op("Equal", [draft_ids, t.op("Unsqueeze", [token, _const(t, np.array([1], np.int64))])])
+            ok = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [hit], {"to": ir.DataType.INT64}),
+                                                  _const(t, np.array([1], np.int64))], {"keepdims": 0})],
+                      {"to": ir.DataType.BOOL})
         else:
             hit = t.op("Cast", [t.op("Equal", [draft_ids, token])], {"to": ir.DataType.INT64})
             ok = t.op("Cast", [t.op("ReduceMax", [hit], {"keepdims": 1})], {"to": ir.DataType.BOOL})

@@ -14,6 +14,11 @@ New graph inputs: ``draft_ids`` int64 [4] and ``active_layers`` bool [L]. New ou
 ``exit_score.{i}`` float [1] per predictor. Every predictor gathers its own rows here;
 FuseDraftGathersPass shares one gather. Raises PassError when a layer is out of range or
 is the last layer (stopping there is not an early exit).
+
+With ``per_node`` (the tree verification graph, S query tokens) every position is scored
+with its own candidates in one batched product: ``draft_ids`` is [S, 4] (node s's draft
+top-4), the rows [S, 4, d], ``z`` [S, 1, d], the logits [S, 1, 4] and ``exit_score.{i}`` [S]
+(an inactive predictor's is 0 of shape [1], broadcast over the nodes).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
     b1: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L, H]
     w2: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L, H]
     b2: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [L]
+    per_node: bool = False  # score every query position with its own candidates (draft_ids [S, 4])
     name: str = "insert_predictors"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -52,11 +58,13 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         if self.w1 is None or self.w1.shape[0] != L:
             raise PassError(f"{self.name}: predictor weights for {L} layers are required.")
         graph = model.graph
-        draft_ids = ir.val("draft_ids", ir.DataType.INT64, [4])
+        nodes = model.graph.inputs[0].shape[1] if self.per_node else None  # input_ids [1, S]
+        draft_ids = ir.val("draft_ids", ir.DataType.INT64, [nodes, 4] if self.per_node else [4])
         active = ir.val("active_layers", ir.DataType.BOOL, [L])
         graph.inputs.extend([draft_ids, active])
         tape = ir.tape.Tape(graph)
-        p_prev = tape.initializer(ir.tensor(np.zeros((1, 4), np.float32)), name="specee.p_init")
+        p_shape = (1, 1, 4) if self.per_node else (1, 4)  # the rank of p: [S, 1, 4] per node (If branches agree)
+        p_prev = tape.initializer(ir.tensor(np.zeros(p_shape, np.float32)), name="specee.p_init")
         has_prev = tape.initializer(ir.tensor(np.array(False)), name="specee.has_prev_init")
         for i in sorted(self.layers):
             start = len(tape.nodes)
@@ -74,18 +82,22 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         idx = tape.initializer(ir.tensor(np.array(i, np.int64)), name=f"specee.layer_index.{i}")
         is_active = tape.op("Gather", [active, idx], {"axis": 0})
         then = ir.tape.Tape()
-        z = then.op("Mul", [normalized_last(then, dec, i), dec.norm_weight], metadata_props={ROLE: "norm_weight"})
+        x = normalized_nodes(then, dec, i) if self.per_node else normalized_last(then, dec, i)
+        z = then.op("Mul", [x, dec.norm_weight], metadata_props={ROLE: "norm_weight"})
         rows = then.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0},
                        metadata_props={ROLE: "draft_rows"})
-        logits = then.op("MatMul", [z, rows] if dec.head_transposed else [z, then.op("Transpose", [rows])],
-                         metadata_props={ROLE: "candidate_logits"})  # [1, 4]
+        if self.per_node:  # rows [S, 4, d] (or [d, S, 4]) -> [S, d, 4]; [S, 1, d] @ [S, d, 4]
+            rows = then.op("Transpose", [rows], {"perm": [1, 0, 2] if dec.head_transposed else [0, 2, 1]})
+        elif not dec.head_transposed:
+            rows = then.op("Transpose", [rows])
+        logits = then.op("MatMul", [z, rows], metadata_props={ROLE: "candidate_logits"})  # [1, 4] or [S, 1, 4]
         p = then.op("Softmax", [logits], {"axis": -1})
         dp = then.op("Where", [has_prev, then.op("Sub", [p, p_prev]), p])
-        feats = then.op("Concat", [logits, p, dp], {"axis": -1})  # [1, 12]
+        feats = then.op("Concat", [logits, p, dp], {"axis": -1})  # [1, 12] or [S, 1, 12]
         hidden = then.op("Relu", [then.op("Add", [then.op("MatMul", [feats, c(self.w1[i], "w1")]), c(self.b1[i], "b1")])])
         score = then.op("Sigmoid", [then.op("Add", [then.op("MatMul", [hidden, c(self.w2[i][:, None], "w2")]),
                                                      c(self.b2[i:i + 1], "b2")])])
-        score = then.op("Reshape", [score, _const(then, np.array([1], np.int64))])
+        score = then.op("Reshape", [score, _const(then, np.array([-1 if self.per_node else 1], np.int64))])
         other = ir.tape.Tape()
         zero = other.op("Identity", [_const(other, np.zeros(1, np.float32))])
         same_p = other.op("Identity", [p_prev])
@@ -102,7 +114,15 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
 
 def normalized_last(t: ir.tape.Tape, dec, i: int) -> ir.Value:
     """The last position of layer i's output, RMS-normalized without the norm weight: [1, d]."""
-    h = t.op("Gather", [dec.layer_outputs[i], _const(t, np.array(-1, np.int64))], {"axis": 1})
+    return _rms_normalized(t, dec, t.op("Gather", [dec.layer_outputs[i], _const(t, np.array(-1, np.int64))], {"axis": 1}))
+
+
+def normalized_nodes(t: ir.tape.Tape, dec, i: int) -> ir.Value:
+    """Every position of layer i's output [1, S, d], RMS-normalized without the norm weight, as [S, 1, d]."""
+    return _rms_normalized(t, dec, t.op("Transpose", [dec.layer_outputs[i]], {"perm": [1, 0, 2]}))
+
+
+def _rms_normalized(t: ir.tape.Tape, dec, h: ir.Value) -> ir.Value:
     ms = t.op("ReduceMean", [t.op("Mul", [h, h]), _const(t, np.array([-1], np.int64))], {"keepdims": 1})
     inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, _const(t, np.float32(dec.norm_eps))])])])
     return t.op("Mul", [h, inv])

@@ -21,12 +21,13 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
             TensorRT bundles ignore it.
         verify: check every file against the manifest's SHA-256 (about 1 s per GB).
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
-        threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest).
+        threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest);
+            with ``tree``, the threshold of the exits inside verification (shapes with ":exit").
         profile_dir: write ONNX Runtime per-node profiles there (``engine.end_profiling()``).
         tree: decode by lossless tree speculation with trees of this shape (a ``TreeShape``,
             "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1, either
-            with "+L" context-lookup nodes; True: the measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a
-            SpecEE bundle compiled with ``--tree``.
+            with "+L" context-lookup nodes and ":exit" for early exit inside verification (lossy); True: the
+            measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
     """
     from transformers import AutoTokenizer
 
@@ -41,12 +42,13 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
     specee = "specee" in manifest and not dense
     if tree is not None:
-        if "specee" not in manifest or backend != "onnxruntime" or dense or threshold is not None:
+        if "specee" not in manifest or backend != "onnxruntime" or dense:
             raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
-                              f"dense or a threshold; {path} with these options is not one.")
+                              f"dense; {path} with these options is not one.")
         from specee_compile.runtimes.tree import TreeEngine
 
-        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, shape=tree)
+        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, shape=tree,
+                          threshold=threshold)
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     if backend == "tensorrt":

@@ -247,14 +247,7 @@ class OrtEngine:
         engine would have emitted, and record what it predicts at every position (and from
         which layer). Agreement with a reference and perplexity are computed from this."""
         ids = self.encode(prompt, chat)
-        continuation = [int(t) for t in continuation]
-        if not continuation:
-            raise GenerationError("score needs a non-empty continuation.")
-        if len(ids) + len(continuation) > self.capacity:
-            raise GenerationError(
-                f"prompt ({len(ids)}) + continuation ({len(continuation)}) tokens exceed the bundle's context "
-                f"of {self.capacity}; shorten them or recompile with a larger --max-context."
-            )
+        continuation = self._check_continuation(ids, continuation)
         state = self._acquire()
         try:
             state.breakdown = {}
@@ -269,6 +262,17 @@ class OrtEngine:
         finally:
             self._release(state)
         return Scored(predicted, exits, np.stack(features))
+
+    def _check_continuation(self, ids: list[int], continuation: Sequence[int]) -> list[int]:
+        continuation = [int(t) for t in continuation]
+        if not continuation:
+            raise GenerationError("score needs a non-empty continuation.")
+        if len(ids) + len(continuation) > self.capacity:
+            raise GenerationError(
+                f"prompt ({len(ids)}) + continuation ({len(continuation)}) tokens exceed the bundle's context "
+                f"of {self.capacity}; shorten them or recompile with a larger --max-context."
+            )
+        return continuation
 
     def _last_feature(self, state: _CacheState) -> np.ndarray:
         """[d]: the final-normed hidden state the last prediction came from."""

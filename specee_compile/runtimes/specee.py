@@ -35,14 +35,7 @@ class _SpecEEState(_CacheState):
     def __init__(self, engine: "SpecEEEngine"):
         super().__init__(engine.session, engine.num_layers, engine._cache_shape, engine.vocab_size,
                          engine.hidden_size)
-        self.seg_bindings = []
-        for sess, layers in zip(engine.segments, engine.segment_layers):
-            b = sess.io_binding()
-            for i in layers:
-                for j, kind in enumerate(("key", "value")):
-                    b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.buffers[2 * i + j])
-                    b.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
-            self.seg_bindings.append(b)
+        self.seg_bindings = self.cache_bindings(engine.segments, engine.segment_layers)
         d_shape = (1, engine.draft_kv_heads, engine.capacity, engine.draft_head_dim)
         self.draft_arrays = [np.zeros(d_shape, np.float32), np.zeros(d_shape, np.float32)]
         self.draft_buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.draft_arrays]
@@ -53,6 +46,18 @@ class _SpecEEState(_CacheState):
         self.history: list[int] = []
         self.feature = None  # [1, 1, d]
         self.draft_len = 0
+
+    def cache_bindings(self, sessions, layer_ranges) -> list:
+        """One IOBinding per session with its layers' K/V buffers bound in place (input and output)."""
+        bindings = []
+        for sess, layers in zip(sessions, layer_ranges):
+            b = sess.io_binding()
+            for i in layers:
+                for j, kind in enumerate(("key", "value")):
+                    b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.buffers[2 * i + j])
+                    b.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
+            bindings.append(b)
+        return bindings
 
 
 class SegmentedDecode:
@@ -217,28 +222,36 @@ class SpecEEEngine(SegmentedDecode, OrtEngine):
                 "exit_threshold": self._threshold}
 
     def _run_segment(self, state: _SpecEEState, k: int, values: dict) -> dict[str, ort.OrtValue]:
-        b = state.seg_bindings[k]
-        for name in self.segment_inputs[k]:
-            v = values[name]
-            if isinstance(v, np.ndarray):
-                b.bind_cpu_input(name, v)
-            else:
-                b.bind_ortvalue_input(name, v)
-        names = self.segment_outputs[k]
-        for name in names:
-            b.bind_output(name)
-        self.segments[k].run_with_iobinding(b)
-        # IOBinding lists outputs in first-bind order: the presents, then these.
-        got = b.get_outputs()
-        return dict(zip(names, got[len(got) - len(names):]))
+        return run_bound(self.segments[k], state.seg_bindings[k], self.segment_inputs[k], self.segment_outputs[k],
+                         values)
 
-    def _propagate(self, state: _SpecEEState, h: np.ndarray, exit_layer: int, n: int) -> None:
-        """K/V of the skipped layers at position n from the exit hidden state h [d]."""
-        cos, sin = self.kv["cos"][n], self.kv["sin"][n]
+    def _propagate(self, state: _SpecEEState, h: np.ndarray, exit_layer: int, n: int,
+                   position: int | None = None) -> None:
+        """K/V of the skipped layers at cache row n from the exit hidden state h [d], rotated
+        for ``position`` (n unless given: a tree node's position is the root's plus its depth)."""
+        position = n if position is None else position
+        cos, sin = self.kv["cos"][position], self.kv["sin"][position]
         for j in range(exit_layer + 1, self.num_layers):
             k, v = propagated_kv(np, self.kv, j, h, cos, sin, self.kv_eps, self.kv_heads)
             state.arrays[2 * j][0, :, n, :] = k
             state.arrays[2 * j + 1][0, :, n, :] = v
+
+
+def run_bound(session: ort.InferenceSession, binding, inputs: list[str], outputs: list[str],
+              values: dict) -> dict[str, ort.OrtValue]:
+    """Run a graph whose K/V buffers are bound in place: bind ``inputs`` from ``values``
+    (arrays or OrtValues), return ``outputs`` by name as OrtValues."""
+    for name in inputs:
+        v = values[name]
+        if isinstance(v, np.ndarray):
+            binding.bind_cpu_input(name, v)
+        else:
+            binding.bind_ortvalue_input(name, v)
+    for name in outputs:
+        binding.bind_output(name)
+    session.run_with_iobinding(binding)
+    got = binding.get_outputs()  # in first-bind order: the presents, then these
+    return dict(zip(outputs, got[len(got) - len(outputs):]))
 
 
 class _SpecEEGraphState(_SpecEEState):

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from specee_compile.errors import BundleError, ConfigError, GenerationError
-from specee_compile.runtimes.ort import _check_io, providers, session_options
-from specee_compile.runtimes.specee import SpecEEEngine, _lap, _SpecEEState
+from specee_compile.errors import BundleError, ConfigError
+from specee_compile.runtimes.ort import Scored, _check_io, providers, session_options
+from specee_compile.runtimes.specee import SpecEEEngine, _lap, _SpecEEState, run_bound
 
 HIDDEN = -1e9  # attention bias of a key a tree node must not see
 
@@ -52,12 +52,14 @@ class TreeShape:
     per depth, ``depth`` draft runs, ``budget`` draft nodes verified besides the newest token,
     and ``lookup``: up to that many more nodes from the context (the tokens that followed the
     latest earlier occurrence of the newest tokens, a chain merged into the tree).
-    Written ``WxDxN`` or ``WxDxN+L``; a single number W is ``Wx1xW``."""
+    Written ``WxDxN`` or ``WxDxN+L``; a single number W is ``Wx1xW``. A ``:exit`` suffix
+    (``1+4:exit``) turns on early exit inside verification (``exits``)."""
 
     width: int
     depth: int = 1
     budget: int = 1
     lookup: int = 0
+    exits: bool = False  # merged mapping: verification may stop early at a predictor layer (lossy)
 
     @classmethod
     def parse(cls, value: "TreeShape | str | int") -> "TreeShape":
@@ -66,15 +68,16 @@ class TreeShape:
         if value is True:
             return DEFAULT_TREE
         text = str(value).strip()
-        match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text)
+        match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?(:exit)?", text)
         if match is None:
             raise ConfigError(f"a tree shape is WIDTHxDEPTHxBUDGET like 4x2x6, one width like 4, either with +LOOKUP "
-                              f"like 4x2x6+3; got {value!r}.")
-        width, depth, budget, lookup = match.groups()
-        return cls(int(width), int(depth or 1), int(budget or width), int(lookup or 0))
+                              f"like 4x2x6+3 and :exit for early exit inside verification; got {value!r}.")
+        width, depth, budget, lookup, exits = match.groups()
+        return cls(int(width), int(depth or 1), int(budget or width), int(lookup or 0), exits is not None)
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.depth}x{self.budget}" + (f"+{self.lookup}" if self.lookup else "")
+        return (f"{self.width}x{self.depth}x{self.budget}" + (f"+{self.lookup}" if self.lookup else "")
+                + (":exit" if self.exits else ""))
 
     @property
     def drafted(self) -> int:
@@ -161,13 +164,18 @@ class TokenTree:
                 a = self.parents[a]
         return bias
 
-    def accepted(self, greedy: np.ndarray) -> list[int]:
+    def accepted(self, greedy: np.ndarray, settled: np.ndarray | None = None) -> list[int] | None:
         """The nodes on the accepted path: from the root, the child whose token is its parent's
-        greedy token, while there is one."""
+        greedy token, while there is one. With ``settled`` (a flag per node: its token is
+        final at this layer), None unless every node on the path and the last one are settled."""
         path, node = [], 0
-        while (node := self.child(node, int(greedy[node]))) is not None:
+        while True:
+            if settled is not None and not settled[node]:
+                return None
+            node = self.child(node, int(greedy[node]))
+            if node is None:
+                return path
             path.append(node)
-        return path
 
 
 class _TreeState(_SpecEEState):
@@ -182,7 +190,11 @@ class _TreeState(_SpecEEState):
         for j, kind in enumerate(("key", "value")):
             self.draft_tree_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
             self.draft_tree_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
-        self.pending: list[int] = []  # accepted tokens already in the cache, to return next
+        self.tree_seg_bindings = self.cache_bindings(engine.tree_segments, engine.tree_segment_layers)
+        self.fed: list = []  # per tree node: the feature the draft feeds it (for its candidates)
+        self.root_top = None  # the draft's top-K after the newest token
+        self.draft_row = 0  # the draft cache's first free row after growing the tree
+        self.pending: list[tuple[int, int]] = []  # (token, exit layer) already in the cache, to return next
         self.context: list[int] = []  # the prompt and every token decided so far (for lookup)
         self.draft_prefix: list[tuple[int, np.ndarray]] = []  # (token, feature that produced it) for the draft
 
@@ -192,14 +204,14 @@ class TreeEngine(SpecEEEngine):
     trees of ``shape`` (a ``TreeShape``). ``generate`` reports ``accepted_lengths``."""
 
     def __init__(self, path: Path, manifest: dict, tokenizer, threads: int | None = None,
-                 profile_dir: Path | None = None, shape: TreeShape | str | int = DEFAULT_TREE):
-        super().__init__(path, manifest, tokenizer, threads, profile_dir)
+                 profile_dir: Path | None = None, shape: TreeShape | str | int = DEFAULT_TREE,
+                 threshold: float | None = None):
+        super().__init__(path, manifest, tokenizer, threads, profile_dir, threshold)
         spec = manifest["specee"].get("tree")
         if not isinstance(spec, dict) or "file" not in spec or "draft" not in spec:
             raise BundleError(f"{self.path} has no tree verification and tree draft graphs; recompile it with "
                               "--specee --tree.")
         self.max_width = int(spec.get("max_width", 1))
-        self.shape = shape
         self._request = threading.local()  # the shape of this thread's generate call
         so = session_options(threads, self.spinning, profile_dir)
         sessions = []
@@ -210,6 +222,21 @@ class TreeEngine(SpecEEEngine):
                 raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
             _check_io(sessions[-1], graph, self.path / graph["file"])
         self.tree, self.draft_tree = sessions
+        segments = spec.get("segments", [])  # the tree step with per-node exits (merged mapping)
+        try:
+            self.tree_segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
+                                  for g in segments]
+        except Exception as e:
+            raise BundleError(f"ONNX Runtime cannot load the tree segments of {self.path}: {e}") from e
+        for sess, g in zip(self.tree_segments, segments):
+            _check_io(sess, g, self.path / g["file"])
+        self.tree_segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in segments]
+        self.tree_segment_exit = [g["exit_layer"] for g in segments]
+        self.tree_segment_inputs = [[i.name for i in x.get_inputs() if not i.name.startswith("past_key_values.")]
+                                    for x in self.tree_segments]
+        self.tree_segment_outputs = [[o.name for o in x.get_outputs() if not o.name.startswith("present.")]
+                                     for x in self.tree_segments]
+        self.shape = shape
 
     @property
     def shape(self) -> TreeShape:
@@ -218,14 +245,49 @@ class TreeEngine(SpecEEEngine):
 
     @shape.setter
     def shape(self, value: TreeShape | str | int) -> None:
-        self._shape = TreeShape.parse(value).check(self.max_width)
+        self._shape = self._checked(value)
+
+    def _checked(self, value: TreeShape | str | int) -> TreeShape:
+        shape = TreeShape.parse(value).check(self.max_width)
+        if shape.exits and not self.tree_segments:
+            raise BundleError(f"tree {shape}: {self.path} has no tree segments with per-node exits; recompile it with "
+                              "--specee --tree and exit mode segments, or drop ':exit'.")
+        return shape
 
     def generate(self, prompt, max_new_tokens: int = 128, stream=None, chat: bool | None = None,
                  tree: TreeShape | str | int | None = None):
         """``OrtEngine.generate`` by tree speculation; ``tree`` overrides the engine's ``shape``
         for this call (thread-safe: concurrent calls may use different shapes)."""
-        self._request.shape = self.shape if tree is None else TreeShape.parse(tree).check(self.max_width)
+        self._request.shape = self.shape if tree is None else self._checked(tree)
         return super().generate(prompt, max_new_tokens, stream, chat)
+
+    def score(self, prompt, continuation, chat: bool | None = None, tree: TreeShape | str | int | None = None):
+        """Teacher forcing by tree steps: after the prompt and the continuation's first k
+        tokens, a tree step runs; its emitted tokens are the predictions at k, k+1, ... up to
+        and including the first that differs from the continuation (the rest depended on it).
+        Each position is predicted once. Lossless shapes predict the dense tokens; with
+        ``:exit`` this measures what early exit inside verification changes."""
+        self._request.shape = self.shape if tree is None else self._checked(tree)
+        ids = self.encode(prompt, chat)
+        continuation = self._check_continuation(ids, continuation)
+        state = self._acquire()
+        try:
+            state.breakdown, state.accepted = {}, []
+            predicted, exits = [self._first_token(state, ids)], [self.num_layers - 1]
+            features = [state.feature[0, -1].copy()]
+            while len(predicted) < len(continuation):
+                k = len(predicted)
+                state.context[-1] = continuation[k - 1]  # fed the reference's token, not the prediction
+                emitted, producers, feats, layer = self._tree_step(state, continuation[k - 1], len(ids) + k - 1)
+                count = next((j + 1 for j, t in enumerate(emitted) if t != continuation[k + j]
+                              or k + j + 1 == len(continuation)), len(emitted))
+                self._commit(state, emitted[:count], producers, feats)
+                predicted += emitted[:count]
+                exits += [layer] * count
+                features += [feats[0, p].copy() for p in producers[:count]]
+        finally:
+            self._release(state)
+        return Scored(predicted, exits, np.stack(features))
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         self.segment_layers, self.segment_exit = [], []  # no segments: the tree graph runs every layer
@@ -244,27 +306,45 @@ class TreeEngine(SpecEEEngine):
         return token
 
     def _next_token(self, state: _TreeState, token: int, n: int) -> tuple[int, int]:
-        last = self.num_layers - 1
         if state.pending:  # accepted by the last tree step: ``token`` is already in the cache at n
-            return state.pending.pop(0), last
+            return state.pending.pop(0)
+        emitted, producers, feats, layer = self._tree_step(state, token, n)
+        self._commit(state, emitted, producers, feats)
+        state.pending = [(t, layer) for t in emitted[1:]]
+        return emitted[0], layer
+
+    def _tree_step(self, state: _TreeState, token: int, n: int):
+        """Draft a tree after ``token`` at position n, verify it (with early exit when the
+        shape asks) and move the accepted nodes' K/V rows to n+1..; return the emitted tokens,
+        the node that produced each, every node's feature [1, S, d] and the exit layer."""
+        shape = getattr(self._request, "shape", self.shape)
         clock = time.perf_counter()
         tree = self._draft_tree(state, token, n)
+        candidates = self._candidates(state, tree, n) if shape.exits else None
         clock = _lap(state.breakdown, "draft", clock)
-        greedy, feats = self._verify(state, tree, n)
+        if candidates is not None:
+            path, greedy, feats, layer = self._verify_with_exits(state, tree, n, candidates)
+        else:
+            greedy, feats = self._verify(state, tree, n)
+            path, layer = tree.accepted(greedy), self.num_layers - 1
         _lap(state.breakdown, "verify", clock)
-        path = tree.accepted(greedy)
         rows = [n + s for s in path]
         if rows != list(range(n + 1, n + 1 + len(path))):
             for array in state.arrays:  # the accepted nodes' K/V goes to the path's rows
                 array[0, :, n + 1:n + 1 + len(path), :] = array[0][:, rows, :]
         producers = [0, *path]  # the node whose target feature produced each emitted token
-        emitted = [int(greedy[s]) for s in producers]
-        state.pending = emitted[1:]
+        state.history.append(layer)
+        return [int(greedy[s]) for s in producers], producers, feats, layer
+
+    def _commit(self, state: _TreeState, emitted: list[int], producers: list[int], feats: np.ndarray) -> None:
+        """Keep the first ``len(emitted)`` tokens of a tree step: the draft is fed all but the
+        last with the features that produced them, the last's feature waits for the next step."""
         state.context += emitted
-        state.draft_prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1].copy()) for i in range(len(path))]
-        state.feature = feats[:, producers[-1]:producers[-1] + 1].copy()
+        state.draft_prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1].copy())
+                              for i in range(len(emitted) - 1)]
+        last = producers[len(emitted) - 1]
+        state.feature = feats[:, last:last + 1].copy()
         state.accepted.append(len(emitted))
-        return emitted[0], last
 
     def _draft_tree(self, state: _TreeState, token: int, n: int) -> TokenTree:
         """Grow the draft's tree after ``token`` at position n (module docstring, step 1) and
@@ -281,7 +361,8 @@ class TreeEngine(SpecEEEngine):
         top, logp, f = self._run_draft(state, ids, feats, list(range(start, root + 1)),
                                        np.zeros((1, 1, len(ids), root + 1), np.float32), start)
         state.draft_len = root + 1
-        # per node: token, parent (-1: the root), depth, score, the draft feature its children take, draft row
+        state.root_top, root_feature = top[-1].copy(), f[0, -1]
+        # per node: token, parent (-1: the root), depth, score, the draft feature it is fed (its parent's), draft row
         tokens, parents, depths = list(top[-1, :w]), [-1] * w, [1] * w
         scores, inputs, rows = list(logp[-1, :w]), [f[0, -1]] * w, [None] * w
         frontier, row = list(range(w)), root + 1
@@ -318,7 +399,34 @@ class TreeEngine(SpecEEEngine):
                          [0, *(depths[i] for i in order)])
         room = self.capacity - n - len(tree)  # rows left after the draft's nodes
         tree.add_chain(context_lookup(state.context, min(shape.lookup, room)))
+        state.draft_row = row
+        state.fed = [None, *(inputs[i] for i in order)]
+        for s in range(len(state.fed), len(tree)):  # the lookup chain's nodes: the draft never ran on their parents
+            parent = tree.parents[s]
+            state.fed.append(root_feature if parent == 0 else state.fed[parent])
         return tree
+
+    def _candidates(self, state: _TreeState, tree: TokenTree, n: int) -> np.ndarray | None:
+        """[S, 4]: every node's own exit candidates, the draft's top-4 after it (what the
+        predictors were trained on): the root's from growing the tree, the other nodes' from
+        one more draft run over all of them (tree attention, each fed its parent's draft
+        feature; a lookup node deeper than 1, whose parent the draft never ran on, takes its
+        parent's). None when the draft's cache has no room for them."""
+        root, row, m = n - 1, state.draft_row, len(tree) - 1
+        if m == 0:
+            return state.root_top[None, :4].astype(np.int64)
+        if row + m > self.capacity:
+            return None
+        bias = np.full((1, 1, m, row + m), HIDDEN, np.float32)
+        bias[0, 0, :, :root + 1] = 0.0
+        for s in range(1, len(tree)):
+            a = s
+            while a > 0:
+                bias[0, 0, s - 1, row + a - 1] = 0.0
+                a = tree.parents[a]
+        top, _, _ = self._run_draft(state, tree.tokens[1:], np.stack(state.fed[1:])[None],
+                                    [root + d for d in tree.depths[1:]], bias, row)
+        return np.concatenate([state.root_top[None, :4], top[:, :4]]).astype(np.int64)
 
     def _run_draft(self, state: _TreeState, ids: list[int], features: np.ndarray, positions: list[int],
                    bias: np.ndarray, past: int):
@@ -335,10 +443,6 @@ class TreeEngine(SpecEEEngine):
         self.draft_tree.run_with_iobinding(b)
         out = b.get_outputs()  # the presents, then these three (bound after them)
         return out[-3].numpy(), out[-2].numpy(), out[-1].numpy()
-
-    def score(self, prompt, continuation, chat=None):
-        raise GenerationError("tree speculation is lossless: its teacher-forced predictions are the dense graph's; "
-                              "score with load(bundle, dense=True).")
 
     def verification_seconds(self, prompt, sizes, repeats: int = 10) -> dict[int, float]:
         """Median seconds of one tree verification forward per tree size (nodes, the root
@@ -379,3 +483,36 @@ class TreeEngine(SpecEEEngine):
         self.tree.run_with_iobinding(b)
         out = b.get_outputs()  # the presents, then tokens and features (bound after them)
         return out[-2].numpy()[0], out[-1].numpy()
+
+    def _verify_with_exits(self, state: _TreeState, tree: TokenTree, n: int, candidates: np.ndarray):
+        """Tree verification through the tree segments (merged mapping): after each active
+        predictor layer, the walk from the root follows every node's exit token while the
+        node's exit flag is set; when it ends at a settled node (the token is not a child, or
+        a leaf) the path is settled there, the rest of the layers are skipped and the path's
+        K/V for them comes from its exit hidden states (state propagation). Returns the
+        accepted path, every node's token, features [1, S, d] and the layer it left from."""
+        s = len(tree)
+        positions = np.array([[n + d for d in tree.depths]], np.int64)
+        values = {"input_ids": np.array([tree.tokens], np.int64), "past_sequence_length": np.array([n], np.int64),
+                  "position_ids": positions, "attention_bias": tree.bias(n), "draft_ids": candidates,
+                  "active_layers": self.active_layers(state.history), "exit_threshold": self._threshold}
+        active = values["active_layers"]
+        for k, exit_at in enumerate(self.tree_segment_exit):
+            outs = run_bound(self.tree_segments[k], state.tree_seg_bindings[k], self.tree_segment_inputs[k],
+                             self.tree_segment_outputs[k], values)
+            values.update(outs)
+            if exit_at is None or not active[exit_at]:
+                continue
+            flags = np.broadcast_to(outs[f"exit_flag.{exit_at}"].numpy(), (s,))
+            if not flags[0]:
+                continue
+            tokens = np.broadcast_to(outs[f"exit_token.{exit_at}"].numpy(), (s,))
+            path = tree.accepted(tokens, settled=flags)
+            if path is None:
+                continue
+            hidden = outs[f"layers.{exit_at}.output"].numpy()[0]
+            for node in (0, *path):
+                self._propagate(state, hidden[node], exit_at, n + node, positions[0, node])
+            return path, tokens, outs[f"exit_feature.{exit_at}"].numpy()[None], exit_at
+        tokens = values["tokens"].numpy()[0]
+        return tree.accepted(tokens), tokens, values["features"].numpy(), self.num_layers - 1
