@@ -56,7 +56,12 @@ def find_decoder(model: ir.Model, pass_name: str) -> DecoderGraph:
                 for v in n.inputs if v is not None and v.const_value is not None), None)
     head = next((n for n in model.graph if len(scope(n)) >= 2 and scope(n)[1] == "lm_head"
                  and n.op_type in ("Gemm", "MatMul")), None)
-    if weight is None or eps is None or head is None or head.inputs[1].const_value is None:
+    head_weight = head.inputs[1] if head is not None else None
+    transposed = head is not None and (head.op_type == "MatMul" or not head.attributes.get_int("transB", 0))
+    source = head_weight.producer() if head_weight is not None else None
+    if source is not None and source.op_type == "Transpose" and source.inputs[0].const_value is not None \
+            and len(source.inputs[0].shape or []) == 2:  # MatMul by a transposed [V, d] weight (many query tokens)
+        head_weight, transposed = source.inputs[0], False
+    if weight is None or eps is None or head_weight is None or head_weight.const_value is None:
         raise PassError(f"{pass_name}: could not find the final norm's weight/epsilon or the LM head's weight.")
-    transposed = head.op_type == "MatMul" or not head.attributes.get_int("transB", 0)
-    return DecoderGraph([layers[i] for i in range(len(layers))], weight, eps, head.inputs[1], transposed)
+    return DecoderGraph([layers[i] for i in range(len(layers))], weight, eps, head_weight, transposed)

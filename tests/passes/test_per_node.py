@@ -83,3 +83,30 @@ def test_every_node_scores_and_exits_like_its_own_position(family, rule):
                 np.testing.assert_array_equal(got[f"exit_token.{i}"], token)
                 np.testing.assert_array_equal(got[f"exit_flag.{i}"], ok & (score > threshold))
                 np.testing.assert_allclose(got[f"exit_feature.{i}"], z.numpy(), atol=1e-5)
+
+
+def test_a_head_multiplied_by_a_transposed_weight_is_found():
+    """Exported over many query tokens, a large LM head becomes MatMul(x, Transpose(W [V, d]))
+    (SmolLM2's tree step): the passes must find W and use it untransposed."""
+    from specee_compile.passes.analysis import find_decoder, scope
+
+    torch_model = make_tiny_model("llama")
+    model = export_tree(torch_model, CAP)
+    head = next(n for n in model.graph if len(scope(n)) >= 2 and scope(n)[1] == "lm_head"
+                and n.op_type in ("Gemm", "MatMul"))
+    weight = torch_model.lm_head.weight.detach().numpy()  # [V, d]
+    rows = ir.Value(name="lm_head.weight_vd", shape=ir.Shape(weight.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                    const_value=ir.tensor(weight.copy()))
+    model.graph.register_initializer(rows)
+    transpose = ir.node("Transpose", [rows], {"perm": [1, 0]})
+    model.graph.insert_before(head, transpose)
+    transposed = transpose.outputs[0]
+    if head.op_type == "Gemm":  # make it the MatMul the large export has
+        matmul = ir.node("MatMul", [head.inputs[0], transposed], metadata_props=dict(head.metadata_props))
+        model.graph.insert_before(head, matmul)
+        head.outputs[0].replace_all_uses_with(matmul.outputs[0])
+        model.graph.remove(head, safe=True)
+    else:
+        head.replace_input_with(1, transposed)
+    dec = find_decoder(model, "test")
+    assert dec.head_weight is rows and not dec.head_transposed
