@@ -15,7 +15,9 @@ order. It never imports specee_compile, transformers or torch, and its tokens eq
   its one decode graph instead, which does both itself. ``--no-exit`` runs the step graph.
 - ``--tree SHAPE`` (a SpecEE bundle compiled with ``--tree``): lossless tree speculation,
   the draft's token tree verified by ``tree.onnx`` in one forward; the tokens are the
-  dense ones, and ``--json`` adds ``accepted_lengths`` (tokens per target forward).
+  dense ones, and ``--json`` adds ``accepted_lengths`` (tokens per target forward). A
+  shape ending in ``:exit`` verifies through the tree segments with per-node exits
+  instead (early exit inside verification; lossy).
 - The prompt is tokenized as is (``specee-run --no-chat``). ``--chat`` wraps it as one user
   message in the bundle's chat template, as ``specee-run`` does by default for models that
   have one; that needs jinja2, the language chat templates are written in.
@@ -257,8 +259,10 @@ class SpecEEDecoder(DenseDecoder):
         self.history.append(self.num_layers - 1)
         return int(values["logits"][0].argmax()), self.num_layers - 1
 
-    def propagate(self, h: np.ndarray, exit_layer: int, position: int) -> None:
-        """K/V at ``position`` of every layer after ``exit_layer``, computed from h [d]."""
+    def propagate(self, h: np.ndarray, exit_layer: int, position: int, row: int | None = None) -> None:
+        """K/V at ``position`` of every layer after ``exit_layer``, computed from h [d], into
+        cache row ``row`` (the position unless given: a tree node's row differs)."""
+        row = position if row is None else row
         kv = self.kv_fill
         cos, sin = kv["cos"][position], kv["sin"][position]  # [D/2]
         for j in range(exit_layer + 1, self.num_layers):
@@ -269,8 +273,8 @@ class SpecEEDecoder(DenseDecoder):
             half = k.shape[1] // 2
             k1, k2 = k[:, :half], k[:, half:]
             k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)  # RoPE, rotate-half
-            self.cache.key(j)[0, :, position, :] = k
-            self.cache.value(j)[0, :, position, :] = v.reshape(self.kv_heads, -1)
+            self.cache.key(j)[0, :, row, :] = k
+            self.cache.value(j)[0, :, row, :] = v.reshape(self.kv_heads, -1)
 
 
 class SpecEEGraphDecoder(SpecEEDecoder):
@@ -298,13 +302,13 @@ class SpecEEGraphDecoder(SpecEEDecoder):
 HIDDEN = -1e9  # attention bias of a row a tree node must not see
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """"WxDxN+L" (or "W", "W+L") -> (width, depth, budget, lookup)."""
-    match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?", text.strip())
+def parse_shape(text: str) -> tuple[int, int, int, int, bool]:
+    """"WxDxN+L" (or "W", "W+L"), optionally ":exit" -> (width, depth, budget, lookup, exits)."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?(:exit)?", text.strip())
     if match is None:
-        sys.exit(f"--tree takes WIDTHxDEPTHxBUDGET[+LOOKUP] like 4x2x6+4 or 1+4, not {text!r}")
-    w, d, n, lookup = match.groups()
-    return int(w), int(d or 1), int(n or w), int(lookup or 0)
+        sys.exit(f"--tree takes WIDTHxDEPTHxBUDGET[+LOOKUP][:exit] like 4x2x6+4 or 1+4:exit, not {text!r}")
+    w, d, n, lookup, exits = match.groups()
+    return int(w), int(d or 1), int(n or w), int(lookup or 0), exits is not None
 
 
 def lookup_chain(context: list[int], length: int) -> list[int]:
@@ -330,8 +334,18 @@ class TreeDecoder(SpecEEDecoder):
         self.tree_binding = self.cache.binding(self.tree, range(self.num_layers))
         self.draft_tree = session(bundle / spec["draft"]["file"], threads)
         self.draft_tree_binding = self.draft_cache.binding(self.draft_tree, [0])  # the draft's cache, shared
-        self.width, self.depth, self.budget, self.lookup = parse_shape(shape)
-        self.pending: list[int] = []  # accepted tokens already in the cache, returned one per call
+        self.width, self.depth, self.budget, self.lookup, self.exits = parse_shape(shape)
+        self.tree_segments = []  # (session, binding, exit layer or None, inputs, outputs), for :exit
+        for seg in spec.get("segments", []) if self.exits else []:
+            sess = session(bundle / seg["file"], threads)
+            layers = range(seg["first_layer"], seg["last_layer"] + 1)
+            inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
+            outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
+            self.tree_segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
+        if self.exits and not self.tree_segments:
+            sys.exit(f"{bundle} has no tree segments; compile it with --specee --tree in exit mode segments")
+        self.root_top, self.fed, self.free_row = None, [], 0  # for the :exit candidates
+        self.pending: list[tuple[int, int]] = []  # (token, exit layer) already in the cache, one per call
         self.prefix: list[tuple[int, np.ndarray]] = []  # (token, feature that produced it) the draft has not seen
         self.context: list[int] = []
         self.accepted: list[int] = []  # tokens emitted per target forward
@@ -358,6 +372,7 @@ class TreeDecoder(SpecEEDecoder):
         top, logp, f = self.run_draft(ids, feats, list(range(self.draft_len, root + 1)),
                                       np.zeros((1, 1, len(ids), root + 1), np.float32), self.draft_len)
         self.draft_len = root + 1
+        self.root_top, root_feature = top[-1, :4], f[-1]
         tokens, parents, depths = [int(t) for t in top[-1, :w]], [-1] * w, [1] * w
         scores, inputs, rows = list(logp[-1, :w]), [f[-1]] * w, [None] * w
         frontier, row = list(range(w)), root + 1
@@ -402,12 +417,69 @@ class TreeDecoder(SpecEEDecoder):
                 out_depths.append(out_depths[node] + 1)
                 child = len(out_tokens) - 1
             node = child
+        self.free_row = row  # the draft's rows from here are free for the :exit candidates
+        self.fed = [None, *(inputs[i] for i in order)]  # the feature each node is fed (its parent's)
+        for s in range(len(self.fed), len(out_tokens)):  # lookup nodes: the draft never ran on their parents
+            self.fed.append(root_feature if out_parents[s] == 0 else self.fed[out_parents[s]])
         return out_tokens, out_parents, out_depths
 
+    def candidates(self, tokens, parents, depths, n: int) -> np.ndarray | None:
+        """[S, 4]: each node's draft top-4, its exit candidates (root: from growing the tree;
+        the others: one more draft run over all of them). None if the draft cache is full."""
+        root, row, m = n - 1, self.free_row, len(tokens) - 1
+        if m == 0:
+            return self.root_top[None].astype(np.int64)
+        if row + m > self.capacity:
+            return None
+        bias = np.full((1, 1, m, row + m), HIDDEN, np.float32)
+        bias[0, 0, :, :root + 1] = 0.0
+        for s in range(1, m + 1):
+            a = s
+            while a > 0:  # its ancestors among these nodes, and itself
+                bias[0, 0, s - 1, row + a - 1] = 0.0
+                a = parents[a]
+        top, _, _ = self.run_draft(tokens[1:], np.stack(self.fed[1:])[None], [root + d for d in depths[1:]], bias, row)
+        return np.concatenate([self.root_top[None], top[:, :4]]).astype(np.int64)
+
+    def walk(self, tokens, parents, choice, settled=None) -> list[int] | None:
+        """From the root, the child holding each node's ``choice`` token; with ``settled``,
+        None unless every node on the walk, the last included, is settled."""
+        path, node = [], 0
+        while True:
+            if settled is not None and not settled[node]:
+                return None
+            node = next((c for c in range(node + 1, len(tokens)) if parents[c] == node and tokens[c] == choice[node]),
+                        None)
+            if node is None:
+                return path
+            path.append(node)
+
+    def verify_with_exits(self, feeds: dict, tokens, parents, cands: np.ndarray, n: int):
+        """The tree segments in order; stop at the first active predictor layer where the walk
+        is settled, propagating the path's K/V for the skipped layers. Returns (path, each
+        node's token, features [1, S, d], exit layer)."""
+        s = len(tokens)
+        active = self.active_layers()
+        values = {**feeds, "draft_ids": cands, "active_layers": active, "exit_threshold": self.threshold}
+        for sess, binding, e, inputs, outputs in self.tree_segments:
+            out = run(sess, binding, {name: values[name] for name in inputs}, outputs)
+            values.update(out)
+            if e is None or not active[e]:
+                continue
+            flags = np.broadcast_to(out[f"exit_flag.{e}"], (s,))  # [1] (= none) or one per node
+            choice = np.broadcast_to(out[f"exit_token.{e}"], (s,))
+            path = self.walk(tokens, parents, choice, flags) if flags[0] else None
+            if path is None:
+                continue
+            for node in (0, *path):  # the path's K/V of layers e+1.. at its rows, RoPE at its positions
+                self.propagate(out[f"layers.{e}.output"][0, node], e, int(feeds["position_ids"][0, node]), n + node)
+            return path, choice, out[f"exit_feature.{e}"][None], e
+        greedy = values["tokens"][0]
+        return self.walk(tokens, parents, greedy), greedy, values["features"], self.num_layers - 1
+
     def next_token(self, token: int, position: int) -> tuple[int, int]:
-        last = self.num_layers - 1
         if self.pending:  # accepted by the last forward; ``token`` is already in the cache
-            return self.pending.pop(0), last
+            return self.pending.pop(0)
         n = position
         tokens, parents, depths = self.grow(token, n)
         s = len(tokens)
@@ -420,26 +492,26 @@ class TreeDecoder(SpecEEDecoder):
                 a = parents[a]
         feeds = {"input_ids": np.array([tokens], np.int64), "past_sequence_length": np.array([n], np.int64),
                  "position_ids": np.array([[n + d for d in depths]], np.int64), "attention_bias": bias}
-        out = run(self.tree, self.tree_binding, feeds, ["tokens", "features"])
-        greedy, feats = out["tokens"][0], out["features"]
-        path, node = [], 0
-        while True:  # follow the child holding its parent's greedy token
-            node = next((c for c in range(node + 1, s) if parents[c] == node and tokens[c] == greedy[node]), None)
-            if node is None:
-                break
-            path.append(node)
+        cands = self.candidates(tokens, parents, depths, n) if self.exits else None
+        if cands is not None:
+            path, greedy, feats, layer = self.verify_with_exits(feeds, tokens, parents, cands, n)
+        else:
+            out = run(self.tree, self.tree_binding, feeds, ["tokens", "features"])
+            greedy, feats, layer = out["tokens"][0], out["features"], self.num_layers - 1
+            path = self.walk(tokens, parents, greedy)  # follow the child holding its parent's greedy token
         for k, a in enumerate(path, start=1):  # the accepted nodes' K/V to rows n+1 .. n+m
             if a != k:
                 for array in self.cache.arrays:
                     array[0, :, n + k, :] = array[0, :, n + a, :]
         producers = [0, *path]
         emitted = [int(greedy[p]) for p in producers]
-        self.pending = emitted[1:]
+        self.pending = [(t, layer) for t in emitted[1:]]
+        self.history.append(layer)
         self.prefix = [(emitted[i], feats[:, producers[i]:producers[i] + 1]) for i in range(len(path))]
         self.feature = feats[:, producers[-1]:producers[-1] + 1]
         self.context += emitted
         self.accepted.append(len(emitted))
-        return emitted[0], last
+        return emitted[0], layer
 
 
 # ---- 6. greedy generation --------------------------------------------------------------------
@@ -477,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle's dense step graph")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--tree", default=None, metavar="SHAPE",
-                   help="lossless tree speculation, WIDTHxDEPTHxBUDGET[+LOOKUP] (a bundle compiled with --tree)")
+                   help="tree speculation, WIDTHxDEPTHxBUDGET[+LOOKUP][:exit] (a bundle compiled with --tree; :exit for "
+                        "early exit inside verification)")
     p.add_argument("--json", action="store_true", help="print token ids, exit layers and stop reason as JSON")
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:

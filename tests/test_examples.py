@@ -118,6 +118,23 @@ def test_standalone_example_decodes_with_a_tree_as_the_engine(tiny_specee_bundle
         assert got["accepted_lengths"] == want.accepted_lengths
 
 
+def test_standalone_example_exits_inside_tree_verification_as_the_engine(tiny_specee_bundle):
+    """``--tree SHAPE:exit``: the tree segments with per-node exits, the walk, the propagated
+    K/V and the draft's candidates as in the package's engine: same tokens, exit layers and
+    accepted lengths."""
+    from specee_compile.runtimes import load
+
+    engine = load(tiny_specee_bundle, tree="2x2x3+4:exit")
+    exits = []
+    for prompt in ("hello world, the quick", "the lazy dog"):
+        want = engine.generate(prompt, max_new_tokens=24, chat=False)
+        got = _standalone(tiny_specee_bundle, prompt, 24, "--tree", "2x2x3+4:exit")
+        assert got["token_ids"] == want.token_ids and got["exit_layers"] == want.exit_layers
+        assert got["accepted_lengths"] == want.accepted_lengths
+        exits += want.exit_layers
+    assert min(exits) < 2  # verification stopped early, so the walk and the K/V propagation ran
+
+
 def test_standalone_example_with_chat_template_reproduces_the_engine(tiny_specee_bundle):
     want = _engine(tiny_specee_bundle, "hello world", 12, chat=True)
     assert want != _engine(tiny_specee_bundle, "hello world", 12)  # the template changed the prompt
