@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/specee-bench smollm2 --out bench-results --force --sweep 0.5,0.6,0.7,0.8,0.9 --tree 4,1+4,4+4,2x2x3+4
+	$(BIN)/specee-bench smollm2 --out bench-results --force --sweep 0.5,0.6,0.7,0.8,0.9 --tree 4,1+4,4+4,2x2x3+4,1+4:exit
 
 clean:
 	rm -rf $(VENV) out bench-results

@@ -10,7 +10,7 @@ import pytest
 from specee_compile.cli import bench_main
 from specee_compile.testing import IN_PROCESS
 
-SYSTEMS = {"dense", "specee", "transformers", "tree-2x2x3"}
+SYSTEMS = {"dense", "specee", "transformers", "tree-2x2x3", "tree-2x2x3:exit"}
 SPEED = ("decode_tps_median", "decode_tps_q1", "decode_tps_q3", "ttft_ms_median", "speedup_vs_dense",
          "speedup_vs_transformers", "exact_match", "mean_first_divergence", "perplexity")
 SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draft_share", "segments_share",
@@ -20,7 +20,7 @@ SPECEE = ("mean_executed_layers", "exit_rate", "teacher_forced_agreement", "draf
 @pytest.mark.slow
 def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench"
-    assert bench_main(["smollm2", "--quick", "--reference", "--tree", "2x2x3", "--out", str(out), "-q", *IN_PROCESS]) == 0
+    assert bench_main(["smollm2", "--quick", "--reference", "--tree", "2x2x3,2x2x3:exit", "--out", str(out), "-q", *IN_PROCESS]) == 0
     report = json.loads((out / "report.json").read_text())
     systems = report["systems"]
     assert set(systems) == SYSTEMS
@@ -49,6 +49,12 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     assert 0 < tree["draft_share"] < 1 and 0 < tree["verify_share"] < 1
     assert len(tree["depth_acceptance"]) <= 2 and all(0 <= v <= 1 for v in tree["depth_acceptance"])
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
+    # early exit inside verification: lossy, measured teacher-forced like the early-exit bundle
+    exits = systems["tree-2x2x3:exit"]
+    assert 0 <= exits["teacher_forced_agreement"] <= 1 and 0 < exits["mean_executed_layers"] <= 30
+    assert sum(exits["exit_histogram"].values()) == sum(len(r["exit_layers"]) - 1 for r in report["runs"][
+        "tree-2x2x3:exit"])
+    assert exits["threshold"] == spec["threshold"] and 1.0 <= exits["tokens_per_forward"] <= 3.0
     # the compiled engine against the eager reference decoder: same tokens from the same exit layers
     ref = spec["reference"]
     assert ref["prompts"] == 2 and ref["steps"] >= 2 * 16 - 2
@@ -59,7 +65,7 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
     md = (out / "report.md").read_text()
     assert "| specee |" in md and "## Threshold sweep" in md and "sum of parts ms" in md
-    assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation (lossless)" in md and "![frontier](frontier.png)" in md
+    assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation" in md and "![frontier](frontier.png)" in md
     # a second run into the same folder refuses to replace the report without --force
     assert bench_main(["smollm2", "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 

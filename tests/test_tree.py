@@ -159,13 +159,15 @@ def test_tensorrt_ready_tree_graphs_pass_the_check_and_decode_as_the_ort_ones(bu
     dense tokens with the same accepted lengths as the GroupQueryAttention graphs."""
     out = bundle("llama", 0.3, "full", tree=True, check="trt")
     spec = read_manifest(out, verify=False)
-    assert spec["graph_target"] == "trt" and {"tree", "draft_tree"} <= set(spec["tensorrt_check"]["graphs"])
+    checked = set(spec["tensorrt_check"]["graphs"])
+    assert spec["graph_target"] == "trt" and {"tree", "draft_tree", "tree_segment_0", "tree_segment_2"} <= checked
     ort_graphs = load(bundle("llama", 0.3, "full", tree=True), tree="3x2x5")
     trt_ready = load(out, tree="3x2x5")
+    trt_segments = load(out, tree="3x2x5:exit", threshold=1.0)  # through the tree segments, no exit
     for prompt in PROMPTS:
         want = ort_graphs.generate(prompt, max_new_tokens=NEW)
-        got = trt_ready.generate(prompt, max_new_tokens=NEW)
-        assert got.token_ids == want.token_ids and got.accepted_lengths == want.accepted_lengths
+        for got in (trt_ready.generate(prompt, max_new_tokens=NEW), trt_segments.generate(prompt, max_new_tokens=NEW)):
+            assert got.token_ids == want.token_ids and got.accepted_lengths == want.accepted_lengths
 
 
 def test_specee_run_decodes_with_a_tree(bundle, capsys):
