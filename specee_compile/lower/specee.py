@@ -97,13 +97,14 @@ def build(model_source, hf_model, capacity: int, *, calib_file=None, rule="full"
     tree_segments = []
     if tree:
         tree_model = export_tree(hf_model, capacity, target)
+        if exit_mode == "segments":  # merged mapping: early exit inside tree verification, on a copy of the export
+            exits = ir.from_proto(ir.to_proto(tree_model))
+            exits, tree_log = specee_pipeline(cal, layers, rule, per_node=True)(exits)
+            log += [{**entry, "graph": "tree"} for entry in tree_log]
+            tree_segments = _segments(exits, layers, L, opt_level, target)
         if opt_level != "O0" and target == "ort":
             FuseOrtTransformersPass()(tree_model)
         draft_tree = export_draft(cal.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
-        if exit_mode == "segments":  # merged mapping: early exit inside tree verification
-            exits, tree_log = specee_pipeline(cal, layers, rule, per_node=True)(export_tree(hf_model, capacity, target))
-            log += [{**entry, "graph": "tree"} for entry in tree_log]
-            tree_segments = _segments(exits, layers, L, opt_level, target)
     spec = {
         "calibration": str(cal_dir),
         "rule": rule,

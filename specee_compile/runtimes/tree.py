@@ -190,7 +190,7 @@ class _TreeState(_SpecEEState):
         for j, kind in enumerate(("key", "value")):
             self.draft_tree_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
             self.draft_tree_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
-        self.tree_seg_bindings = self.cache_bindings(engine.tree_segments, engine.tree_segment_layers)
+        self.tree_seg_bindings = None  # bound when the first shape with ':exit' runs
         self.fed: list = []  # per tree node: the feature the draft feeds it (for its candidates)
         self.root_top = None  # the draft's top-K after the newest token
         self.draft_row = 0  # the draft cache's first free row after growing the tree
@@ -222,20 +222,12 @@ class TreeEngine(SpecEEEngine):
                 raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
             _check_io(sessions[-1], graph, self.path / graph["file"])
         self.tree, self.draft_tree = sessions
-        segments = spec.get("segments", [])  # the tree step with per-node exits (merged mapping)
-        try:
-            self.tree_segments = [ort.InferenceSession(str(self.path / g["file"]), so, providers=providers())
-                                  for g in segments]
-        except Exception as e:
-            raise BundleError(f"ONNX Runtime cannot load the tree segments of {self.path}: {e}") from e
-        for sess, g in zip(self.tree_segments, segments):
-            _check_io(sess, g, self.path / g["file"])
-        self.tree_segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in segments]
-        self.tree_segment_exit = [g["exit_layer"] for g in segments]
-        self.tree_segment_inputs = [[i.name for i in x.get_inputs() if not i.name.startswith("past_key_values.")]
-                                    for x in self.tree_segments]
-        self.tree_segment_outputs = [[o.name for o in x.get_outputs() if not o.name.startswith("present.")]
-                                     for x in self.tree_segments]
+        # The tree step with per-node exits (merged mapping): loaded when a shape with ':exit' first runs.
+        self._tree_segment_specs = spec.get("segments", [])
+        self._session_options = so
+        self.tree_segments: list[ort.InferenceSession] = []
+        self.tree_segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in self._tree_segment_specs]
+        self.tree_segment_exit = [g["exit_layer"] for g in self._tree_segment_specs]
         self.shape = shape
 
     @property
@@ -249,10 +241,30 @@ class TreeEngine(SpecEEEngine):
 
     def _checked(self, value: TreeShape | str | int) -> TreeShape:
         shape = TreeShape.parse(value).check(self.max_width)
-        if shape.exits and not self.tree_segments:
-            raise BundleError(f"tree {shape}: {self.path} has no tree segments with per-node exits; recompile it with "
-                              "--specee --tree and exit mode segments, or drop ':exit'.")
+        if shape.exits:
+            if not self._tree_segment_specs:
+                raise BundleError(f"tree {shape}: {self.path} has no tree segments with per-node exits; recompile it "
+                                  "with --specee --tree and exit mode segments, or drop ':exit'.")
+            self._load_tree_segments()
         return shape
+
+    def _load_tree_segments(self) -> None:
+        with self._lock:
+            if self.tree_segments:
+                return
+            sessions = []
+            for g in self._tree_segment_specs:
+                try:
+                    sessions.append(ort.InferenceSession(str(self.path / g["file"]), self._session_options,
+                                                         providers=providers()))
+                except Exception as e:
+                    raise BundleError(f"ONNX Runtime cannot load {self.path / g['file']}: {e}") from e
+                _check_io(sessions[-1], g, self.path / g["file"])
+            self.tree_segment_inputs = [[i.name for i in x.get_inputs() if not i.name.startswith("past_key_values.")]
+                                        for x in sessions]
+            self.tree_segment_outputs = [[o.name for o in x.get_outputs() if not o.name.startswith("present.")]
+                                         for x in sessions]
+            self.tree_segments = sessions
 
     def generate(self, prompt, max_new_tokens: int = 128, stream=None, chat: bool | None = None,
                  tree: TreeShape | str | int | None = None):
@@ -294,7 +306,7 @@ class TreeEngine(SpecEEEngine):
         return []
 
     def _sessions(self) -> list[ort.InferenceSession]:
-        return [self.session, self.draft, self.tree, self.draft_tree]
+        return [self.session, self.draft, self.tree, self.draft_tree, *self.tree_segments]
 
     def _new_state(self) -> _TreeState:
         return _TreeState(self)
@@ -497,6 +509,8 @@ class TreeEngine(SpecEEEngine):
                   "position_ids": positions, "attention_bias": tree.bias(n), "draft_ids": candidates,
                   "active_layers": self.active_layers(state.history), "exit_threshold": self._threshold}
         active = values["active_layers"]
+        if state.tree_seg_bindings is None:
+            state.tree_seg_bindings = state.cache_bindings(self.tree_segments, self.tree_segment_layers)
         for k, exit_at in enumerate(self.tree_segment_exit):
             outs = run_bound(self.tree_segments[k], state.tree_seg_bindings[k], self.tree_segment_inputs[k],
                              self.tree_segment_outputs[k], values)

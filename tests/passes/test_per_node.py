@@ -4,7 +4,10 @@ must score and decide exactly like position s with its own row of candidates."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -22,8 +25,13 @@ IDS = [1, 5, 9, 33, 7]
 VOCAB = np.arange(0, TINY_VOCAB, 2, dtype=np.int64)
 
 
-def _graph(torch_model, bank, rule, fuse):
-    model = export_tree(torch_model, CAP)
+@functools.cache
+def _exported(family: str) -> bytes:
+    return ir.to_proto(export_tree(make_tiny_model(family), CAP)).SerializeToString()
+
+
+def _graph(family, bank, rule, fuse):
+    model = ir.from_proto(onnx.load_from_string(_exported(family)))  # a fresh copy of one export per family
     arrays = {k: v.detach().numpy() for k, v in bank.state_dict().items()}
     InsertPredictorsPass(layers=(0, 1), per_node=True, **arrays)(model)
     InsertEarlyExitPass(rule=rule, vocab_map=VOCAB, per_node=True)(model)
@@ -59,7 +67,7 @@ def test_every_node_scores_and_exits_like_its_own_position(family, rule):
         for s in (0, 3):
             draft_ids[s, 2] = int((head @ torch_model.model.norm(hs[1][0, s])).argmax())
     for fuse in (False, True):
-        sess = _graph(torch_model, bank, rule, fuse)
+        sess = _graph(family, bank, rule, fuse)
         for active, threshold in (([True, True, True], 0.5), ([False, True, True], 0.5), ([True, True, True], 0.99)):
             got = _run(sess, num_layers, draft_ids, active, threshold)
             prev = None
