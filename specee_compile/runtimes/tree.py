@@ -423,7 +423,7 @@ class TreeEngine(SpecEEEngine):
         predictors were trained on): the root's from growing the tree, the other nodes' from
         one more draft run over all of them (tree attention, each fed its parent's draft
         feature; a lookup node deeper than 1, whose parent the draft never ran on, takes its
-        parent's). None when the draft's cache has no room for them."""
+        parent's input feature). None when the draft's cache has no room for them."""
         root, row, m = n - 1, state.draft_row, len(tree) - 1
         if m == 0:
             return state.root_top[None, :4].astype(np.int64)
