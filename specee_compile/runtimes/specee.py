@@ -39,10 +39,7 @@ class _SpecEEState(_CacheState):
         d_shape = (1, engine.draft_kv_heads, engine.capacity, engine.draft_head_dim)
         self.draft_arrays = [np.zeros(d_shape, np.float32), np.zeros(d_shape, np.float32)]
         self.draft_buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.draft_arrays]
-        self.draft_binding = engine.draft.io_binding()
-        for j, kind in enumerate(("key", "value")):
-            self.draft_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
-            self.draft_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
+        self.draft_binding = self.draft_cache_binding(engine.draft)
         self.history: list[int] = []
         self.feature = None  # [1, 1, d]
         self.draft_len = 0
@@ -58,6 +55,14 @@ class _SpecEEState(_CacheState):
                     b.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
             bindings.append(b)
         return bindings
+
+    def draft_cache_binding(self, session):
+        """An IOBinding of a draft graph with the draft's K/V buffers bound in place."""
+        b = session.io_binding()
+        for j, kind in enumerate(("key", "value")):
+            b.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
+            b.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
+        return b
 
 
 class SegmentedDecode:

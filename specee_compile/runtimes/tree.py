@@ -181,15 +181,8 @@ class TokenTree:
 class _TreeState(_SpecEEState):
     def __init__(self, engine: "TreeEngine"):
         super().__init__(engine)
-        self.tree_binding = engine.tree.io_binding()
-        for i in range(engine.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                self.tree_binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", self.buffers[2 * i + j])
-                self.tree_binding.bind_ortvalue_output(f"present.{i}.{kind}", self.buffers[2 * i + j])
-        self.draft_tree_binding = engine.draft_tree.io_binding()
-        for j, kind in enumerate(("key", "value")):
-            self.draft_tree_binding.bind_ortvalue_input(f"past_key_values.0.{kind}", self.draft_buffers[j])
-            self.draft_tree_binding.bind_ortvalue_output(f"present.0.{kind}", self.draft_buffers[j])
+        self.tree_binding = self.cache_bindings([engine.tree], [range(engine.num_layers)])[0]
+        self.draft_tree_binding = self.draft_cache_binding(engine.draft_tree)
         self.tree_seg_bindings = None  # bound when the first shape with ':exit' runs
         self.fed: list = []  # per tree node: the feature the draft feeds it (for its candidates)
         self.root_top = None  # the draft's top-K after the newest token
