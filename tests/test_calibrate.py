@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -36,7 +37,8 @@ def test_calibration_writes_a_loadable_artifact_and_reuses_it(tiny_dirs, setting
     out = calibrate(tiny_dirs["llama"], settings, progress=False)
     meta = json.loads((out / pipeline.META).read_text())
     assert meta["num_layers"] == 3 and len(meta["predictors"]["per_layer"]) == 3
-    assert set(meta["draft"]) >= {"top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit"}
+    assert set(meta["draft"]) >= {"top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit",
+                                  "top1_depth2"}
     assert meta["cost_model"]["full_head"] > 0
     mtime = (out / pipeline.WEIGHTS).stat().st_mtime_ns
     assert calibrate(tiny_dirs["llama"], settings, progress=False) == out
@@ -123,8 +125,6 @@ def test_evaluation_reports_bounds_sweep_and_free_running(tiny_dirs, settings):
 
 
 def test_a_supplied_draft_is_used_instead_of_training(tiny_dirs, settings, tmp_path):
-    import dataclasses
-
     from specee_compile.calibrate.pipeline import save_draft
 
     target = make_tiny_model("llama")
@@ -174,3 +174,45 @@ def test_draft_training_forward_sees_no_future_position():
     torch.testing.assert_close(batched[0], torch.stack(stepwise), atol=1e-5, rtol=1e-5)
     _, _, empty = draft(ids[:, :0], feats[:, :0], None, 1)  # a prompt of one token leaves the draft nothing
     assert empty[0].shape[2] == 0
+
+
+def test_unrolled_draft_steps_equal_decoding_a_chain_on_its_own_guesses():
+    """Step j of training's unrolled draft at position t must be what the draft computes at depth
+    j of a tree step: the decoded context up to t-j+1 fed the target's features, then j-1 nodes
+    each fed the feature its parent predicted."""
+    import torch
+
+    from specee_compile.calibrate.draft import EagleDraft
+    from specee_compile.testing import make_tiny_model
+
+    target = make_tiny_model("llama")
+    torch.manual_seed(0)
+    draft = EagleDraft(target, torch.arange(0, 320, 2))
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        ids = torch.tensor([3, 17, 42, 99, 7, 250, 31, 5])
+        feats = torch.randn(ids.shape[0], 64)
+        steps = draft.unrolled(ids, feats, 3)
+        assert [s[1].shape[0] for s in steps] == [8, 7, 6]
+        for j in (1, 2, 3):
+            for t in range(j, ids.shape[0] + 1):  # positions are 1-based: ids[t - 1] sits at t
+                f, logits, cache = draft(ids[None, :t - j + 1], feats[None, :t - j + 1], None, 1)
+                for p in range(t - j + 2, t + 1):
+                    f, logits, cache = draft(ids[None, p - 1:p], f[:, -1:], cache, p)
+                torch.testing.assert_close(steps[j - 1][1][t - j], logits[0, -1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(steps[j - 1][0][t - j], f[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_draft_unroll_trains_on_its_own_guesses_under_its_own_cache_key(tiny_dirs, settings):
+    deeper = dataclasses.replace(settings, draft_unroll=2)
+    assert deeper.key() != settings.key()
+    meta = json.loads((calibrate(tiny_dirs["llama"], deeper, progress=False) / pipeline.META).read_text())
+    assert meta["settings"]["draft_unroll"] == 2
+    assert 0 <= meta["draft"]["top1_depth2"] <= 1
+
+
+def test_the_default_settings_keep_the_cache_key_existing_calibrations_were_made_under():
+    """A setting added later stays out of the key at its default, or every cached calibration
+    (33 minutes for SmolLM2) would be made again; change this value only on purpose."""
+    assert CalibrationSettings().key() == "8730294e7620"

@@ -68,6 +68,34 @@ class EagleDraft(nn.Module):
         f = self.norm(f)
         return f, self.head(f), (keys, values)
 
+    def unrolled(self, tokens, features, depth: int):
+        """The draft run ``depth`` steps ahead on its own guesses, as a tree step reaches depth j
+        (EAGLE-3's training-time test): what training at depth >= 2 needs.
+
+        tokens [n] at positions 1..n; features [n, d], the target's feature of each previous
+        position. Step 1 is ``forward``. Step j runs positions j..n on tokens[j-1:] fed the
+        features step j-1 predicted one position earlier; its query at position t sees step 1's
+        keys up to t-j+1 (made from the target's features, the decoded context and the depth-1
+        node) and step i's key at t-j+i for 1 < i <= j (the path's deeper nodes and itself).
+        Returns [(predicted features [n-j+1, d], logits [n-j+1, Vd]) for j = 1..depth].
+        """
+        f, logits, (keys, values) = self(tokens[None], features[None], None, 1)
+        steps = [(f[0], logits[0])]
+        n = tokens.shape[0]
+        key_pos, key_step = torch.arange(1, n + 1), torch.ones(n, dtype=torch.long)
+        for j in range(2, depth + 1):
+            pos = torch.arange(j, n + 1)
+            x = self.fc(torch.cat([self.embed(tokens[j - 1:]), steps[-1][0][:-1]], dim=-1))[None]
+            key_pos, key_step = torch.cat([key_pos, pos]), torch.cat([key_step, torch.full_like(pos, j)])
+            first = pos[:, None] - j  # t - j: step i's visible key is at t-j+i
+            mask = torch.where(key_step[None, :] == 1, key_pos[None, :] <= first + 1,
+                               key_pos[None, :] == first + key_step[None, :])
+            f, keys, values = layer_step(self.layer, x, keys, values, pos, self.cos, self.sin, self.num_heads,
+                                         self.kv_heads, mask=mask)
+            f = self.norm(f)
+            steps.append((f[0], self.head(f)[0]))
+        return steps
+
     @torch.no_grad()
     def propose(self, token: int, feature: torch.Tensor, cache, position: int, k: int = 4):
         """Top-k candidate target ids for the token after ``token``; returns (ids [k], cache)."""

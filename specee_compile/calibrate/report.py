@@ -16,7 +16,9 @@ def format_report(artifact: Path) -> str:
         f"draft: vocabulary {d['vocab_size']} ({d['target_tokens_in_vocab']:.1%} of target tokens inside), "
         f"top-1/top-4 hit of the target's next token after a full-depth step "
         f"{d['top1_after_full']:.1%}/{d['top4_after_full']:.1%}, after an exit "
-        f"{d['top1_after_exit']:.1%}/{d['top4_after_exit']:.1%} ({d['positions']} held-out positions)",
+        f"{d['top1_after_exit']:.1%}/{d['top4_after_exit']:.1%} ({d['positions']} held-out positions)"
+        + (f"; one step deeper on its own guess, top-1 {d['top1_depth2']:.1%} ({d['depth2_positions']} positions)"
+           if "top1_depth2" in d else ""),
         "cost model (layer-equivalents, measured): "
         + ", ".join(f"{k} {cost[k]:.2f}" for k in ("full_head", "reduced_head", "draft", "predictor", "kv_projection")),
         "predictors on held-out samples (layer: accuracy / precision / recall, positive rate):",
