@@ -310,8 +310,8 @@ def bench_parser() -> argparse.ArgumentParser:
                         "steps each SpecEE bundle emits the same token from the same exit layer")
     p.add_argument("--tree", default="", metavar="SHAPE1,SHAPE2,...",
                    help="also time tree speculation with trees of these shapes (WIDTHxDEPTHxBUDGET, or a width W "
-                        "for Wx1xW; +L context lookup; :exit for early exit inside verification), with the first "
-                        "SpecEE bundle (compiled with --tree)")
+                        "for Wx1xW; +L context lookup; :exit for early exit inside verification), with every "
+                        "SpecEE bundle compiled with --tree (named tree-SHAPE@BUNDLE when there are several)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")

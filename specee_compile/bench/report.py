@@ -111,6 +111,17 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {layers} | "
                          f"{_pct(s.get('exit_rate'))} | {s['exact_match']:.0%} |")
+        drafts = {s["path"]: s["draft"] for s in trees.values() if s.get("draft")}
+        if drafts:
+            lines += ["", "Drafts: how each tree bundle's draft was trained (calibration sequences x epochs, steps "
+                      "unrolled on its own guesses) and its hit rate of the target's next token on the calibration's "
+                      "held-out text: top-1/top-4 after a full-depth step, and top-1 one step deeper fed its own "
+                      "predicted feature where its first guess was right.", "",
+                      "| bundle | training | depth 1 top-1 | depth 1 top-4 | depth 2 top-1 |", "|---|---|---|---|---|"]
+            for path, d in drafts.items():
+                training = "supplied" if d["supplied"] else f"{d['sequences']} x {d['epochs']}, unroll {d['unroll']}"
+                lines.append(f"| {Path(path).stem} | {training} | {_pct(d['top1_after_full'])} | "
+                             f"{_pct(d['top4_after_full'])} | {_pct(d['top1_depth2'])} |")
         deepest = max(len(s["depth_acceptance"]) for s in trees.values())
         if deepest:
             lines += ["", "Hit rate by depth: of the target forwards whose accepted path reached depth d - 1, the share "

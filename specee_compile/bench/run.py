@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import platform
@@ -30,6 +31,7 @@ from specee_compile.bench import measure
 from specee_compile.bench.systems import KINDS, System, bundle_system, genai_system, transformers_system
 from specee_compile.bundle import read_manifest
 from specee_compile.calibrate import CalibrationSettings, calibrate, data
+from specee_compile.calibrate.pipeline import META
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, SpecEEError
 from specee_compile.lower.specee import TREE_MAX_WIDTH
@@ -74,7 +76,7 @@ class BenchSettings:
     force: bool = False
     shared_threads: bool = False  # one ONNX Runtime thread pool for the whole process (runtimes.share_threads)
     reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
-    tree_shapes: tuple = ()  # lossless tree speculation with trees of these shapes (TreeShape), with the first SpecEE bundle
+    tree_shapes: tuple = ()  # tree speculation with trees of these shapes (TreeShape), with every SpecEE bundle made with --tree
     tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
 
     def resolved(self) -> "BenchSettings":
@@ -136,14 +138,16 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
     if s.tree_shapes:
-        with_tree = next((b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]), None)
-        if with_tree is None:
+        with_tree = [b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]]
+        if not with_tree:
             raise ConfigError("--tree needs a SpecEE bundle compiled with --tree; compile one (specee-compile --specee "
                               "--tree) and pass it with --bundle, or let specee-bench compile it (--config).")
-        for shape in s.tree_shapes:
-            engine = load(with_tree.path, threads=s.threads, tree=shape)
-            systems.append(bundle_system(f"tree-{engine.shape}", "tree", engine, s.new_tokens,
-                                         {"shape": str(engine.shape), "path": str(with_tree.path)}))
+        for b in with_tree:  # every tree bundle runs every shape: drafts compared side by side
+            for shape in s.tree_shapes:
+                engine = load(b.path, threads=s.threads, tree=shape)
+                name = f"tree-{engine.shape}" + (f"@{b.name}" if len(with_tree) > 1 else "")
+                systems.append(bundle_system(name, "tree", engine, s.new_tokens,
+                                             {"shape": str(engine.shape), "path": str(b.path)}))
     hf, _ = model_load.load(model_dir)
     eos = dense_engine.eos_token_ids
     if s.transformers:
@@ -189,6 +193,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                 row.update(measure.exits(r, L), threshold=system.engine.threshold)
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,
                                                              system.name)
+            row["draft"] = _draft_quality(system.engine.manifest["specee"]["calibration"])
             row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
                 prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
         elif system.engine is not None:
@@ -315,6 +320,19 @@ def _perplexity_hf(model, samples) -> float:
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
         nlls += torch.nn.functional.cross_entropy(logits.double(), torch.tensor(response), reduction="none").tolist()
     return measure.perplexity(nlls)
+
+
+def _draft_quality(calibration: str) -> dict | None:
+    """How the bundle's draft was trained and how often it was right on the calibration's
+    held-out text, when that calibration is still on disk."""
+    try:
+        meta = json.loads((Path(calibration) / META).read_text())
+    except (OSError, ValueError):
+        return None
+    settings = meta["settings"]
+    return {"sequences": settings["draft_sequences"], "epochs": settings["draft_epochs"],
+            "unroll": settings.get("draft_unroll", 1), "supplied": bool(settings.get("draft_file")),
+            **{k: meta["draft"].get(k) for k in ("top1_after_full", "top4_after_full", "top1_depth2")}}
 
 
 def _agreement(engine, prompts, dense_tokens, progress: bool, name: str) -> float:
