@@ -49,7 +49,7 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     assert 0 < tree["draft_share"] < 1 and 0 < tree["verify_share"] < 1
     assert len(tree["depth_acceptance"]) <= 2 and all(0 <= v <= 1 for v in tree["depth_acceptance"])
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
-    assert tree["draft"]["sequences"] == 12 and tree["draft"]["unroll"] == 1  # the quick calibration's draft
+    assert tree["draft"]["sequences"] == 12 and tree["draft"]["unroll"] == 2  # the quick calibration's draft
     assert 0 <= tree["draft"]["top1_after_full"] <= tree["draft"]["top4_after_full"] <= 1
     # early exit inside verification: lossy, measured teacher-forced like the early-exit bundle
     exits = systems["tree-2x2x3:exit"]
@@ -67,7 +67,7 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
     md = (out / "report.md").read_text()
     assert "| specee |" in md and "## Threshold sweep" in md and "sum of parts ms" in md
-    assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation" in md and "12 x 1, unroll 1" in md and "![frontier](frontier.png)" in md
+    assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation" in md and "12 x 1, unroll 2" in md and "![frontier](frontier.png)" in md
     # a second run into the same folder refuses to replace the report without --force
     assert bench_main(["smollm2", "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 

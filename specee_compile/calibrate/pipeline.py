@@ -36,8 +36,8 @@ WEIGHTS = "calibration.safetensors"
 META = "calibration.json"
 
 
-# Settings added after artifacts were made with their default behaviour: left at these values
-# they stay out of the cache key, so those artifacts are still found.
+# Settings added after artifacts were made, with the value that trains as before they existed:
+# at that value they stay out of the cache key, so those artifacts are still found.
 _LATER_SETTINGS = {"draft_unroll": 1}
 
 
@@ -47,14 +47,14 @@ class CalibrationSettings:
 
     calib_file: str | None = None  # JSONL of prompts/responses; default: ShareGPT
     draft_file: str | None = None  # a trained draft (safetensors, this project's layout) to use as is
-    draft_sequences: int = 320
+    draft_sequences: int = 1280
     predictor_sequences: int = 48
     max_seq_len: int = 384
     generate_tokens: int = 96  # continuation length for examples without a response
     draft_vocab: int = 6144
-    draft_epochs: int = 8
+    draft_epochs: int = 2
     draft_lr: float = 1e-3
-    draft_unroll: int = 1  # steps the draft is trained ahead on its own guesses (2+: EAGLE-3's training-time test)
+    draft_unroll: int = 2  # steps the draft is trained ahead on its own guesses (2+: EAGLE-3's training-time test)
     feature_loss_weight: float = 0.1  # EAGLE's weighting of feature regression against token CE
     exit_feature_rate: float = 0.5  # share of draft inputs fed an intermediate layer's feature
     predictor_hidden: int = 512
