@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -218,3 +219,25 @@ def test_cache_keys_change_only_on_purpose():
     existed, so calibrations made before it are still found."""
     assert CalibrationSettings().key() == "0002fb64cac4"
     assert CalibrationSettings(draft_sequences=320, draft_epochs=8, draft_unroll=1).key() == "8730294e7620"
+
+
+def test_sequences_too_short_for_every_unrolled_step_are_left_out_of_training():
+    """A four-token sequence leaves a 4-step unroll nothing at its last step (a NaN loss if fed)."""
+    import random
+
+    from specee_compile.calibrate.draft import EagleDraft
+
+    target = make_tiny_model("llama")
+    torch.manual_seed(0)
+    draft = EagleDraft(target, torch.arange(0, 320, 2))
+    passes = [pipeline._DraftExample(torch.arange(3, 3 + n), torch.randn(n, 64), torch.randn(n, 64),
+                                     torch.arange(4, 4 + n) * 2) for n in (4, 9)]
+    settings = CalibrationSettings(**{**TINY, "draft_unroll": 4})
+    log = pipeline._train_draft(draft, passes, settings, 1, random.Random(0), False)
+    assert all(math.isfinite(e["mean_loss"]) for e in log["epochs"])
+
+
+def test_sequences_too_short_for_the_predictors_are_a_clear_error(tiny_dirs, calib_file):
+    settings = CalibrationSettings(calib_file=str(calib_file), **{**TINY, "max_seq_len": 6})
+    with pytest.raises(ConfigError, match="8 tokens or more"):
+        calibrate(tiny_dirs["llama"], settings, progress=False)

@@ -77,8 +77,8 @@ class CalibrationSettings:
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
-        for name, default in _LATER_SETTINGS.items():  # at their default they train as before they existed
-            if fields[name] == default:
+        for name, before in _LATER_SETTINGS.items():
+            if fields[name] == before:
                 del fields[name]
         blob = json.dumps(fields, sort_keys=True)
         for f in (self.calib_file, self.draft_file):
@@ -338,7 +338,7 @@ def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) ->
         total = total_ce = 0.0
         for k in order:
             p = passes[k]
-            if p.ids.numel() < 3:
+            if p.ids.numel() < max(3, settings.draft_unroll + 1):  # every unrolled step needs a position
                 bar.update()
                 continue
             use_exit = torch.rand(p.ids.numel() - 1, generator=gen) < settings.exit_feature_rate
@@ -422,6 +422,9 @@ def _predictor_data(target, draft, passes, settings, progress):
         labels.append(argmax == p.next_token[lo:][None, :])
         heads = argmax if settings.rule == "full" else rule_tokens(target, draft, z, settings.rule)
         windows.append((p, lo, heads))
+    if not feats:
+        raise ConfigError("no calibration sequence left for the predictors has 8 tokens or more; give longer "
+                          "examples (or a larger max_seq_len).")
     return torch.cat(feats, dim=1), torch.cat(labels, dim=1), windows
 
 
