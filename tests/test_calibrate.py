@@ -150,13 +150,9 @@ def test_a_draft_of_another_shape_is_refused(tiny_dirs, settings, tmp_path):
         pipeline.load_draft(path, make_tiny_model("llama"))
 
 
-def test_draft_training_forward_sees_no_future_position():
-    """The batched forward calibration trains with must equal step-by-step decoding: a draft
-    whose cache starts at position 1 once let every position attend to the next one."""
-    import torch
-
+def _tiny_draft():
+    """A draft over a tiny Llama with its weights moved off their warm start."""
     from specee_compile.calibrate.draft import EagleDraft
-    from specee_compile.testing import make_tiny_model
 
     target = make_tiny_model("llama")
     torch.manual_seed(0)
@@ -164,6 +160,14 @@ def test_draft_training_forward_sees_no_future_position():
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return draft
+
+
+def test_draft_training_forward_sees_no_future_position():
+    """The batched forward calibration trains with must equal step-by-step decoding: a draft
+    whose cache starts at position 1 once let every position attend to the next one."""
+    draft = _tiny_draft()
+    with torch.no_grad():
         ids = torch.tensor([[3, 17, 42, 99, 7, 250, 31]])
         feats = torch.randn(1, ids.shape[1], 64)
         _, batched, _ = draft(ids, feats, None, 1)
@@ -181,17 +185,8 @@ def test_unrolled_draft_steps_equal_decoding_a_chain_on_its_own_guesses():
     """Step j of training's unrolled draft at position t must be what the draft computes at depth
     j of a tree step: the decoded context up to t-j+1 fed the target's features, then j-1 nodes
     each fed the feature its parent predicted."""
-    import torch
-
-    from specee_compile.calibrate.draft import EagleDraft
-    from specee_compile.testing import make_tiny_model
-
-    target = make_tiny_model("llama")
-    torch.manual_seed(0)
-    draft = EagleDraft(target, torch.arange(0, 320, 2))
+    draft = _tiny_draft()
     with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(0.1 * torch.randn_like(p))
         ids = torch.tensor([3, 17, 42, 99, 7, 250, 31, 5])
         feats = torch.randn(ids.shape[0], 64)
         steps = draft.unrolled(ids, feats, 3)
@@ -225,11 +220,7 @@ def test_sequences_too_short_for_every_unrolled_step_are_left_out_of_training():
     """A four-token sequence leaves a 4-step unroll nothing at its last step (a NaN loss if fed)."""
     import random
 
-    from specee_compile.calibrate.draft import EagleDraft
-
-    target = make_tiny_model("llama")
-    torch.manual_seed(0)
-    draft = EagleDraft(target, torch.arange(0, 320, 2))
+    draft = _tiny_draft()
     passes = [pipeline._DraftExample(torch.arange(3, 3 + n), torch.randn(n, 64), torch.randn(n, 64),
                                      torch.arange(4, 4 + n) * 2) for n in (4, 9)]
     settings = CalibrationSettings(**{**TINY, "draft_unroll": 4})
