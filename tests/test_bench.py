@@ -49,6 +49,7 @@ def test_quick_bench_on_smollm2_writes_a_complete_report(tmp_path):
     assert 0 < tree["draft_share"] < 1 and 0 < tree["verify_share"] < 1
     assert len(tree["depth_acceptance"]) <= 2 and all(0 <= v <= 1 for v in tree["depth_acceptance"])
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
+    assert tree["forward_cost"] > 0
     assert tree["draft"]["sequences"] == 12 and tree["draft"]["unroll"] == 2  # the quick calibration's draft
     assert 0 <= tree["draft"]["top1_after_full"] <= tree["draft"]["top4_after_full"] <= 1
     # early exit inside verification: lossy, measured teacher-forced like the early-exit bundle
@@ -95,3 +96,15 @@ def test_tree_statistics_count_accepted_depths():
     assert got["tokens_per_forward"] == 2.25 and got["forwards"] == 4 and got["acceptance_rate"] == 0.75
     assert got["accepted_depth"] == [0.75, 0.5]
     assert got["depth_acceptance"] == pytest.approx([0.75, 2 / 3])
+
+
+def test_forward_cost_is_a_forward_in_dense_steps():
+    from specee_compile.bench.measure import forward_cost
+    from specee_compile.bench.systems import Run
+
+    dense = [Run([], 0.0, 0.0, decode_seconds=1.0, step_seconds=[0.1] * 10),
+             Run([], 0.0, 0.0, decode_seconds=2.0, step_seconds=[0.2] * 10)]
+    tree = [Run([], 0.0, 0.0, decode_seconds=0.6, accepted_lengths=[2, 2, 1, 3]),  # 0.15 s per forward: 1.5 steps
+            Run([], 0.0, 0.0, decode_seconds=1.2, accepted_lengths=[2, 2, 2, 2, 2])]  # 0.24 s: 1.2 steps
+    assert forward_cost(tree, dense) == pytest.approx(1.35)
+    assert forward_cost([Run([], 0.0, 0.0)], dense[:1]) != forward_cost([Run([], 0.0, 0.0)], dense[:1])  # nan

@@ -67,6 +67,15 @@ def tree(runs: list[Run]) -> dict:
             "accepted_depth": reach, "depth_acceptance": given}
 
 
+def forward_cost(runs: list[Run], dense: list[Run]) -> float:
+    """The median over prompts of one target forward's decode time (draft and host loop
+    included) over one dense decode step's: tree speculation's speed-up over the dense bundle
+    is its tokens per forward divided by this, the break-even tokens per forward."""
+    ratios = [(r.decode_seconds / len(r.accepted_lengths)) / (d.decode_seconds / len(d.step_seconds))
+              for r, d in zip(runs, dense) if r.accepted_lengths and d.step_seconds and d.decode_seconds > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def step_parts(runs: list[Run], dense: list[Run], shares: dict, active_layers, num_layers: int, rule: str,
                head_seconds: float, reduced_head_seconds: float) -> dict:
     """The measured step time at each exit layer against the sum of its parts, each measured

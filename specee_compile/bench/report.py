@@ -103,12 +103,17 @@ def markdown(r: dict) -> str:
                   ":exit (merged mapping) the verification forward stops at the first active predictor layer where "
                   "every node on the walk from the newest token is settled (its predictor passes the threshold and "
                   "its exit token is one of its own draft candidates), and the path's deeper K/V is propagated. "
-                  "Shares of decode time come from the runtime's timers.", "",
-                  "| system | shape | tokens per target forward | forwards accepting a tree token | draft | verification "
-                  "| mean executed layers | exit rate | exact match vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+                  "Shares of decode time come from the runtime's timers. Forward cost: one target forward's decode "
+                  "time (draft and host loop included) in dense decode steps, the median over prompts; the speed-up "
+                  "over the dense bundle is about tokens per forward ÷ forward cost, so the forward cost is the "
+                  "tokens per forward a shape needs to break even.", "",
+                  "| system | shape | tokens per target forward | forward cost | forwards accepting a tree token | draft "
+                  "| verification | mean executed layers | exit rate | exact match vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in trees.items():
             layers = f"{s['mean_executed_layers']:.2f}" if "mean_executed_layers" in s else "–"
-            lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {s['acceptance_rate']:.1%} | "
+            lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {_num(s.get('forward_cost'), 2)} | "
+                         f"{s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {layers} | "
                          f"{_pct(s.get('exit_rate'))} | {s['exact_match']:.0%} |")
         drafts = {s["path"]: s["draft"] for s in trees.values() if s.get("draft")}

@@ -188,7 +188,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         if genai_name:
             row["speedup_vs_genai"] = measure.paired_ratio(r, runs[genai_name])
         if system.kind == "tree":
-            row.update(measure.tree(r), **measure.time_shares(r))
+            row.update(measure.tree(r), **measure.time_shares(r), forward_cost=measure.forward_cost(r, runs["dense"]))
             if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles
                 row.update(measure.exits(r, L), threshold=system.engine.threshold)
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,

@@ -96,9 +96,10 @@ class TreeShape:
 
 
 # The default, 1x1x1+4, was the fastest of 10 shapes on SmolLM2 here (docs/benchmarks/tree-shapes,
-# then 1.27x dense over 80 prompts in docs/benchmarks/tree): fed its own regressed feature the
-# draft hits at depth 2 on 4-5% of forwards, so depth costs a draft run for little, while
-# verifying more nodes costs more on a CPU.
+# then 1.31x dense over 80 prompts in docs/benchmarks/tree): fed its own regressed feature the
+# earlier draft hit at depth 2 on 4-5% of forwards, so depth cost a draft run for little, and
+# with the current draft a chain of two draft tokens is still slower; verifying more nodes
+# costs more on a CPU.
 DEFAULT_TREE = TreeShape(1, 1, 1, 4)
 
 
