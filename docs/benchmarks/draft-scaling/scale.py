@@ -1,0 +1,48 @@
+"""One-off: how the draft's hit rate grows with its training text (same recipe as the default
+calibration: 2 epochs, unroll 2, 6144-token vocabulary), on one held-out set."""
+import json, random, sys, time
+import torch
+from specee_compile import load as model_load
+from specee_compile.calibrate import data
+from specee_compile.calibrate.pipeline import (CalibrationSettings, _chat_ids, _DraftExample, _draft_metrics,
+                                               _train_draft)
+from specee_compile.calibrate.collect import target_pass
+from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+
+SIZES = [int(x) for x in sys.argv[1].split(",")]
+HELD = 48
+t0 = time.time()
+target, tok = model_load.load(model_load.resolve("smollm2"))
+for p in target.parameters():
+    p.requires_grad_(False)
+L = target.config.num_hidden_layers
+exit_lo = L // 2
+
+
+def seq(e):
+    return (_chat_ids(tok, e.prompt)[:192] + tok(e.response, add_special_tokens=False)["input_ids"])[:384]
+
+
+N = max(SIZES)
+with torch.no_grad():
+    held = [target_pass(target, seq(e)) for e in data.sharegpt(HELD, skip=N)]
+    own = [target_pass(target, s) for s, _ in json.load(open("/work/runs/sd/eval_seqs.json"))]
+    rng = random.Random(0)
+    passes = []
+    for i, e in enumerate(data.sharegpt(N)):
+        passes.append(_DraftExample.of(target_pass(target, seq(e)), exit_lo, rng))
+        if i % 200 == 0:
+            print("pass", i, round(time.time() - t0), flush=True)
+print("passes done", round(time.time() - t0), flush=True)
+res = {}
+for n in SIZES:
+    torch.manual_seed(0)
+    sub = passes[:n]
+    vocab = reduced_vocabulary(torch.cat([p.next_token for p in sub]), 6144, target.config.vocab_size)
+    draft = EagleDraft(target, vocab)
+    t = time.time()
+    _train_draft(draft, sub, CalibrationSettings(), exit_lo, random.Random(0), False)
+    res[n] = {"train_seconds": time.time() - t, "sharegpt_heldout": _draft_metrics(draft, held, exit_lo),
+              "mtbench_own_answers": _draft_metrics(draft, own, exit_lo)}
+    print(n, json.dumps(res[n]), flush=True)
+    json.dump(res, open("/work/runs/scale/scale.json", "w"), indent=1)
