@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -218,8 +219,6 @@ def test_cache_keys_change_only_on_purpose():
 
 def test_sequences_too_short_for_every_unrolled_step_are_left_out_of_training():
     """A four-token sequence leaves a 4-step unroll nothing at its last step (a NaN loss if fed)."""
-    import random
-
     draft = _tiny_draft()
     passes = [pipeline._DraftExample(torch.arange(3, 3 + n), torch.randn(n, 64), torch.randn(n, 64),
                                      torch.arange(4, 4 + n) * 2) for n in (4, 9)]

@@ -3,8 +3,7 @@ calibration: 2 epochs, unroll 2, 6144-token vocabulary), on one held-out set."""
 import json, random, sys, time
 import torch
 from specee_compile import load as model_load
-from specee_compile.calibrate import data
-from specee_compile.calibrate.pipeline import (CalibrationSettings, _chat_ids, _DraftExample, _draft_metrics,
+from specee_compile.calibrate.pipeline import (CalibrationSettings, _DraftExample, _draft_metrics, _sequences,
                                                _train_draft)
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
@@ -19,18 +18,16 @@ L = target.config.num_hidden_layers
 exit_lo = L // 2
 
 
-def seq(e):
-    return (_chat_ids(tok, e.prompt)[:192] + tok(e.response, add_special_tokens=False)["input_ids"])[:384]
-
-
 N = max(SIZES)
+# the calibration's own sequences: the first N ShareGPT conversations, then the HELD after them
+sequences = _sequences(target, tok, CalibrationSettings(draft_sequences=N, predictor_sequences=HELD), False)
 with torch.no_grad():
-    held = [target_pass(target, seq(e)) for e in data.sharegpt(HELD, skip=N)]
+    held = [target_pass(target, ids) for ids in sequences[N:]]
     own = [target_pass(target, s) for s, _ in json.load(open("/work/runs/sd/eval_seqs.json"))]
     rng = random.Random(0)
     passes = []
-    for i, e in enumerate(data.sharegpt(N)):
-        passes.append(_DraftExample.of(target_pass(target, seq(e)), exit_lo, rng))
+    for i, ids in enumerate(sequences[:N]):
+        passes.append(_DraftExample.of(target_pass(target, ids), exit_lo, rng))
         if i % 200 == 0:
             print("pass", i, round(time.time() - t0), flush=True)
 print("passes done", round(time.time() - t0), flush=True)
