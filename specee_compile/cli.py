@@ -7,6 +7,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import re
+import reprlib
 import signal
 import sys
 import threading
@@ -63,7 +66,7 @@ def _run(main, args) -> int:
         except SpecEEError as e:
             if args.verbose:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {terminal_safe(str(e))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as e:
             from tqdm import tqdm
@@ -73,6 +76,30 @@ def _run(main, args) -> int:
             # tqdm.write clears a progress bar left open by the interruption: the message gets its own line.
             tqdm.write(f"interrupted by {name}; nothing partial was kept. Run the command again.", file=sys.stderr)
             return 128 + signum
+        except BrokenPipeError:
+            # The reader went away (`specee-run ... | head`): stop quietly, as command-line tools do.
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's exit flush must not raise again)
+            return 128 + signal.SIGPIPE
+        except MemoryError as e:
+            if args.verbose:
+                raise
+            print(f"error: out of memory ({e or 'an allocation failed'}). Free memory, use a smaller model, a "
+                  "smaller --max-context, or a machine with more memory.", file=sys.stderr)
+            return 1
+        except OSError as e:
+            if args.verbose:
+                raise
+            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}. Check the path, its "
+                  "permissions and the free disk space, then run the command again.", file=sys.stderr)
+            return 1
+        except Exception as e:  # a bug of ours: say so plainly instead of a traceback
+            if args.verbose:
+                raise
+            print(f"error: internal error ({type(e).__name__}: {reprlib.repr(str(e))}). This is a bug in "
+                  f"specee-compile {__version__}: run the command again with -v for the traceback and report it.",
+                  file=sys.stderr)
+            return 1
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -192,14 +219,15 @@ def _run_main(args) -> int:
         share_threads(args.threads)
     engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold,
                   tree=args.tree)
+    out = terminal_safe if sys.stdout.isatty() else str
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,
-        stream=None if args.quiet or args.show_exits else lambda s: print(s, end="", flush=True),
+        stream=None if args.quiet or args.show_exits else lambda s: print(out(s), end="", flush=True),
     )
     if args.show_exits:
-        print(annotate_exits(engine.tokenizer, result.token_ids, result.exit_layers, engine.num_layers))
+        print(out(annotate_exits(engine.tokenizer, result.token_ids, result.exit_layers, engine.num_layers)))
     elif args.quiet:
-        print(result.text)
+        print(out(result.text))
     else:
         print()
     if result.accepted_lengths:
@@ -211,13 +239,27 @@ def _run_main(args) -> int:
     elif result.exit_layers and not args.no_exit and "specee" in engine.manifest:
         mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
         print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
+    speed = (f"decode {result.decode_tokens_per_second:.1f} tok/s" if result.decode_steps > 0
+             else "no decode step after the first token")
     print(
-        f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, "
-        f"decode {result.decode_tokens_per_second:.1f} tok/s, "
+        f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {speed}, "
         f"time to first token {result.time_to_first_token * 1000:.0f} ms]",
         file=sys.stderr,
     )
     return 0
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters other than newline and tab shown as \\xNN escapes.
+
+    Generated text comes from a bundle's tokenizer, which could map tokens to terminal escape
+    sequences (moving the cursor, setting the window title, writing the clipboard); a terminal
+    gets them as visible escapes instead.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def annotate_exits(tokenizer, tokens: list[int], exits: list[int], num_layers: int) -> str:

@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 from specee_compile import __version__, bundle, load
 from specee_compile.bundle import io_contract
 from specee_compile.config import CompileConfig
-from specee_compile.errors import BackendError
+from specee_compile.errors import BackendError, OutputError
 from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.passes import default_pipeline
+from specee_compile.tokenizer import check_folder, end_of_text_ids
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
                 spec = _build_specee_engines(spec, tmp, capacity, config.precision)
             stages.update()
         tokenizer.save_pretrained(tmp)
+        check_folder(tmp, "the bundle being written", OutputError)  # no code or file references copied in
         hf_model.generation_config.save_pretrained(tmp)
         manifest = {
             "format": bundle.FORMAT,
@@ -164,7 +166,8 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
                 "num_kv_heads": shapes.num_kv_heads,
                 "head_dim": shapes.head_dim,
                 "vocab_size": shapes.vocab_size,
-                "eos_token_ids": _eos_ids(hf_model, tokenizer),
+                "eos_token_ids": [t for t in end_of_text_ids(tokenizer, hf_model.generation_config.eos_token_id,
+                                                             hf_model.config.eos_token_id) if t < shapes.vocab_size],
                 "chat_template": bool(getattr(tokenizer, "chat_template", None)),
             },
             "cache": {
@@ -201,10 +204,3 @@ def _build_specee_engines(spec: dict, bundle_dir: Path, capacity: int, precision
         (bundle_dir / job.engine).write_bytes(plan)
     return specee_lowering.with_engines(spec, jobs)
 
-
-def _eos_ids(hf_model, tokenizer) -> list[int]:
-    ids = hf_model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids

@@ -122,6 +122,14 @@ class CompileConfig:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:
             raise ConfigError(f"opt_level '{self.opt_level}' is unknown; choose one of {OPT_LEVELS}.")
+        if self.calib_file is not None and not Path(self.calib_file).is_file():
+            kind = "a folder" if Path(self.calib_file).is_dir() else "missing"
+            raise ConfigError(f"--calib {self.calib_file} is {kind}; pass a JSONL file that exists.")
+        if self.dump_ir is not None:
+            object.__setattr__(self, "dump_ir", Path(self.dump_ir))
+            if self.dump_ir.exists() and not self.dump_ir.is_dir():
+                raise ConfigError(f"--dump-ir {self.dump_ir} is a file; the IR dumps go into a folder. Name a folder "
+                                  "(it is created if missing).")
 
     @property
     def graph_target(self) -> str:

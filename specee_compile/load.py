@@ -19,6 +19,7 @@ from pathlib import Path
 
 from specee_compile import resources
 from specee_compile.errors import ModelLoadError, UnsupportedModelError
+from specee_compile.tokenizer import SAFE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -231,19 +232,14 @@ def _check_memory(path: Path, fp32_bytes: int, source: str) -> None:
 def load(model_dir: Path):
     """Load the fp32 PyTorch model and its tokenizer from a validated directory."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(model_dir, "the model directory", ModelLoadError)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE)
     except Exception as e:  # transformers raises many types for broken checkpoints
         raise ModelLoadError(f"transformers could not load {model_dir}: {e}") from e
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:
-        raise ModelLoadError(
-            f"{model_dir} has no usable tokenizer ({e}); save the tokenizer next to the model."
-        ) from e
     return model, tokenizer
 
 
@@ -302,8 +298,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **SAFE)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **SAFE)
     except Exception as e:
         raise UnsupportedModelError(
             f"transformers could not read {gguf} ({e}). Supported GGUF architectures are "

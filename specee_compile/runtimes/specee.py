@@ -27,7 +27,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from specee_compile.errors import BundleError
-from specee_compile.runtimes.ort import OrtEngine, _CacheState, _check_io, providers, session_options
+from specee_compile.runtimes.ort import OrtEngine, _CacheState, _check_io, open_session, session_options
 from specee_compile.schedule import Schedule
 
 
@@ -182,12 +182,13 @@ class SpecEEEngine(SegmentedDecode, OrtEngine):
         super().__init__(path, manifest, tokenizer, threads, profile_dir)
         files, draft_file, kv_file = self._read_specee(manifest, threshold)
         so = session_options(threads, self.spinning, profile_dir)
+        self.segments = [open_session(self.file(f, "specee.segments.file"), so) for f in files]
+        self.draft = open_session(self.file(draft_file, "specee.draft.file"), so)
+        kv_path = self.file(kv_file, "specee.kv_fill.file")
         try:
-            self.segments = [ort.InferenceSession(str(self.path / f), so, providers=providers()) for f in files]
-            self.draft = ort.InferenceSession(str(self.path / draft_file), so, providers=providers())
-            self.kv = load_file(self.path / kv_file)
-        except Exception as e:
-            raise BundleError(f"ONNX Runtime cannot load the SpecEE graphs of {self.path}: {e}") from e
+            self.kv = load_file(kv_path)
+        except Exception as e:  # safetensors raises its own error types
+            raise BundleError(f"{kv_path} is not a readable safetensors file ({e}); recompile the bundle.") from e
         self.segment_inputs = [[i.name for i in s.get_inputs() if not i.name.startswith("past_key_values.")]
                                for s in self.segments]
         self.segment_outputs = [[o.name for o in s.get_outputs() if not o.name.startswith("present.")]
@@ -283,7 +284,7 @@ class SpecEEGraphEngine(SpecEEEngine):
                  profile_dir: Path | None = None, threshold: float | None = None):
         super().__init__(path, manifest, tokenizer, threads, profile_dir, threshold)
         decode = manifest["specee"]["decode"]
-        _check_io(self.segments[0], decode, self.path / decode["file"])
+        _check_io(self.segments[0], decode, self.file(decode["file"], "specee.decode.file"))
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         self.segment_layers = [range(self.num_layers)]  # every layer's cache is an input and output

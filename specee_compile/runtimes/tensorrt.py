@@ -110,7 +110,7 @@ class TrtEngine(OrtEngine):
 
     def _open(self, graph: dict, cache_shape: tuple):
         """Deserialize ``graph['file']`` and check its tensors against the manifest's I/O."""
-        file = self.path / graph["file"]
+        file = self.file(graph["file"], "the engine file of a graph")
         engine = _deserialize(file, self.manifest.get("engine", {}))
         _check_engine_io(engine, graph, cache_shape, self.vocab_size, file)
         return engine
@@ -220,10 +220,11 @@ class TrtSpecEEEngine(SegmentedDecode, TrtEngine):
         self.buffers = exchange_buffers(self.segment_graphs, draft_graph, self.path)
         self.segment_engines = [self._open(g, self._cache_shape) for g in self.segment_graphs]
         self.draft_engine = self._open(draft_graph, self._draft_cache_shape)
+        kv_path = self.file(kv_file, "specee.kv_fill.file")
         try:
-            kv = load_file(self.path / kv_file)
-        except Exception as e:
-            raise BundleError(f"{self.path / kv_file} cannot be read ({e}); recompile the bundle.") from e
+            kv = load_file(kv_path)
+        except Exception as e:  # safetensors raises its own error types
+            raise BundleError(f"{kv_path} cannot be read ({e}); recompile the bundle.") from e
         self.kv = {name: torch.from_numpy(a).to(self.device) for name, a in kv.items()}
 
     def _new_state(self) -> _TrtSpecEEState:

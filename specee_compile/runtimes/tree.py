@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 
 from specee_compile.errors import BundleError, ConfigError
-from specee_compile.runtimes.ort import Scored, _check_io, providers, session_options
+from specee_compile.runtimes.ort import Scored, _check_io, open_session, session_options
 from specee_compile.runtimes.specee import SpecEEEngine, _lap, _SpecEEState, run_bound
 
 HIDDEN = -1e9  # attention bias of a key a tree node must not see
@@ -209,12 +209,10 @@ class TreeEngine(SpecEEEngine):
         self._request = threading.local()  # the shape of this thread's generate call
         so = session_options(threads, self.spinning, profile_dir)
         sessions = []
-        for graph in (spec, spec["draft"]):
-            try:
-                sessions.append(ort.InferenceSession(str(self.path / graph["file"]), so, providers=providers()))
-            except Exception as e:
-                raise BundleError(f"ONNX Runtime cannot load {self.path / graph['file']}: {e}") from e
-            _check_io(sessions[-1], graph, self.path / graph["file"])
+        for graph, field in ((spec, "specee.tree.file"), (spec["draft"], "specee.tree.draft.file")):
+            file = self.file(graph["file"], field)
+            sessions.append(open_session(file, so))
+            _check_io(sessions[-1], graph, file)
         self.tree, self.draft_tree = sessions
         # The tree step with per-node exits (merged mapping): loaded when a shape with ':exit' first runs.
         self._tree_segment_specs = spec.get("segments", [])
@@ -248,12 +246,9 @@ class TreeEngine(SpecEEEngine):
                 return
             sessions = []
             for g in self._tree_segment_specs:
-                try:
-                    sessions.append(ort.InferenceSession(str(self.path / g["file"]), self._session_options,
-                                                         providers=providers()))
-                except Exception as e:
-                    raise BundleError(f"ONNX Runtime cannot load {self.path / g['file']}: {e}") from e
-                _check_io(sessions[-1], g, self.path / g["file"])
+                file = self.file(g["file"], "specee.tree.segments.file")
+                sessions.append(open_session(file, self._session_options))
+                _check_io(sessions[-1], g, file)
             self.tree_segment_inputs = [[i.name for i in x.get_inputs() if not i.name.startswith("past_key_values.")]
                                         for x in sessions]
             self.tree_segment_outputs = [[o.name for o in x.get_outputs() if not o.name.startswith("present.")]
