@@ -28,6 +28,7 @@ order. It never imports specee_compile, transformers or torch, and its tokens eq
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -41,12 +42,35 @@ from tokenizers import Tokenizer
 
 
 def read_manifest(bundle: Path) -> dict:
+    """The manifest, after the file rules of docs/bundle-format.md: the folder holds only the
+    listed files (no links, nothing unlisted), each with its SHA-256. Field ranges and the
+    external-data names inside the graphs are left to ONNX Runtime and to the caller."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest.get("format") != "specee-bundle" or manifest.get("format_version") != 1:
         sys.exit(f"{bundle} is not a version-1 specee bundle")
     if manifest.get("backend") != "onnxruntime":
         sys.exit(f"{bundle} is a {manifest.get('backend')!r} bundle, not an ONNX Runtime one")
+    files = manifest.get("files") or {}
+    for path in bundle.rglob("*"):
+        name = path.relative_to(bundle).as_posix()
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            sys.exit(f"{bundle} holds a link or special file: {name}")
+        if path.is_file() and name != "manifest.json" and name not in files:
+            sys.exit(f"{bundle} holds a file its manifest does not list: {name}")
+    for name, meta in files.items():
+        path = bundle / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
+            sys.exit(f"{bundle}: the listed file {name!r} is not a file inside the bundle")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("sha256"):
+            sys.exit(f"{bundle}: {name} does not match its SHA-256 in the manifest")
     return manifest
+
+
+def listed(bundle: Path, manifest: dict, name: str) -> Path:
+    """A file a manifest field names: only one the manifest lists (and read_manifest checked)."""
+    if name not in manifest["files"]:
+        sys.exit(f"{bundle}: the manifest names {name!r}, which its files do not list")
+    return bundle / name
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -169,7 +193,7 @@ class DenseDecoder:
         m = manifest["model"]
         self.num_layers = m["num_layers"]
         self.capacity = manifest["cache"]["capacity"]
-        self.step = session(bundle / manifest["graphs"]["step"]["file"], threads)
+        self.step = session(listed(bundle, manifest, manifest["graphs"]["step"]["file"]), threads)
         self.cache = KVCache(self.num_layers, m["num_kv_heads"], self.capacity, m["head_dim"])
         self.binding = self.cache.binding(self.step, range(self.num_layers))
 
@@ -194,17 +218,17 @@ class SpecEEDecoder(DenseDecoder):
         super().__init__(bundle, manifest, threads)
         spec = self.spec = manifest["specee"]
         m = manifest["model"]
-        self.draft = session(bundle / spec["draft"]["file"], threads)
+        self.draft = session(listed(bundle, manifest, spec["draft"]["file"]), threads)
         self.draft_cache = KVCache(1, spec["draft"]["kv_heads"], self.capacity, spec["draft"]["head_dim"])
         self.draft_binding = self.draft_cache.binding(self.draft, [0])
         self.segments = []  # (session, binding, exit layer or None, inputs, outputs)
         for seg in spec.get("segments", []):  # exit mode "graph" has none: see SpecEEGraphDecoder
-            sess = session(bundle / seg["file"], threads)
+            sess = session(listed(bundle, manifest, seg["file"]), threads)
             layers = range(seg["first_layer"], seg["last_layer"] + 1)
             inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
             outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
             self.segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
-        self.kv_fill = read_safetensors(bundle / spec["kv_fill"]["file"])
+        self.kv_fill = read_safetensors(listed(bundle, manifest, spec["kv_fill"]["file"]))
         self.eps = float(spec["kv_fill"]["eps"])
         self.kv_heads = m["num_kv_heads"]
         self.threshold = np.array([spec["threshold"]], np.float32)
@@ -283,7 +307,7 @@ class SpecEEGraphDecoder(SpecEEDecoder):
 
     def __init__(self, bundle: Path, manifest: dict, threads: int | None):
         super().__init__(bundle, manifest, threads)
-        self.decode = session(bundle / self.spec["decode"]["file"], threads)
+        self.decode = session(listed(bundle, manifest, self.spec["decode"]["file"]), threads)
         self.decode_binding = self.cache.binding(self.decode, range(self.num_layers))  # every layer, in place
 
     def next_token(self, token: int, position: int) -> tuple[int, int]:
@@ -330,14 +354,14 @@ class TreeDecoder(SpecEEDecoder):
     def __init__(self, bundle: Path, manifest: dict, threads: int | None, shape: str):
         super().__init__(bundle, manifest, threads)
         spec = self.spec["tree"]
-        self.tree = session(bundle / spec["file"], threads)
+        self.tree = session(listed(bundle, manifest, spec["file"]), threads)
         self.tree_binding = self.cache.binding(self.tree, range(self.num_layers))
-        self.draft_tree = session(bundle / spec["draft"]["file"], threads)
+        self.draft_tree = session(listed(bundle, manifest, spec["draft"]["file"]), threads)
         self.draft_tree_binding = self.draft_cache.binding(self.draft_tree, [0])  # the draft's cache, shared
         self.width, self.depth, self.budget, self.lookup, self.exits = parse_shape(shape)
         self.tree_segments = []  # (session, binding, exit layer or None, inputs, outputs), for :exit
         for seg in spec.get("segments", []) if self.exits else []:
-            sess = session(bundle / seg["file"], threads)
+            sess = session(listed(bundle, manifest, seg["file"]), threads)
             layers = range(seg["first_layer"], seg["last_layer"] + 1)
             inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
             outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]

@@ -200,6 +200,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--show-exits", action="store_true", help="annotate every token with its exit layer")
     p.add_argument("--no-exit", action="store_true", help="run a SpecEE bundle densely (no early exit)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the bundle against its manifest (default: hash once, then trust a "
+                        "record of that check while each file's size, mtime, ctime and inode are unchanged)")
     p.add_argument("--threshold", type=float, default=None,
                    help="a SpecEE bundle's exit threshold (default: the calibrated one in its manifest)")
     p.add_argument("--tree", nargs="?", const=True, default=None, metavar="SHAPE",
@@ -213,12 +216,16 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _run_main(args) -> int:
-    from specee_compile.runtimes import load, share_threads
+    from specee_compile.errors import ConfigError
+    from specee_compile.runtimes import MAX_THREADS, load, share_threads
 
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be an integer from 1 to {MAX_THREADS}, not {args.threads}; leave it out "
+                          "for ONNX Runtime's choice (the physical cores).")
     if args.thread_pool == "shared":
         share_threads(args.threads)
     engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold,
-                  tree=args.tree)
+                  tree=args.tree, verify="full" if args.verify else "cached")
     out = terminal_safe if sys.stdout.isatty() else str
     result = engine.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=False if args.no_chat else None,

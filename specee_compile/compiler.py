@@ -148,7 +148,7 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
                 spec = _build_specee_engines(spec, tmp, capacity, config.precision)
             stages.update()
         tokenizer.save_pretrained(tmp)
-        check_folder(tmp, "the bundle being written", OutputError)  # no code or file references copied in
+        _check_tokenizer_files(tmp)
         hf_model.generation_config.save_pretrained(tmp)
         manifest = {
             "format": bundle.FORMAT,
@@ -191,6 +191,17 @@ def _compile_stages(config: CompileConfig, stages) -> Path:
         bundle.finish_manifest(tmp, manifest)
     stages.update()
     return config.out
+
+
+def _check_tokenizer_files(bundle_dir: Path) -> None:
+    """A bundle's tokenizer is tokenizer.json (+ tokenizer_config.json, chat_template.jinja): what
+    the runtimes read. Anything else save_pretrained wrote (code, vocab files) is refused or dropped."""
+    check_folder(bundle_dir, "the bundle being written", OutputError)
+    if not (bundle_dir / "tokenizer.json").is_file():
+        raise OutputError("the model's tokenizer could not be saved as tokenizer.json, which a bundle's runtime reads; "
+                          "use a model with a fast tokenizer (tokenizer.json).")
+    for extra in ("special_tokens_map.json", "added_tokens.json"):  # folded into tokenizer.json and its config
+        (bundle_dir / extra).unlink(missing_ok=True)
 
 
 def _build_specee_engines(spec: dict, bundle_dir: Path, capacity: int, precision: str) -> dict:

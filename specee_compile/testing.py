@@ -80,3 +80,6 @@ def write_calibration_jsonl(path: str | Path, examples: int = 12) -> Path:
 # commands default to is process-wide, and ONNX Runtime would then refuse the per-session
 # sessions later tests make. The shared pool itself is tested in a subprocess.
 IN_PROCESS = ["--thread-pool", "per-session"]
+# Calibration settings small enough for tiny models and tests (seconds, not minutes).
+TINY_CALIBRATION = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16,
+                        predictor_epochs=3, positions_per_sequence=16, draft_epochs=1)

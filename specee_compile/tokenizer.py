@@ -1,10 +1,15 @@
 """Tokenizers of model directories and bundles, loaded as data: no code runs, nothing unlisted opens.
 
-- :func:`load_tokenizer` refuses a ``tokenizer_config.json`` that names custom code
-  (``auto_map``) or points at files by name (``tokenizer_file``, ``vocab_file``, ...), and a
-  folder holding Python files; transformers then loads it with ``trust_remote_code=False``
-  and ``local_files_only=True``. In a bundle, :func:`specee_compile.bundle.read_manifest`
-  has already made sure every file in the folder is listed and checksummed.
+- :func:`bundle_tokenizer` builds a bundle's tokenizer from exactly three listed files:
+  ``tokenizer.json`` (the `tokenizers` library parses it), the special tokens and a few plain
+  settings of ``tokenizer_config.json``, and ``chat_template.jinja``. No transformers loader
+  runs, so no ``tokenizer_class``, ``auto_map``, ``config.json`` or file name in the config can
+  pick code or another file; nothing else in the bundle is read.
+- :func:`load_tokenizer` (a model directory, at compile time) refuses a tokenizer config that
+  names custom code (``auto_map``), a class outside the standard ones, or files by name
+  (``tokenizer_file``, ``fast_tokenizer_files``, ...), and a folder holding Python files;
+  transformers then loads it with ``trust_remote_code=False``, ``local_files_only=True`` and
+  its remote-code prompt disabled.
 - :func:`end_of_text_ids`: every token the model says ends a text (generation config,
   config, the tokenizer's EOS, and its special end-of-text/end-of-turn tokens).
 - :func:`chat_ids`: a chat template rendered with its failures, an empty result and a
@@ -23,6 +28,15 @@ from pathlib import Path
 from specee_compile.errors import GenerationError
 
 SAFE = {"trust_remote_code": False, "local_files_only": True}
+# The tokenizer classes transformers' AutoTokenizer may pick for a model directory: the standard
+# fast tokenizers of the supported families. Any other name could make it call another loader.
+TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+                     "LlamaTokenizer", "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast",
+                     "GemmaTokenizer", "GemmaTokenizerFast")
+BUNDLE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SETTINGS = {"model_max_length": int, "clean_up_tokenization_spaces": bool, "split_special_tokens": bool,
+             "padding_side": str, "truncation_side": str}
 CHAT_DEADLINE_SECONDS = 10.0
 MAX_CHAT_TOKENS = 1 << 20
 # Special tokens that end a text or a turn by the conventions of the supported families' tokenizers.
@@ -33,7 +47,7 @@ END_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "
 def check_folder(folder: Path, what: str, error: type[Exception]) -> None:
     """Refuse tokenizer files that would run code or open files by a name they carry."""
     folder = Path(folder)
-    code = sorted(p.name for p in folder.glob("*.py"))
+    code = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.py"))
     if code:
         raise error(f"{what} {folder} holds Python code ({', '.join(code[:3])}); specee-compile never runs or copies "
                     "code from a model directory or bundle. Use a model whose tokenizer is a standard one "
@@ -55,17 +69,64 @@ def check_folder(folder: Path, what: str, error: type[Exception]) -> None:
     if named:
         raise error(f"{path} names tokenizer files itself ({', '.join(named)}); the files of a tokenizer are found "
                     "by their standard names in its folder only. Remove those keys and re-save the tokenizer.")
+    cls = cfg.get("tokenizer_class")
+    if cls is not None and cls not in TOKENIZER_CLASSES:
+        raise error(f"{path} asks for the tokenizer class {reprlib.repr(cls)}; specee-compile loads the standard "
+                    f"tokenizer classes only ({', '.join(TOKENIZER_CLASSES)}). Re-save the tokenizer with one of them.")
 
 
 def load_tokenizer(folder: Path, what: str, error: type[Exception]):
     """The tokenizer in ``folder`` (checked with :func:`check_folder`), or ``error`` saying why not."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, dynamic_module_utils
 
     check_folder(folder, what, error)
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0  # never ask whether to run a model's code: the answer is no
     try:
         return AutoTokenizer.from_pretrained(folder, **SAFE)
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise error(f"the tokenizer of {what} {folder} cannot be loaded ({type(e).__name__}: {e}).") from e
+
+
+def bundle_tokenizer(bundle_dir: Path, manifest: dict, error: type[Exception]):
+    """The tokenizer of a bundle, built from its listed tokenizer files only (see the module docstring)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    listed = manifest["files"]
+    code = sorted(n for n in listed if n.endswith(".py"))
+    if code:
+        raise error(f"the bundle {bundle_dir} holds Python code ({', '.join(code[:3])}); bundles are data and a runtime "
+                    "never runs code from one. Recompile the bundle.")
+    if "tokenizer.json" not in listed:
+        raise error(f"the bundle {bundle_dir} lists no tokenizer.json; recompile the bundle.")
+
+    def read(name: str) -> str:
+        return (Path(bundle_dir) / name).read_text(encoding="utf-8")
+
+    try:
+        cfg = json.loads(read("tokenizer_config.json")) if "tokenizer_config.json" in listed else {}
+        if not isinstance(cfg, dict):
+            raise ValueError("tokenizer_config.json is not a JSON object")
+        kwargs = {k: _token_text(cfg[k]) for k in _SPECIAL if _token_text(cfg.get(k)) is not None}
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens")
+        if isinstance(extra, list) and all(isinstance(x, str) for x in extra):
+            kwargs["extra_special_tokens"] = extra
+        kwargs.update({k: cfg[k] for k, kind in _SETTINGS.items() if isinstance(cfg.get(k), kind)})
+        template = read("chat_template.jinja") if "chat_template.jinja" in listed else cfg.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError("its chat template is not a string")
+        backend = Tokenizer.from_str(read("tokenizer.json"))
+        return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **kwargs)
+    except Exception as e:  # json, tokenizers' and transformers' own error types
+        raise error(f"the tokenizer files of the bundle {bundle_dir} cannot be used ({type(e).__name__}: "
+                    f"{reprlib.repr(str(e))}); recompile the bundle.") from e
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json holds it: a string, or an AddedToken's {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def end_of_text_ids(tokenizer, *configured) -> list[int]:

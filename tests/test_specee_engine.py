@@ -16,11 +16,10 @@ from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
-from specee_compile.testing import IN_PROCESS, make_tiny_model, write_calibration_jsonl
+from specee_compile.testing import IN_PROCESS, TINY_CALIBRATION, make_tiny_model, write_calibration_jsonl
 
 PROMPTS = ([1, 40, 41, 42], [1, 7, 8, 9, 10, 11], [1, 200])
-TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
-            positions_per_sequence=16, draft_epochs=1)
+TINY = TINY_CALIBRATION
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from specee_compile.bundle import read_manifest
-from specee_compile.errors import BundleError
+from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes.ort import share_threads
-from specee_compile.tokenizer import load_tokenizer
+from specee_compile.tokenizer import bundle_tokenizer
 
 __all__ = ["load", "share_threads"]
+MAX_THREADS = 1024
 
 
 def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,
@@ -20,7 +21,10 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
         path: the bundle directory written by ``specee-compile``.
         threads: ONNX Runtime intra-op threads (default: ORT's choice, the physical cores);
             TensorRT bundles ignore it.
-        verify: check every file against the manifest's SHA-256 (about 1 s per GB).
+        verify: "cached" (True, the default): every file's SHA-256 checked once, then trusted while a
+            record of that check matches its size, mtime, ctime and inode; "full": hashed every time
+            (about 1 s per GB); "none" (False): sizes only. Links, unlisted files and paths outside
+            the bundle are refused always (:func:`specee_compile.bundle.read_manifest`).
         dense: run a SpecEE bundle's dense graph only (no early exit), for comparison.
         threshold: a SpecEE bundle's exit threshold (default: the calibrated one in its manifest);
             with ``tree``, the threshold of the exits inside verification (shapes with ":exit").
@@ -30,12 +34,15 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
             with "+L" context-lookup nodes and ":exit" for early exit inside verification (lossy); True: the
             measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
     """
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise ConfigError(f"--threads (threads) must be an integer from 1 to {MAX_THREADS}, not {threads!r}; leave it "
+                          "out for ONNX Runtime's choice (the physical cores).")
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     backend = manifest.get("backend")
     if backend not in ("onnxruntime", "tensorrt"):
         raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
-    tokenizer = load_tokenizer(path, "the bundle", BundleError)
+    tokenizer = bundle_tokenizer(path, manifest, BundleError)
     specee = "specee" in manifest and not dense
     if tree is not None:
         if "specee" not in manifest or backend != "onnxruntime" or dense:
