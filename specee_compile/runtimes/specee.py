@@ -184,6 +184,13 @@ class SpecEEEngine(SegmentedDecode, OrtEngine):
         so = session_options(threads, self.spinning, profile_dir)
         self.segments = [open_session(self.file(f, "specee.segments.file"), so) for f in files]
         self.draft = open_session(self.file(draft_file, "specee.draft.file"), so)
+        draft_cache = [1, self.draft_kv_heads, self.capacity, self.draft_head_dim]
+        for i in self.draft.get_inputs():
+            if i.name.startswith("past_key_values.") and [d if isinstance(d, int) else p for d, p in
+                                                           zip(i.shape, draft_cache)] != draft_cache:
+                raise BundleError(f"{self.path / draft_file}: {i.name} has shape {i.shape} but the manifest "
+                                  f"('specee.draft.kv_heads', 'specee.draft.head_dim', 'cache.capacity') implies "
+                                  f"{draft_cache}; the bundle is damaged. Recompile it.")
         kv_path = self.file(kv_file, "specee.kv_fill.file")
         try:
             self.kv = load_file(kv_path)
