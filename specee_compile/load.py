@@ -8,7 +8,6 @@ so bad input fails in well under a second with a message that names the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specee_compile import resources
+from specee_compile.bundle.files import sha256
 from specee_compile.errors import ModelLoadError, UnsupportedModelError
 from specee_compile.tokenizer import SAFE, load_tokenizer
 
@@ -253,7 +253,7 @@ def gguf_to_directory(gguf: Path) -> Path:
     The conversion is written to a hidden ``.partial-*`` sibling and renamed into place only
     when complete, so a failed or interrupted conversion leaves no cache entry behind.
     """
-    digest = _file_digest(gguf)[:16]
+    digest = sha256(gguf)[:16]
     target = resources.cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
@@ -326,11 +326,3 @@ def _publish(tmp: Path, target: Path) -> None:
     except OSError:
         if not (target / "config.json").is_file():
             raise
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

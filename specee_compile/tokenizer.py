@@ -12,17 +12,21 @@
   its remote-code prompt disabled.
 - :func:`end_of_text_ids`: every token the model says ends a text (generation config,
   config, the tokenizer's EOS, and its special end-of-text/end-of-turn tokens).
-- :func:`chat_ids`: a chat template rendered with its failures, an empty result and a
-  runaway template (a deadline, on the main thread) turned into clear errors.
+- :func:`chat_ids`: a chat template rendered in a forked child process with a deadline and a
+  memory limit, its failures, an empty result and a runaway or memory-hungry template turned
+  into clear errors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import reprlib
+import select
 import signal
 import threading
+import time
 from pathlib import Path
 
 from specee_compile.errors import GenerationError
@@ -38,7 +42,8 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cl
 _SETTINGS = {"model_max_length": int, "clean_up_tokenization_spaces": bool, "split_special_tokens": bool,
              "padding_side": str, "truncation_side": str}
 CHAT_DEADLINE_SECONDS = 10.0
-MAX_CHAT_TOKENS = 1 << 20
+CHAT_MEMORY_BYTES = 1 << 30  # what rendering a chat template may allocate beyond the process's own size
+MAX_CHAT_TEXT = 16 << 20  # bytes of rendered text
 # Special tokens that end a text or a turn by the conventions of the supported families' tokenizers.
 END_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<eos>",
                "<end_of_turn>", "<|end|>")
@@ -157,32 +162,108 @@ def chat_ids(tokenizer, messages: list[dict], what: str, error: type[Exception] 
              fix: str = NO_CHAT) -> list[int]:
     """Token ids of ``messages`` in the tokenizer's chat template, with the generation prompt.
 
+    The template renders in a forked child process (where the platform forks) limited to
+    CHAT_DEADLINE_SECONDS and CHAT_MEMORY_BYTES of memory beyond the process's own, so a
+    runaway or memory-hungry template is stopped without touching this process; elsewhere it
+    renders here, with a deadline on the main thread only. The text is tokenized here, as
+    transformers does (``add_special_tokens=False``).
+
     Raises:
-        ``error`` (GenerationError): the template fails to render, renders to nothing, or runs
-            longer than CHAT_DEADLINE_SECONDS (checked on the main thread, where a timer can
-            stop it); the message ends with ``fix``.
+        ``error`` (GenerationError): the template fails to render, renders to nothing or to
+            more than MAX_CHAT_TEXT bytes, runs out of time or memory; the message ends with ``fix``.
     """
     try:
-        with _deadline(CHAT_DEADLINE_SECONDS):
-            ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+        text = _render_isolated(tokenizer, list(messages)) if hasattr(os, "fork") else _render_here(tokenizer,
+                                                                                                    list(messages))
     except TimeoutError as e:
         raise error(f"the chat template of {what} ran for more than {CHAT_DEADLINE_SECONDS:.0f} s and was stopped; "
                     f"it is broken or hostile. {fix}.") from e
+    except _TemplateFailed as e:
+        raise error(f"the chat template of {what} failed to render ({_clip(str(e))}). {fix}, or check the "
+                    "messages' roles and contents.") from e
     except Exception as e:  # jinja2's TemplateError, raise_exception(), TypeError from odd messages, ...
-        raise error(f"the chat template of {what} failed to render ({type(e).__name__}: {reprlib.repr(str(e))}). "
+        raise error(f"the chat template of {what} failed to render ({type(e).__name__}: {_clip(str(e))}). "
                     f"{fix}, or check the messages' roles and contents.") from e
-    if hasattr(ids, "keys") and "input_ids" in ids:
-        ids = ids["input_ids"]
-    try:
-        ids = [int(t) for t in ids]
-    except (TypeError, ValueError) as e:
-        raise error(f"the chat template of {what} gave no token ids ({reprlib.repr(ids)}). {fix}.") from e
+    if not isinstance(text, str) or not text:
+        raise error(f"the chat template of {what} rendered to nothing. {fix}.")
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise error(f"the chat template of {what} rendered to nothing. {fix}.")
-    if len(ids) > MAX_CHAT_TOKENS:
-        raise error(f"the chat template of {what} rendered {len(ids)} tokens; it is broken or hostile. {fix}.")
     return ids
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _TemplateFailed(Exception):
+    """Rendering failed in the child process; the message is the child's exception, as text."""
+
+
+def _render_here(tokenizer, messages: list[dict]) -> str:
+    with _deadline(CHAT_DEADLINE_SECONDS):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _render_isolated(tokenizer, messages: list[dict]) -> str:
+    """Render in a forked child with a memory limit and a deadline; return its text."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: render, write "T<text>" or "E<error>", and leave without returning
+        try:
+            os.close(read_fd)
+            _limit_memory(CHAT_MEMORY_BYTES)
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                data = b"T" + str(text).encode("utf-8", "surrogatepass")[:MAX_CHAT_TEXT + 1]
+            except BaseException as e:  # everything, MemoryError and signals included, goes back as text
+                data = b"E" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")[:2000]
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(data)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        data = _read_until(read_fd, time.monotonic() + CHAT_DEADLINE_SECONDS)
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # done or not, the child goes now
+        os.waitpid(pid, 0)
+    if data.startswith(b"E"):
+        raise _TemplateFailed(data[1:].decode("utf-8", "replace"))
+    if not data.startswith(b"T"):
+        raise _TemplateFailed("the rendering process died without an answer (out of memory?)")
+    if len(data) - 1 > MAX_CHAT_TEXT:
+        raise _TemplateFailed(f"it rendered more than {MAX_CHAT_TEXT >> 20} MiB of text")
+    return data[1:].decode("utf-8", "surrogatepass")
+
+
+def _read_until(fd: int, deadline: float) -> bytes:
+    """Everything ``fd`` gives until its end; TimeoutError at ``deadline``."""
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _limit_memory(extra: int) -> None:
+    """Cap this process's address space at its current size plus ``extra`` bytes (Linux)."""
+    try:
+        import resource
+
+        status = Path("/proc/self/status").read_text()
+        size = int(status.split("VmSize:")[1].split()[0]) * 1024
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (OSError, ValueError, IndexError, ImportError):
+        pass  # no /proc or no rlimits here: the deadline still applies
 
 
 @contextlib.contextmanager

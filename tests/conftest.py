@@ -10,6 +10,24 @@ import pytest
 from specee_compile.testing import FAMILIES, TINY_VOCAB, make_tiny_model, tiny_config, tiny_tokenizer  # noqa: F401
 
 
+def mutate_json(draw, node, values, delete: bool = True) -> None:
+    """Change one randomly chosen key or item of a JSON tree, at any depth: delete it (when
+    ``delete``) or replace it with a value drawn from the hypothesis strategy ``values``."""
+    from hypothesis import strategies as st
+
+    while True:
+        key = draw(st.sampled_from(list(node) if isinstance(node, dict) else list(range(len(node)))))
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and draw(st.booleans()):
+            node = child
+            continue
+        if delete and draw(st.booleans()):
+            del node[key]
+        else:
+            node[key] = draw(values)
+        return
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """family -> saved tiny model directory (config, safetensors, tokenizer)."""

@@ -40,7 +40,7 @@ from specee_compile.errors import (
     UnsupportedModelError,
 )
 from specee_compile.runtimes import load as load_bundle
-from tests.conftest import FAMILIES, make_tiny_model, tiny_tokenizer
+from tests.conftest import FAMILIES, make_tiny_model, mutate_json, tiny_tokenizer
 
 GiB = 2**30
 INTERRUPTED = "interrupted by {}; nothing partial was kept. Run the command again."
@@ -434,21 +434,6 @@ def manifest_bundle(tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
     return copy_dir, json.loads((copy_dir / MANIFEST).read_text())
 
 
-def _mutate(draw, node) -> None:
-    """Delete or replace (with any JSON value) one randomly chosen key or item, at any depth."""
-    while True:
-        key = draw(st.sampled_from(list(node) if isinstance(node, dict) else list(range(len(node)))))
-        child = node[key]
-        if isinstance(child, (dict, list)) and child and draw(st.booleans()):
-            node = child
-            continue
-        if draw(st.booleans()):
-            del node[key]
-        else:
-            node[key] = draw(JSON_VALUES)
-        return
-
-
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=JSON_VALUES | st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=6).map(
     lambda d: {**d, "format": FORMAT, "format_version": 1}))
@@ -470,7 +455,7 @@ def test_mutated_manifest_raises_bundle_error_or_still_loads_and_generates(manif
     bundle_dir, original = manifest_bundle
     manifest = copy.deepcopy(original)
     for _ in range(mutations.draw(st.integers(1, 3))):
-        _mutate(mutations.draw, manifest)
+        mutate_json(mutations.draw, manifest, JSON_VALUES)
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
     try:
         read_manifest(bundle_dir)

@@ -103,7 +103,36 @@ def test_runaway_chat_template_is_stopped_at_the_deadline(templated, monkeypatch
         engine.generate("hello", max_new_tokens=2)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("template, message", [
+    ("{{ 'x' * 3000000000 }}", "MemoryError"),
+    ("{{ '' | center(3000000000) }}", "MemoryError"),
+    ("{% for i in range(20000) %}{{ 'x' * 1000 }}{% endfor %}", "more than 16 MiB"),
+])
+def test_memory_hungry_chat_template_fails_in_its_own_process(templated, template, message):
+    """One expression asking for gigabytes, or megabytes of output: the rendering process hits
+    its memory limit or the text limit, and this process allocates nothing of it."""
+    import resource
+
+    engine = load(templated(template))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(GenerationError, match=message):
+        engine.generate("hello", max_new_tokens=2)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: no gigabytes here
+
+
+def test_runaway_chat_template_is_stopped_off_the_main_thread_too(templated, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(tokenizer_module, "CHAT_DEADLINE_SECONDS", 0.5)
+    engine = load(templated("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"))
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(GenerationError, engine.generate, "hi")))
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and "ran for more than" in str(errors[0].value)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(template=st.lists(st.sampled_from(list("{}%#-+ ()[]'\"|.=~*x01") + ["messages", "for", "if", " in ", "endfor",
                                                                           "endif", "m", "loop", "{{", "}}", "{%", "%}"]),
                          max_size=30).map("".join))

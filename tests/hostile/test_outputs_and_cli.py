@@ -99,7 +99,7 @@ def test_calibration_file_options_naming_no_file_raise_config_error(tmp_path, op
             CompileConfig(model="smollm2", out=tmp_path / "o.onnx", specee=True, calib_file=str(path))
 
 
-@pytest.mark.parametrize("name", ["with space.onnx", "ünïcødé.onnx", "-dash.onnx", "a.b.c.onnx"])
+@pytest.mark.parametrize("name", ["with space ünïcødé.onnx", "-dash.a.b.onnx"])
 def test_unusual_output_names_compile_and_load(tiny_dirs, tmp_path, name):
     out = _compile(tiny_dirs, tmp_path / name)
     assert read_manifest(out)["model"]["family"] == "llama"
