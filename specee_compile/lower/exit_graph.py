@@ -39,7 +39,7 @@ import onnx_ir.passes.common  # noqa: F401
 
 from specee_compile.errors import PassError
 from specee_compile.lower.segments import Segment
-from specee_compile.passes.insert_predictors import _named
+from specee_compile.passes.insert_predictors import name_nodes
 
 OUTPUTS = ("token", "feature", "exit_layer")
 
@@ -111,7 +111,7 @@ class _Nester:
             token = t.op("ArgMax", [self.available["logits"]], {"axis": -1, "keepdims": 0})  # [1]
             feature = t.op("Identity", [self.available["features"]])  # [1, 1, d]
             layer = t.op("Constant", [], {"value": ir.tensor(np.array([self.L - 1], np.int64))})
-            nodes += _named(t, "full_depth")
+            nodes += name_nodes(t, "full_depth")
             return nodes, {**outs, "token": token, "feature": feature, "exit_layer": layer}
         c = seg.exit_layer
         names = [*OUTPUTS, *(f"present.{j}.{kind}" for j in range(c + 1, self.L) for kind in ("key", "value"))]
@@ -161,11 +161,11 @@ class _Nester:
         t = ir.tape.Tape()
         kvh, D = self.kv_heads, self.head_dim
         outs = {"token": t.op("Identity", [self.available[f"exit_token.{c}"]]),
-                "feature": t.op("Unsqueeze", [self.available[f"exit_feature.{c}"], self._const("axes_1", [1])]),
+                "feature": t.op("Unsqueeze", [self.available[f"exit_feature.{c}"], self.constant("axes_1", [1])]),
                 "exit_layer": t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))})}
-        h = t.op("Gather", [self.available[f"layers.{c}.output"], self._const("last", -1)], {"axis": 1})  # [1, d]
-        ms = t.op("ReduceMean", [t.op("Mul", [h, h]), self._const("axes_-1", [-1])], {"keepdims": 1})
-        xhat = t.op("Div", [h, t.op("Sqrt", [t.op("Add", [ms, self._const("eps", np.float32(self.eps))])])])
+        h = t.op("Gather", [self.available[f"layers.{c}.output"], self.constant("last", -1)], {"axis": 1})  # [1, d]
+        ms = t.op("ReduceMean", [t.op("Mul", [h, h]), self.constant("axes_-1", [-1])], {"keepdims": 1})
+        xhat = t.op("Div", [h, t.op("Sqrt", [t.op("Add", [ms, self.constant("eps", np.float32(self.eps))])])])
         pos = self.available["past_sequence_length"]  # [1]: the position being decoded
         cos = t.op("Gather", [self._init("cos"), pos], {"axis": 0})  # [1, D/2]
         sin = t.op("Gather", [self._init("sin"), pos], {"axis": 0})
@@ -173,23 +173,23 @@ class _Nester:
         for j in range(c + 1, self.L):
             x = t.op("Mul", [xhat, self._init(f"{j}.norm")])  # layer j's input RMSNorm, [1, d]
             k, v = (self._project(t, x, j, kind) for kind in ("k", "v"))  # [1, kvh * D]
-            k = t.op("Reshape", [k, self._const("shape_heads", [kvh, D])])
-            k1 = t.op("Slice", [k, self._const("zero", [0]), self._const("half", [D // 2]), self._const("axes_1", [1])])
-            k2 = t.op("Slice", [k, self._const("half", [D // 2]), self._const("full", [D]), self._const("axes_1", [1])])
+            k = t.op("Reshape", [k, self.constant("shape_heads", [kvh, D])])
+            k1 = t.op("Slice", [k, self.constant("zero", [0]), self.constant("half", [D // 2]), self.constant("axes_1", [1])])
+            k2 = t.op("Slice", [k, self.constant("half", [D // 2]), self.constant("full", [D]), self.constant("axes_1", [1])])
             k = t.op("Concat", [t.op("Sub", [t.op("Mul", [k1, cos]), t.op("Mul", [k2, sin])]),
                                 t.op("Add", [t.op("Mul", [k2, cos]), t.op("Mul", [k1, sin])])], {"axis": 1})
             for kind, new in (("key", k), ("value", v)):
-                row = t.op("Reshape", [new, self._const("shape_cache_row", [1, kvh, 1, D])])
+                row = t.op("Reshape", [new, self.constant("shape_cache_row", [1, kvh, 1, D])])
                 past = self.available[f"past_key_values.{j}.{kind}"]
                 outs[f"present.{j}.{kind}"] = row if self.rows else \
                     t.op("ScatterElements", [past, where, row], {"axis": 2})
-        return _named(t, f"exit_at_{c}"), outs
+        return name_nodes(t, f"exit_at_{c}"), outs
 
     def _where(self, t: ir.tape.Tape) -> ir.Value:
         """ScatterElements indices of cache position n: [1, kv_heads, 1, D], all n."""
         pos = self.available["past_sequence_length"]
-        return t.op("Expand", [t.op("Reshape", [pos, self._const("shape_1111", [1, 1, 1, 1])]),
-                               self._const("shape_cache_row", [1, self.kv_heads, 1, self.head_dim])])
+        return t.op("Expand", [t.op("Reshape", [pos, self.constant("shape_1111", [1, 1, 1, 1])]),
+                               self.constant("shape_cache_row", [1, self.kv_heads, 1, self.head_dim])])
 
     def _project(self, t: ir.tape.Tape, x: ir.Value, j: int, kind: str) -> ir.Value:
         y = t.op("MatMul", [x, self._init(f"{j}.{kind}", transpose=True)])
@@ -205,7 +205,7 @@ class _Nester:
                                         const_value=tensor)
         return self.inits[name]
 
-    def _const(self, key: str, value) -> ir.Value:
+    def constant(self, key: str, value) -> ir.Value:
         name = f"specee.exit_graph.{key}"
         if name not in self.inits:
             array = np.asarray(value)

@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
-from specee_compile.passes.insert_predictors import SEGMENT, _const, _named, normalized_last, normalized_nodes
+from specee_compile.passes.insert_predictors import SEGMENT, constant, name_nodes, normalized_last, normalized_nodes
 
 RULES = ("full", "reduced", "draft")
 THRESHOLD_INPUT = "exit_threshold"
@@ -85,12 +85,12 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
             if self.per_node:  # each node's own flag: its score passes and the rule's check holds
                 then[1][0] = then[0].op("And", [then[1][0], then[0].op("Greater", [score, thr])])
             other = ir.tape.Tape()
-            no = [other.op("Identity", [_const(other, v)]) for v in
+            no = [other.op("Identity", [constant(other, v)]) for v in
                   (np.array([False]), np.array([-1], np.int64), np.zeros((1, d), np.float32))]
             outs = tape.op_multi_out(
                 "If", [fire],
-                {"then_branch": ir.Graph([], then[1], nodes=_named(then[0], f"exit_{i}"), name=f"exit_{i}"),
-                 "else_branch": ir.Graph([], no, nodes=_named(other, f"stay_{i}"), name=f"stay_{i}")},
+                {"then_branch": ir.Graph([], then[1], nodes=name_nodes(then[0], f"exit_{i}"), name=f"exit_{i}"),
+                 "else_branch": ir.Graph([], no, nodes=name_nodes(other, f"stay_{i}"), name=f"stay_{i}")},
                 num_outputs=3, name=f"exit.{i}",
             )
             for value, kind in zip(outs, ("exit_flag", "exit_token", "exit_feature")):
@@ -105,7 +105,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
     def _check(self, dec, i, draft_ids, reduced):
         t = ir.tape.Tape()
         if self.per_node:  # [S, 1, d] -> [S, d]
-            x = t.op("Squeeze", [normalized_nodes(t, dec, i), _const(t, np.array([1], np.int64))])
+            x = t.op("Squeeze", [normalized_nodes(t, dec, i), constant(t, np.array([1], np.int64))])
         else:
             x = normalized_last(t, dec, i)
         z = t.op("Mul", [x, dec.norm_weight])  # [1, d] or [S, d]
@@ -118,20 +118,20 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
         elif self.per_node:  # each node's argmax over its own candidates: [S, 1, d] @ [S, d, 4]
             rows = t.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0})
             rows = t.op("Transpose", [rows], {"perm": [1, 0, 2] if dec.head_transposed else [0, 2, 1]})
-            logits = t.op("MatMul", [t.op("Unsqueeze", [z, _const(t, np.array([1], np.int64))]), rows])
+            logits = t.op("MatMul", [t.op("Unsqueeze", [z, constant(t, np.array([1], np.int64))]), rows])
             idx = t.op("ArgMax", [logits], {"axis": -1, "keepdims": 0})  # [S, 1]
             token = t.op("Squeeze", [t.op("GatherElements", [draft_ids, idx], {"axis": 1}),
-                                     _const(t, np.array([1], np.int64))])
+                                     constant(t, np.array([1], np.int64))])
         else:
             rows = t.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0})
             idx = t.op("ArgMax", [t.op("Gemm", [z, rows], {"transB": trans})], {"axis": -1, "keepdims": 0})
             token = t.op("Gather", [draft_ids, idx], {"axis": 0})
         if self.rule == "draft":
-            ok = t.op("Identity", [_const(t, np.array([True]))])
+            ok = t.op("Identity", [constant(t, np.array([True]))])
         elif self.per_node:  # token s among row s of draft_ids
-            hit = t.op("Equal", [draft_ids, t.op("Unsqueeze", [token, _const(t, np.array([1], np.int64))])])
+            hit = t.op("Equal", [draft_ids, t.op("Unsqueeze", [token, constant(t, np.array([1], np.int64))])])
             ok = t.op("Cast", [t.op("ReduceMax", [t.op("Cast", [hit], {"to": ir.DataType.INT64}),
-                                                  _const(t, np.array([1], np.int64))], {"keepdims": 0})],
+                                                  constant(t, np.array([1], np.int64))], {"keepdims": 0})],
                       {"to": ir.DataType.BOOL})
         else:
             hit = t.op("Cast", [t.op("Equal", [draft_ids, token])], {"to": ir.DataType.INT64})

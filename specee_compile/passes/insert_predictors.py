@@ -97,11 +97,11 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         hidden = then.op("Relu", [then.op("Add", [then.op("MatMul", [feats, c(self.w1[i], "w1")]), c(self.b1[i], "b1")])])
         score = then.op("Sigmoid", [then.op("Add", [then.op("MatMul", [hidden, c(self.w2[i][:, None], "w2")]),
                                                      c(self.b2[i:i + 1], "b2")])])
-        score = then.op("Reshape", [score, _const(then, np.array([-1 if self.per_node else 1], np.int64))])
+        score = then.op("Reshape", [score, constant(then, np.array([-1 if self.per_node else 1], np.int64))])
         other = ir.tape.Tape()
-        zero = other.op("Identity", [_const(other, np.zeros(1, np.float32))])
+        zero = other.op("Identity", [constant(other, np.zeros(1, np.float32))])
         same_p = other.op("Identity", [p_prev])
-        branch = lambda t, outs, name: ir.Graph([], outs, nodes=_named(t, name), name=name)  # noqa: E731
+        branch = lambda t, outs, name: ir.Graph([], outs, nodes=name_nodes(t, name), name=name)  # noqa: E731
         score_out, p_out = tape.op_multi_out(
             "If", [is_active],
             {"then_branch": branch(then, [score, p], f"predictor_{i}"),
@@ -114,7 +114,7 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
 
 def normalized_last(t: ir.tape.Tape, dec, i: int) -> ir.Value:
     """The last position of layer i's output, RMS-normalized without the norm weight: [1, d]."""
-    return _rms_normalized(t, dec, t.op("Gather", [dec.layer_outputs[i], _const(t, np.array(-1, np.int64))], {"axis": 1}))
+    return _rms_normalized(t, dec, t.op("Gather", [dec.layer_outputs[i], constant(t, np.array(-1, np.int64))], {"axis": 1}))
 
 
 def normalized_nodes(t: ir.tape.Tape, dec, i: int) -> ir.Value:
@@ -123,12 +123,12 @@ def normalized_nodes(t: ir.tape.Tape, dec, i: int) -> ir.Value:
 
 
 def _rms_normalized(t: ir.tape.Tape, dec, h: ir.Value) -> ir.Value:
-    ms = t.op("ReduceMean", [t.op("Mul", [h, h]), _const(t, np.array([-1], np.int64))], {"keepdims": 1})
-    inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, _const(t, np.float32(dec.norm_eps))])])])
+    ms = t.op("ReduceMean", [t.op("Mul", [h, h]), constant(t, np.array([-1], np.int64))], {"keepdims": 1})
+    inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, constant(t, np.float32(dec.norm_eps))])])])
     return t.op("Mul", [h, inv])
 
 
-def _named(tape: ir.tape.Tape, prefix: str) -> list[ir.Node]:
+def name_nodes(tape: ir.tape.Tape, prefix: str) -> list[ir.Node]:
     """Give a subgraph's nodes and values unique names (ONNX needs SSA across all graphs)."""
     for k, node in enumerate(tape.nodes):
         node.name = f"{prefix}/{node.op_type}_{k}"
@@ -137,5 +137,5 @@ def _named(tape: ir.tape.Tape, prefix: str) -> list[ir.Node]:
     return list(tape.nodes)
 
 
-def _const(tape: ir.tape.Tape, array) -> ir.Value:
+def constant(tape: ir.tape.Tape, array) -> ir.Value:
     return tape.op("Constant", [], {"value": ir.tensor(np.asarray(array))})

@@ -135,7 +135,7 @@ def open_session(file: Path, options: ort.SessionOptions) -> ort.InferenceSessio
         raise BundleError(f"ONNX Runtime cannot load {file}: {e}; the bundle is damaged. Recompile it.") from e
 
 
-class _CacheState:
+class CacheState:
     """One request's KV buffers, bound once to an IOBinding that later steps reuse."""
 
     def __init__(self, session: ort.InferenceSession, layers: int, shape: tuple, vocab: int, hidden: int):
@@ -172,9 +172,9 @@ class OrtEngine:
         graph = manifest["graphs"]["step"]
         file = self.file(graph["file"], "graphs.step.file")
         self.session = open_session(file, session_options(threads, self.spinning, profile_dir))
-        _check_io(self.session, graph, file)
+        check_io(self.session, graph, file)
         _check_shapes(self.session, manifest, file)
-        self._pool: list[_CacheState] = []
+        self._pool: list[CacheState] = []
         self._lock = threading.Lock()
 
     def file(self, name, field: str) -> Path:
@@ -280,11 +280,11 @@ class OrtEngine:
             )
         return continuation
 
-    def _last_feature(self, state: _CacheState) -> np.ndarray:
+    def _last_feature(self, state: CacheState) -> np.ndarray:
         """[d]: the final-normed hidden state the last prediction came from."""
         return state.last_features.numpy()[0, -1].copy()
 
-    def _generate(self, state: _CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
+    def _generate(self, state: CacheState, ids: list[int], max_new_tokens: int, stream) -> Generation:
         state.breakdown, state.accepted = {}, []
         start = time.perf_counter()
         token = self._first_token(state, ids)
@@ -335,14 +335,14 @@ class OrtEngine:
             accepted_lengths=list(state.accepted),
         )
 
-    def _first_token(self, state: _CacheState, ids: list[int]) -> int:
+    def _first_token(self, state: CacheState, ids: list[int]) -> int:
         return int(self._prefill(state, ids)[0].argmax())
 
-    def _next_token(self, state: _CacheState, token: int, past_len: int) -> tuple[int, int]:
+    def _next_token(self, state: CacheState, token: int, past_len: int) -> tuple[int, int]:
         """Feed ``token`` at position ``past_len``; return (next token, layer it left from)."""
         return int(self._decode(state, token, past_len)[0].argmax()), self.num_layers - 1
 
-    def _prefill(self, state: _CacheState, ids: list[int]) -> np.ndarray:
+    def _prefill(self, state: CacheState, ids: list[int]) -> np.ndarray:
         b = state.binding
         b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         b.bind_cpu_input("past_sequence_length", np.zeros((1,), np.int64))
@@ -351,7 +351,7 @@ class OrtEngine:
         state.last_features = b.get_outputs()[-1]  # bound last, so listed last
         return state.logits
 
-    def _decode(self, state: _CacheState, token: int, past_len: int) -> np.ndarray:
+    def _decode(self, state: CacheState, token: int, past_len: int) -> np.ndarray:
         state.token[0, 0] = token
         state.past_len[0] = past_len
         b = state.binding
@@ -369,21 +369,21 @@ class OrtEngine:
     def _sessions(self) -> list[ort.InferenceSession]:
         return [self.session]
 
-    def _acquire(self) -> _CacheState:
+    def _acquire(self) -> CacheState:
         with self._lock:
             if self._pool:
                 return self._pool.pop()
         return self._new_state()
 
-    def _new_state(self) -> _CacheState:
-        return _CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size, self.hidden_size)
+    def _new_state(self) -> CacheState:
+        return CacheState(self.session, self.num_layers, self._cache_shape, self.vocab_size, self.hidden_size)
 
-    def _release(self, state: _CacheState) -> None:
+    def _release(self, state: CacheState) -> None:
         with self._lock:
             self._pool.append(state)
 
 
-def _check_io(session: ort.InferenceSession, graph: dict, file: Path) -> None:
+def check_io(session: ort.InferenceSession, graph: dict, file: Path) -> None:
     """The graph's inputs/outputs must be exactly those the manifest promises."""
     actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     promised = ([i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]])

@@ -27,11 +27,11 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 
 from specee_compile.errors import BundleError
-from specee_compile.runtimes.ort import OrtEngine, _CacheState, _check_io, open_session, session_options
+from specee_compile.runtimes.ort import OrtEngine, CacheState, check_io, open_session, session_options
 from specee_compile.schedule import Schedule
 
 
-class _SpecEEState(_CacheState):
+class SpecEEState(CacheState):
     def __init__(self, engine: "SpecEEEngine"):
         super().__init__(engine.session, engine.num_layers, engine._cache_shape, engine.vocab_size,
                          engine.hidden_size)
@@ -135,7 +135,7 @@ class SegmentedDecode:
     def _next_token(self, state, token: int, n: int) -> tuple[int, int]:
         clock = time.perf_counter()
         draft_ids = self._draft(state, [token], state.feature)
-        clock = _lap(state.breakdown, "draft", clock)
+        clock = lap(state.breakdown, "draft", clock)
         active = self.active_layers(state.history)
         values = self._step_values(state, token, n, draft_ids, active)
         for k, exit_at in enumerate(self.segment_exit):
@@ -144,14 +144,14 @@ class SegmentedDecode:
             if exit_at is not None and active[exit_at] and bool(self._array(outs[f"exit_flag.{exit_at}"])[0]):
                 result = int(self._array(outs[f"exit_token.{exit_at}"])[0])
                 state.feature = self._array(outs[f"exit_feature.{exit_at}"])[:, None, :]
-                clock = _lap(state.breakdown, "segments", clock)
+                clock = lap(state.breakdown, "segments", clock)
                 self._propagate(state, self._array(outs[f"layers.{exit_at}.output"])[0, -1], exit_at, n)
-                _lap(state.breakdown, "kv_propagation", clock)
+                lap(state.breakdown, "kv_propagation", clock)
                 state.history.append(exit_at)
                 return result, exit_at
         result = int(self._array(values["logits"])[0].argmax())
         state.feature = self._array(values["features"])[:, -1:]
-        _lap(state.breakdown, "segments", clock)
+        lap(state.breakdown, "segments", clock)
         state.history.append(self.num_layers - 1)
         return result, self.num_layers - 1
 
@@ -204,21 +204,21 @@ class SpecEEEngine(SegmentedDecode, OrtEngine):
     def _sessions(self) -> list[ort.InferenceSession]:
         return [self.session, self.draft, *self.segments]
 
-    def _last_feature(self, state: _SpecEEState) -> np.ndarray:
+    def _last_feature(self, state: SpecEEState) -> np.ndarray:
         return state.feature[0, -1].copy()
 
-    def _new_state(self) -> _SpecEEState:
-        return _SpecEEState(self)
+    def _new_state(self) -> SpecEEState:
+        return SpecEEState(self)
 
     def _array(self, value: ort.OrtValue) -> np.ndarray:
         return value.numpy()
 
-    def _prefill_features(self, state: _SpecEEState, ids: list[int]) -> tuple[int, np.ndarray]:
+    def _prefill_features(self, state: SpecEEState, ids: list[int]) -> tuple[int, np.ndarray]:
         logits = self._prefill(state, ids)
         features = state.binding.get_outputs()[-1].numpy()  # [1, n, d]: bound last, so listed last
         return int(logits[0].argmax()), features
 
-    def _draft(self, state: _SpecEEState, ids: list[int], features: np.ndarray) -> np.ndarray:
+    def _draft(self, state: SpecEEState, ids: list[int], features: np.ndarray) -> np.ndarray:
         b = state.draft_binding
         b.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
         b.bind_cpu_input("features", np.ascontiguousarray(features, np.float32))
@@ -228,17 +228,17 @@ class SpecEEEngine(SegmentedDecode, OrtEngine):
         state.draft_len += len(ids)
         return b.get_outputs()[-1].numpy()  # bound after the presents, so listed last
 
-    def _step_values(self, state: _SpecEEState, token: int, n: int, draft_ids: np.ndarray,
+    def _step_values(self, state: SpecEEState, token: int, n: int, draft_ids: np.ndarray,
                      active: np.ndarray) -> dict:
         return {"input_ids": np.array([[token]], np.int64), "past_sequence_length": np.array([n], np.int64),
                 "draft_ids": draft_ids.astype(np.int64), "active_layers": active,
                 "exit_threshold": self._threshold}
 
-    def _run_segment(self, state: _SpecEEState, k: int, values: dict) -> dict[str, ort.OrtValue]:
+    def _run_segment(self, state: SpecEEState, k: int, values: dict) -> dict[str, ort.OrtValue]:
         return run_bound(self.segments[k], state.seg_bindings[k], self.segment_inputs[k], self.segment_outputs[k],
                          values)
 
-    def _propagate(self, state: _SpecEEState, h: np.ndarray, exit_layer: int, n: int,
+    def _propagate(self, state: SpecEEState, h: np.ndarray, exit_layer: int, n: int,
                    position: int | None = None) -> None:
         """K/V of the skipped layers at cache row n from the exit hidden state h [d], rotated
         for ``position`` (n unless given: a tree node's position is the root's plus its depth)."""
@@ -267,7 +267,7 @@ def run_bound(session: ort.InferenceSession, binding, inputs: list[str], outputs
     return dict(zip(outputs, got[len(got) - len(outputs):]))
 
 
-class _SpecEEGraphState(_SpecEEState):
+class _SpecEEGraphState(SpecEEState):
     """The graph-mode decode graph's token, exit layer and feature land in preallocated buffers."""
 
     def __init__(self, engine: "SpecEEGraphEngine"):
@@ -291,7 +291,7 @@ class SpecEEGraphEngine(SpecEEEngine):
                  profile_dir: Path | None = None, threshold: float | None = None):
         super().__init__(path, manifest, tokenizer, threads, profile_dir, threshold)
         decode = manifest["specee"]["decode"]
-        _check_io(self.segments[0], decode, self.file(decode["file"], "specee.decode.file"))
+        check_io(self.segments[0], decode, self.file(decode["file"], "specee.decode.file"))
 
     def _read_decode_graphs(self, spec: dict) -> list[str]:
         self.segment_layers = [range(self.num_layers)]  # every layer's cache is an input and output
@@ -304,20 +304,20 @@ class SpecEEGraphEngine(SpecEEEngine):
     def _next_token(self, state: _SpecEEGraphState, token: int, n: int) -> tuple[int, int]:
         clock = time.perf_counter()
         draft_ids = self._draft(state, [token], state.feature)
-        clock = _lap(state.breakdown, "draft", clock)
+        clock = lap(state.breakdown, "draft", clock)
         values = self._step_values(state, token, n, draft_ids, self.active_layers(state.history))
         b = state.seg_bindings[0]
         for name in self.segment_inputs[0]:
             b.bind_cpu_input(name, values[name])
         self.segments[0].run_with_iobinding(b)
-        _lap(state.breakdown, "segments", clock)  # the one decode graph, K/V propagation included
+        lap(state.breakdown, "segments", clock)  # the one decode graph, K/V propagation included
         exit_layer = int(state.out_layer[0])
         state.feature = state.out_feature.copy()
         state.history.append(exit_layer)
         return int(state.out_token[0]), exit_layer
 
 
-def _lap(breakdown: dict[str, float], part: str, since: float) -> float:
+def lap(breakdown: dict[str, float], part: str, since: float) -> float:
     now = time.perf_counter()
     breakdown[part] = breakdown.get(part, 0.0) + now - since
     return now

@@ -40,8 +40,8 @@ import numpy as np
 import onnxruntime as ort
 
 from specee_compile.errors import BundleError, ConfigError
-from specee_compile.runtimes.ort import Scored, _check_io, open_session, session_options
-from specee_compile.runtimes.specee import SpecEEEngine, _lap, _SpecEEState, run_bound
+from specee_compile.runtimes.ort import Scored, check_io, open_session, session_options
+from specee_compile.runtimes.specee import SpecEEEngine, lap, SpecEEState, run_bound
 
 HIDDEN = -1e9  # attention bias of a key a tree node must not see
 
@@ -179,7 +179,7 @@ class TokenTree:
             path.append(node)
 
 
-class _TreeState(_SpecEEState):
+class _TreeState(SpecEEState):
     def __init__(self, engine: "TreeEngine"):
         super().__init__(engine)
         self.tree_binding = self.cache_bindings([engine.tree], [range(engine.num_layers)])[0]
@@ -212,7 +212,7 @@ class TreeEngine(SpecEEEngine):
         for graph, field in ((spec, "specee.tree.file"), (spec["draft"], "specee.tree.draft.file")):
             file = self.file(graph["file"], field)
             sessions.append(open_session(file, so))
-            _check_io(sessions[-1], graph, file)
+            check_io(sessions[-1], graph, file)
         self.tree, self.draft_tree = sessions
         # The tree step with per-node exits (merged mapping): loaded when a shape with ':exit' first runs.
         self._tree_segment_specs = spec.get("segments", [])
@@ -248,7 +248,7 @@ class TreeEngine(SpecEEEngine):
             for g in self._tree_segment_specs:
                 file = self.file(g["file"], "specee.tree.segments.file")
                 sessions.append(open_session(file, self._session_options))
-                _check_io(sessions[-1], g, file)
+                check_io(sessions[-1], g, file)
             self.tree_segment_inputs = [[i.name for i in x.get_inputs() if not i.name.startswith("past_key_values.")]
                                         for x in sessions]
             self.tree_segment_outputs = [[o.name for o in x.get_outputs() if not o.name.startswith("present.")]
@@ -322,13 +322,13 @@ class TreeEngine(SpecEEEngine):
         clock = time.perf_counter()
         tree = self._draft_tree(state, token, n)
         candidates = self._candidates(state, tree, n) if shape.exits else None
-        clock = _lap(state.breakdown, "draft", clock)
+        clock = lap(state.breakdown, "draft", clock)
         if candidates is not None:
             path, greedy, feats, layer = self._verify_with_exits(state, tree, n, candidates)
         else:
             greedy, feats = self._verify(state, tree, n)
             path, layer = tree.accepted(greedy), self.num_layers - 1
-        _lap(state.breakdown, "verify", clock)
+        lap(state.breakdown, "verify", clock)
         rows = [n + s for s in path]
         if rows != list(range(n + 1, n + 1 + len(path))):
             for array in state.arrays:  # the accepted nodes' K/V goes to the path's rows
