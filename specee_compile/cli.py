@@ -216,12 +216,9 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _run_main(args) -> int:
-    from specee_compile.errors import ConfigError
-    from specee_compile.runtimes import MAX_THREADS, load, share_threads
+    from specee_compile.runtimes import check_threads, load, share_threads
 
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise ConfigError(f"--threads must be an integer from 1 to {MAX_THREADS}, not {args.threads}; leave it out "
-                          "for ONNX Runtime's choice (the physical cores).")
+    check_threads(args.threads)
     if args.thread_pool == "shared":
         share_threads(args.threads)
     engine = load(args.bundle, threads=args.threads, dense=args.no_exit, threshold=args.threshold,

@@ -35,7 +35,7 @@ from specee_compile.calibrate.pipeline import META
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, SpecEEError
 from specee_compile.lower.specee import TREE_MAX_WIDTH
-from specee_compile.runtimes import load, share_threads
+from specee_compile.runtimes import check_threads, load, share_threads
 from specee_compile.runtimes.tree import TreeShape
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ class BenchSettings:
         for name in ("warmup", "ppl_samples", "profile_prompts"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}.")
-        if s.threads is not None and s.threads <= 0:
-            raise ConfigError(f"--threads must be positive, got {s.threads}.")
+        check_threads(s.threads)
         for shape in s.tree_shapes:
             TreeShape.parse(shape).check(TREE_MAX_WIDTH)
         bad = [t for t in s.sweep if not 0.0 <= t <= 1.0]

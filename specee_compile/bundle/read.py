@@ -153,7 +153,7 @@ def _check_files(bundle_dir: Path, manifest: dict, path: Path, mode: str, raw: b
             checked[name] = key
         except OSError as e:
             raise BundleError(f"bundle file {f} cannot be read ({e}); check its permissions or recompile.") from e
-    if mode != "none":
+    if mode != "none" and checked != trusted:
         record.remember(bundle_dir, raw, checked)
 
 

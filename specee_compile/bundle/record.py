@@ -50,8 +50,12 @@ def remember(bundle_dir: Path, manifest_bytes: bytes, files: dict[str, list[int]
         data = {"bundle": str(Path(bundle_dir).resolve()), "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                 "files": files}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except OSError as e:
         logger.debug("could not record the checksum check of %s: %s", bundle_dir, e)

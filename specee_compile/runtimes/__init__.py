@@ -9,11 +9,18 @@ from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes.ort import share_threads
 from specee_compile.tokenizer import bundle_tokenizer
 
-__all__ = ["load", "share_threads"]
+__all__ = ["check_threads", "load", "share_threads"]
 MAX_THREADS = 1024
 
 
-def load(path: str | Path, threads: int | None = None, verify: bool = True, dense: bool = False,
+def check_threads(threads) -> None:
+    """A thread count from the command line or the API: None (ONNX Runtime's choice) or 1..MAX_THREADS."""
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise ConfigError(f"--threads (threads) must be an integer from 1 to {MAX_THREADS}, not {threads!r}; leave it "
+                          "out for ONNX Runtime's choice (the physical cores).")
+
+
+def load(path: str | Path, threads: int | None = None, verify: bool | str = "cached", dense: bool = False,
          threshold: float | None = None, profile_dir: str | Path | None = None, tree=None):
     """Load a compiled bundle and return an engine with ``generate(prompt, ...)``.
 
@@ -34,9 +41,7 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, dens
             with "+L" context-lookup nodes and ":exit" for early exit inside verification (lossy); True: the
             measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
     """
-    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-        raise ConfigError(f"--threads (threads) must be an integer from 1 to {MAX_THREADS}, not {threads!r}; leave it "
-                          "out for ONNX Runtime's choice (the physical cores).")
+    check_threads(threads)
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     backend = manifest.get("backend")
