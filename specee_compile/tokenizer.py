@@ -37,7 +37,6 @@ SAFE = {"trust_remote_code": False, "local_files_only": True}
 TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
                      "LlamaTokenizer", "LlamaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast",
                      "GemmaTokenizer", "GemmaTokenizerFast")
-BUNDLE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SETTINGS = {"model_max_length": int, "clean_up_tokenization_spaces": bool, "split_special_tokens": bool,
              "padding_side": str, "truncation_side": str}
