@@ -81,25 +81,23 @@ def _run(main, args) -> int:
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's exit flush must not raise again)
             return 128 + signal.SIGPIPE
-        except MemoryError as e:
+        except Exception as e:  # not a SpecEEError: one line all the same, a traceback only with -v
             if args.verbose:
                 raise
-            print(f"error: out of memory ({e or 'an allocation failed'}). Free memory, use a smaller model, a "
-                  "smaller --max-context, or a machine with more memory.", file=sys.stderr)
+            print(f"error: {_unexpected(e)}", file=sys.stderr)
             return 1
-        except OSError as e:
-            if args.verbose:
-                raise
-            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}. Check the path, its "
-                  "permissions and the free disk space, then run the command again.", file=sys.stderr)
-            return 1
-        except Exception as e:  # a bug of ours: say so plainly instead of a traceback
-            if args.verbose:
-                raise
-            print(f"error: internal error ({type(e).__name__}: {reprlib.repr(str(e))}). This is a bug in "
-                  f"specee-compile {__version__}: run the command again with -v for the traceback and report it.",
-                  file=sys.stderr)
-            return 1
+
+
+def _unexpected(e: Exception) -> str:
+    """The one-line message for an error that is not a SpecEEError."""
+    if isinstance(e, MemoryError):
+        return (f"out of memory ({e or 'an allocation failed'}). Free memory, use a smaller model, a smaller "
+                "--max-context, or a machine with more memory.")
+    if isinstance(e, OSError):
+        return (f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}. Check the path, its permissions and "
+                "the free disk space, then run the command again.")
+    return (f"internal error ({type(e).__name__}: {reprlib.repr(str(e))}). This is a bug in specee-compile "
+            f"{__version__}: run the command again with -v for the traceback and report it.")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -55,8 +55,12 @@ def read_manifest(bundle_dir: Path, verify: bool | str = "cached") -> dict:
     manifest, raw = _parse(bundle_dir, path)
     check_fields(manifest, path)
     _check_entries(bundle_dir, manifest, path)
-    _check_files(bundle_dir, manifest, path, mode, raw)
-    _check_external_data(bundle_dir, manifest, path)
+    trusted = record.trusted(bundle_dir, raw) if mode == "cached" else {}
+    checked = _check_files(bundle_dir, manifest, mode, trusted)
+    if mode == "none" or checked != trusted:  # files the record vouches for were found sound before
+        _check_external_data(bundle_dir, manifest)
+    if mode != "none" and checked != trusted:  # recorded only once every check passed
+        record.remember(bundle_dir, raw, checked)
     return manifest
 
 
@@ -131,9 +135,9 @@ def _check_entries(bundle_dir: Path, manifest: dict, path: Path) -> None:
                           "reads only listed, checksummed files. Remove them, or recompile the bundle.")
 
 
-def _check_files(bundle_dir: Path, manifest: dict, path: Path, mode: str, raw: bytes) -> None:
-    """Every listed file exists with its size, and (unless mode "none") its checksum."""
-    trusted = record.trusted(bundle_dir, raw) if mode == "cached" else {}
+def _check_files(bundle_dir: Path, manifest: dict, mode: str, trusted: dict[str, list[int]]) -> dict:
+    """Every listed file exists with its size, and (unless mode "none") its checksum, hashed
+    unless ``trusted`` holds its unchanged stat key; returns the stat keys of the files checked."""
     checked = {}
     for name, meta in manifest["files"].items():
         f = bundle_dir / name
@@ -153,11 +157,10 @@ def _check_files(bundle_dir: Path, manifest: dict, path: Path, mode: str, raw: b
             checked[name] = key
         except OSError as e:
             raise BundleError(f"bundle file {f} cannot be read ({e}); check its permissions or recompile.") from e
-    if mode != "none" and checked != trusted:
-        record.remember(bundle_dir, raw, checked)
+    return checked
 
 
-def _check_external_data(bundle_dir: Path, manifest: dict, path: Path) -> None:
+def _check_external_data(bundle_dir: Path, manifest: dict) -> None:
     """Each listed ONNX file's external data must be listed files (ONNX Runtime opens them by name)."""
     import onnx
 
