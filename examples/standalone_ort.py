@@ -23,14 +23,19 @@ order. It never imports specee_compile, transformers or torch, and its tokens eq
   have one; that needs jinja2, the language chat templates are written in.
 - ``--json`` prints ``{"token_ids": [...], "exit_layers": [...], "stop_reason": ...}``
   instead of the text.
+
+Two sibling modules hold what needs no ONNX Runtime, so this file keeps the sessions, the
+cache and the loops: examples/standalone_files.py reads the bundle's files (the file rules,
+safetensors, the chat template), and examples/standalone_algorithms.py holds the loops' pure
+algorithms (the exit schedule, K/V state propagation, the tree shape, the context lookup and
+the token tree), which tests/test_golden.py checks, with the package's own versions, against
+the same recorded outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -38,56 +43,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-# ---- 1. the bundle's files ------------------------------------------------------------------
+# The sibling modules (this script's folder is on sys.path when it runs as a script).
+from standalone_algorithms import HIDDEN, TokenTree, lookup_chain, parse_shape, propagated_kv, scheduled_layers
+from standalone_files import listed, read_manifest, read_safetensors, render_chat
 
-
-def read_manifest(bundle: Path) -> dict:
-    """The manifest, after the file rules of docs/bundle-format.md: the folder holds only the
-    listed files (no links, nothing unlisted), each with its SHA-256. Field ranges and the
-    external-data names inside the graphs are left to ONNX Runtime and to the caller."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    if manifest.get("format") != "specee-bundle" or manifest.get("format_version") != 1:
-        sys.exit(f"{bundle} is not a version-1 specee bundle")
-    if manifest.get("backend") != "onnxruntime":
-        sys.exit(f"{bundle} is a {manifest.get('backend')!r} bundle, not an ONNX Runtime one")
-    files = manifest.get("files") or {}
-    for path in bundle.rglob("*"):
-        name = path.relative_to(bundle).as_posix()
-        if path.is_symlink() or not (path.is_dir() or path.is_file()):
-            sys.exit(f"{bundle} holds a link or special file: {name}")
-        if path.is_file() and name != "manifest.json" and name not in files:
-            sys.exit(f"{bundle} holds a file its manifest does not list: {name}")
-    for name, meta in files.items():
-        path = bundle / name
-        if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
-            sys.exit(f"{bundle}: the listed file {name!r} is not a file inside the bundle")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("sha256"):
-            sys.exit(f"{bundle}: {name} does not match its SHA-256 in the manifest")
-    return manifest
-
-
-def listed(bundle: Path, manifest: dict, name: str) -> Path:
-    """A file a manifest field names: only one the manifest lists (and read_manifest checked)."""
-    if name not in manifest["files"]:
-        sys.exit(f"{bundle}: the manifest names {name!r}, which its files do not list")
-    return bundle / name
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The safetensors format: u64 little-endian header size, a JSON header, then raw data."""
-    dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    data = memoryview(raw)[8 + size:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        array = np.frombuffer(data[begin:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-        tensors[name] = array.copy()  # own, aligned and writable
-    return tensors
+# ---- 1. the bundle's files (standalone_files.py: file rules, safetensors, chat template) -----
 
 
 def encode(bundle: Path, tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -95,36 +55,6 @@ def encode(bundle: Path, tokenizer: Tokenizer, prompt: str, chat: bool) -> list[
     if not chat:
         return tokenizer.encode(prompt, add_special_tokens=True).ids
     return tokenizer.encode(render_chat(bundle, prompt), add_special_tokens=False).ids
-
-
-def render_chat(bundle: Path, prompt: str) -> str:
-    """The chat template rendered as transformers' ``apply_chat_template`` renders it."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    config = json.loads((bundle / "tokenizer_config.json").read_text())
-    template_file = bundle / "chat_template.jinja"
-    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
-    if not isinstance(template, str):
-        sys.exit(f"{bundle} has no chat template; run without --chat")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    # The template also sees the named special tokens (as strings) of tokenizer_config.json.
-    special = {}
-    for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
-        token = config.get(name)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token is not None:
-            special[name] = str(token)
-    messages = [{"role": "user", "content": prompt}]
-    return env.from_string(template).render(messages=messages, tools=None, documents=None,
-                                            add_generation_prompt=True, **special)
 
 
 def session(path: Path, threads: int | None) -> ort.InferenceSession:
@@ -221,13 +151,8 @@ class SpecEEDecoder(DenseDecoder):
         self.draft = session(listed(bundle, manifest, spec["draft"]["file"]), threads)
         self.draft_cache = KVCache(1, spec["draft"]["kv_heads"], self.capacity, spec["draft"]["head_dim"])
         self.draft_binding = self.draft_cache.binding(self.draft, [0])
-        self.segments = []  # (session, binding, exit layer or None, inputs, outputs)
-        for seg in spec.get("segments", []):  # exit mode "graph" has none: see SpecEEGraphDecoder
-            sess = session(listed(bundle, manifest, seg["file"]), threads)
-            layers = range(seg["first_layer"], seg["last_layer"] + 1)
-            inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
-            outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
-            self.segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
+        # exit mode "graph" has no segments: see SpecEEGraphDecoder
+        self.segments = self.open_segments(bundle, manifest, spec.get("segments", []), threads)
         self.kv_fill = read_safetensors(listed(bundle, manifest, spec["kv_fill"]["file"]))
         self.eps = float(spec["kv_fill"]["eps"])
         self.kv_heads = m["num_kv_heads"]
@@ -235,6 +160,18 @@ class SpecEEDecoder(DenseDecoder):
         self.history: list[int] = []  # the exit layer of every decode step so far
         self.feature = None  # [1, 1, d]: the normed hidden state the last token came from
         self.draft_len = 0  # positions in the draft's cache
+
+    def open_segments(self, bundle: Path, manifest: dict, specs: list[dict], threads: int | None) -> list[tuple]:
+        """Per segment of ``specs``: (session, binding of its layers' cache, exit layer or None,
+        its other inputs, its other outputs)."""
+        segments = []
+        for seg in specs:
+            sess = session(listed(bundle, manifest, seg["file"]), threads)
+            layers = range(seg["first_layer"], seg["last_layer"] + 1)
+            inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
+            outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
+            segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
+        return segments
 
     def prefill(self, ids: list[int]) -> int:
         out = run(self.step, self.binding, step_feeds(ids, 0), ["logits", "features"])
@@ -254,12 +191,7 @@ class SpecEEDecoder(DenseDecoder):
 
     def active_layers(self) -> np.ndarray:
         """active_layers [L] bool: the schedule's layers that have a predictor."""
-        s = self.spec["schedule"]
-        if not s["online"] or len(self.history) < s["history"]:
-            layers = set(s["offline_layers"])
-        else:  # the online window: e + offset for each of the last `history` exit layers e
-            layers = {e + o for e in self.history[-s["history"]:] for o in s["offsets"]
-                      if 0 <= e + o < self.num_layers - 1}
+        layers = scheduled_layers(self.spec["schedule"], self.history)
         mask = np.zeros(self.num_layers, dtype=bool)
         mask[sorted(layers & set(self.spec["predictor_layers"]))] = True
         return mask
@@ -287,18 +219,11 @@ class SpecEEDecoder(DenseDecoder):
         """K/V at ``position`` of every layer after ``exit_layer``, computed from h [d], into
         cache row ``row`` (the position unless given: a tree node's row differs)."""
         row = position if row is None else row
-        kv = self.kv_fill
-        cos, sin = kv["cos"][position], kv["sin"][position]  # [D/2]
+        cos, sin = self.kv_fill["cos"][position], self.kv_fill["sin"][position]  # [D/2]
         for j in range(exit_layer + 1, self.num_layers):
-            x = h / np.sqrt(np.mean(h * h) + self.eps) * kv[f"{j}.norm"]  # layer j's input RMSNorm
-            k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)  # [kv_heads * D]
-            v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
-            k = k.reshape(self.kv_heads, -1)  # [kv_heads, D]
-            half = k.shape[1] // 2
-            k1, k2 = k[:, :half], k[:, half:]
-            k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)  # RoPE, rotate-half
+            k, v = propagated_kv(self.kv_fill, j, h, cos, sin, self.eps, self.kv_heads)  # [kv_heads, D] each
             self.cache.key(j)[0, :, row, :] = k
-            self.cache.value(j)[0, :, row, :] = v.reshape(self.kv_heads, -1)
+            self.cache.value(j)[0, :, row, :] = v
 
 
 class SpecEEGraphDecoder(SpecEEDecoder):
@@ -321,29 +246,7 @@ class SpecEEGraphDecoder(SpecEEDecoder):
         return int(out["token"][0]), exit_layer
 
 
-# ---- 5. lossless tree speculation (SpecEE bundles compiled with --tree) -----------------------
-
-HIDDEN = -1e9  # attention bias of a row a tree node must not see
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int, bool]:
-    """"WxDxN+L" (or "W", "W+L"), optionally ":exit" -> (width, depth, budget, lookup, exits)."""
-    match = re.fullmatch(r"(\d+)(?:x(\d+)x(\d+))?(?:\+(\d+))?(:exit)?", text.strip())
-    if match is None:
-        sys.exit(f"--tree takes WIDTHxDEPTHxBUDGET[+LOOKUP][:exit] like 4x2x6+4 or 1+4:exit, not {text!r}")
-    w, d, n, lookup, exits = match.groups()
-    return int(w), int(d or 1), int(n or w), int(lookup or 0), exits is not None
-
-
-def lookup_chain(context: list[int], length: int) -> list[int]:
-    """The up to ``length`` tokens after the latest earlier occurrence of the context's last
-    3 tokens (else 2, else 1)."""
-    for k in range(min(3, len(context) - 1), 0, -1):
-        tail = context[-k:]
-        for start in range(len(context) - k - 1, -1, -1):
-            if context[start:start + k] == tail:
-                return context[start + k:start + k + length]
-    return []
+# ---- 5. lossless tree speculation (SpecEE bundles compiled with --tree) ----------------------
 
 
 class TreeDecoder(SpecEEDecoder):
@@ -358,14 +261,13 @@ class TreeDecoder(SpecEEDecoder):
         self.tree_binding = self.cache.binding(self.tree, range(self.num_layers))
         self.draft_tree = session(listed(bundle, manifest, spec["draft"]["file"]), threads)
         self.draft_tree_binding = self.draft_cache.binding(self.draft_tree, [0])  # the draft's cache, shared
-        self.width, self.depth, self.budget, self.lookup, self.exits = parse_shape(shape)
-        self.tree_segments = []  # (session, binding, exit layer or None, inputs, outputs), for :exit
-        for seg in spec.get("segments", []) if self.exits else []:
-            sess = session(listed(bundle, manifest, seg["file"]), threads)
-            layers = range(seg["first_layer"], seg["last_layer"] + 1)
-            inputs = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values.")]
-            outputs = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
-            self.tree_segments.append((sess, self.cache.binding(sess, layers), seg["exit_layer"], inputs, outputs))
+        try:
+            self.width, self.depth, self.budget, self.lookup, self.exits = parse_shape(shape)
+        except ValueError as e:
+            sys.exit(str(e))
+        # the tree step with per-node exits, for :exit
+        self.tree_segments = self.open_segments(bundle, manifest, spec.get("segments", []) if self.exits else [],
+                                                threads)
         if self.exits and not self.tree_segments:
             sys.exit(f"{bundle} has no tree segments; compile it with --specee --tree in exit mode segments")
         self.root_top, self.fed, self.free_row = None, [], 0  # for the :exit candidates
@@ -386,8 +288,8 @@ class TreeDecoder(SpecEEDecoder):
         out = run(self.draft_tree, self.draft_tree_binding, feeds, ["draft_ids", "draft_logprobs", "draft_features"])
         return out["draft_ids"], out["draft_logprobs"], out["draft_features"][0]
 
-    def grow(self, token: int, n: int) -> tuple[list[int], list[int], list[int]]:
-        """The tree after ``token`` at position n: tokens, parents (-1 for the root), depths."""
+    def grow(self, token: int, n: int) -> TokenTree:
+        """The tree after ``token`` at position n, the lookup chain merged in."""
         w = self.width
         root = n - 1  # the draft's row r holds position r + 1, and its graph rotates by row
         ids = [t for t, _ in self.prefix] + [token]
@@ -428,29 +330,19 @@ class TreeDecoder(SpecEEDecoder):
         best = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))
         order = sorted(best[:min(self.budget, self.capacity - n - 1)], key=lambda i: (depths[i], i))
         index = {node: s + 1 for s, node in enumerate(order)}
-        out_tokens = [token, *(tokens[i] for i in order)]
-        out_parents = [-1, *(index.get(parents[i], 0) for i in order)]
-        out_depths = [0, *(depths[i] for i in order)]
-        node = 0
-        for t in lookup_chain(self.context, min(self.lookup, self.capacity - n - len(out_tokens))):
-            child = next((c for c in range(node + 1, len(out_tokens)) if out_parents[c] == node and out_tokens[c] == t),
-                         None)
-            if child is None:  # merge the chain: follow the nodes that hold its tokens, append the rest
-                out_tokens.append(t)
-                out_parents.append(node)
-                out_depths.append(out_depths[node] + 1)
-                child = len(out_tokens) - 1
-            node = child
+        tree = TokenTree([token, *(tokens[i] for i in order)], [-1, *(index.get(parents[i], 0) for i in order)],
+                         [0, *(depths[i] for i in order)])
+        tree.add_chain(lookup_chain(self.context, min(self.lookup, self.capacity - n - len(tree))))
         self.free_row = row  # the draft's rows from here are free for the :exit candidates
         self.fed = [None, *(inputs[i] for i in order)]  # the feature each node is fed (its parent's)
-        for s in range(len(self.fed), len(out_tokens)):  # lookup nodes: the draft never ran on their parents
-            self.fed.append(root_feature if out_parents[s] == 0 else self.fed[out_parents[s]])
-        return out_tokens, out_parents, out_depths
+        for s in range(len(self.fed), len(tree)):  # lookup nodes: the draft never ran on their parents
+            self.fed.append(root_feature if tree.parents[s] == 0 else self.fed[tree.parents[s]])
+        return tree
 
-    def candidates(self, tokens, parents, depths, n: int) -> np.ndarray | None:
+    def candidates(self, tree: TokenTree, n: int) -> np.ndarray | None:
         """[S, 4]: each node's draft top-4, its exit candidates (root: from growing the tree;
         the others: one more draft run over all of them). None if the draft cache is full."""
-        root, row, m = n - 1, self.free_row, len(tokens) - 1
+        root, row, m = n - 1, self.free_row, len(tree) - 1
         if m == 0:
             return self.root_top[None].astype(np.int64)
         if row + m > self.capacity:
@@ -461,28 +353,16 @@ class TreeDecoder(SpecEEDecoder):
             a = s
             while a > 0:  # its ancestors among these nodes, and itself
                 bias[0, 0, s - 1, row + a - 1] = 0.0
-                a = parents[a]
-        top, _, _ = self.run_draft(tokens[1:], np.stack(self.fed[1:])[None], [root + d for d in depths[1:]], bias, row)
+                a = tree.parents[a]
+        top, _, _ = self.run_draft(tree.tokens[1:], np.stack(self.fed[1:])[None], [root + d for d in tree.depths[1:]],
+                                   bias, row)
         return np.concatenate([self.root_top[None], top[:, :4]]).astype(np.int64)
 
-    def walk(self, tokens, parents, choice, settled=None) -> list[int] | None:
-        """From the root, the child holding each node's ``choice`` token; with ``settled``,
-        None unless every node on the walk, the last included, is settled."""
-        path, node = [], 0
-        while True:
-            if settled is not None and not settled[node]:
-                return None
-            node = next((c for c in range(node + 1, len(tokens)) if parents[c] == node and tokens[c] == choice[node]),
-                        None)
-            if node is None:
-                return path
-            path.append(node)
-
-    def verify_with_exits(self, feeds: dict, tokens, parents, cands: np.ndarray, n: int):
+    def verify_with_exits(self, feeds: dict, tree: TokenTree, cands: np.ndarray, n: int):
         """The tree segments in order; stop at the first active predictor layer where the walk
         is settled, propagating the path's K/V for the skipped layers. Returns (path, each
         node's token, features [1, S, d], exit layer)."""
-        s = len(tokens)
+        s = len(tree)
         active = self.active_layers()
         values = {**feeds, "draft_ids": cands, "active_layers": active, "exit_threshold": self.threshold}
         for sess, binding, e, inputs, outputs in self.tree_segments:
@@ -492,37 +372,29 @@ class TreeDecoder(SpecEEDecoder):
                 continue
             flags = np.broadcast_to(out[f"exit_flag.{e}"], (s,))  # [1] (= none) or one per node
             choice = np.broadcast_to(out[f"exit_token.{e}"], (s,))
-            path = self.walk(tokens, parents, choice, flags) if flags[0] else None
+            path = tree.accepted(choice, flags) if flags[0] else None
             if path is None:
                 continue
             for node in (0, *path):  # the path's K/V of layers e+1.. at its rows, RoPE at its positions
                 self.propagate(out[f"layers.{e}.output"][0, node], e, int(feeds["position_ids"][0, node]), n + node)
             return path, choice, out[f"exit_feature.{e}"][None], e
         greedy = values["tokens"][0]
-        return self.walk(tokens, parents, greedy), greedy, values["features"], self.num_layers - 1
+        return tree.accepted(greedy), greedy, values["features"], self.num_layers - 1
 
     def next_token(self, token: int, position: int) -> tuple[int, int]:
         if self.pending:  # accepted by the last forward; ``token`` is already in the cache
             return self.pending.pop(0)
         n = position
-        tokens, parents, depths = self.grow(token, n)
-        s = len(tokens)
-        bias = np.zeros((1, 1, s, n + s), np.float32)
-        bias[0, 0, :, n + 1:] = HIDDEN
-        for node in range(1, s):
-            a = node
-            while a > 0:  # a node sees the past, the root, its ancestors and itself
-                bias[0, 0, node, n + a] = 0.0
-                a = parents[a]
-        feeds = {"input_ids": np.array([tokens], np.int64), "past_sequence_length": np.array([n], np.int64),
-                 "position_ids": np.array([[n + d for d in depths]], np.int64), "attention_bias": bias}
-        cands = self.candidates(tokens, parents, depths, n) if self.exits else None
+        tree = self.grow(token, n)
+        feeds = {"input_ids": np.array([tree.tokens], np.int64), "past_sequence_length": np.array([n], np.int64),
+                 "position_ids": np.array([[n + d for d in tree.depths]], np.int64), "attention_bias": tree.bias(n)}
+        cands = self.candidates(tree, n) if self.exits else None
         if cands is not None:
-            path, greedy, feats, layer = self.verify_with_exits(feeds, tokens, parents, cands, n)
+            path, greedy, feats, layer = self.verify_with_exits(feeds, tree, cands, n)
         else:
             out = run(self.tree, self.tree_binding, feeds, ["tokens", "features"])
             greedy, feats, layer = out["tokens"][0], out["features"], self.num_layers - 1
-            path = self.walk(tokens, parents, greedy)  # follow the child holding its parent's greedy token
+            path = tree.accepted(greedy)  # follow the child holding its parent's greedy token
         for k, a in enumerate(path, start=1):  # the accepted nodes' K/V to rows n+1 .. n+m
             if a != k:
                 for array in self.cache.arrays:

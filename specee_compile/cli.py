@@ -131,7 +131,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle once the new one is complete")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens (default 2048)")
     p.add_argument("--opt", choices=["O0", "O1"], default="O1", help="O0: export only; O1: + ORT fusions")
-    p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="skip a pass by name")
+    p.add_argument("--skip-pass", action="append", default=[], metavar="NAME",
+                   help="skip a pass by name in every graph family, or in one as FAMILY:NAME (see --list-passes)")
     p.add_argument("--specee", action="store_true",
                    help="build the SpecEE early-exit graphs too (calibrates first, cached)")
     p.add_argument("--calib", default=None, metavar="FILE.jsonl", help="calibration prompts (default: ShareGPT)")
@@ -145,8 +146,10 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="with --specee: also export the tree verification graph for lossless tree speculation "
                         "(specee-run --tree) and, in exit mode segments, its segments with per-node predictors for "
                         "early exit inside verification (--tree SHAPE:exit)")
-    p.add_argument("--list-passes", action="store_true", help="print the pass pipeline and exit")
-    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the text IR after every phase to DIR")
+    p.add_argument("--list-passes", action="store_true",
+                   help="print the pass pipeline of every graph family these options emit, and exit")
+    p.add_argument("--dump-ir", default=None, metavar="DIR",
+                   help="write every graph's text IR after every phase to DIR/FAMILY/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     _common(p)
     return p
@@ -176,10 +179,11 @@ def compile_main(argv=None) -> int:
     parser = compile_parser()
     args = parser.parse_args(argv)
     if args.list_passes:
-        from specee_compile.passes import default_pipeline
+        from specee_compile.passes import default_plan
 
         trt = args.check == "trt" or args.backend == "trt" or str(args.out or "").endswith((".plan", ".engine"))
-        print(default_pipeline(args.opt, "trt" if trt else "ort").describe())
+        print(default_plan(args.opt, "trt" if trt else "ort", args.specee, args.tree and args.specee,
+                           args.exit_mode or "segments").describe())
         return 0
     if not args.model or not args.out:
         parser.error("MODEL and --out are required (or use --list-passes)")

@@ -1,57 +1,62 @@
-"""compile(): load -> export -> passes -> lower -> bundle, top to bottom."""
+"""compile(): the one orchestrator. Each stage is a function below, called in this order:
+
+    resolve and load   the model directory, its weights and tokenizer        (load.py)
+    calibrate          the draft, predictors and schedule, cached (--specee)  (calibrate/)
+    export             every graph family once                                (export/)
+    passes             one pipeline per family; the SpecEE decode graphs are
+                       cut after every predictor layer and their segments
+                       run a pipeline of their own                            (passes/, lower/segments.py)
+    lower              exit mode "graph": segments nested into one graph;
+                       TensorRT: the parser check, engines from the saved
+                       graphs                                                 (lower/)
+    write the bundle   graphs, manifest, tokenizer; renamed into place        (bundle/)
+
+Stages hand each other plain data (:class:`Source`, a dict of graphs per family,
+:class:`Lowered`); no stage calls another.
+"""
 
 from __future__ import annotations
 
-import datetime
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from specee_compile import __version__, bundle, load
-from specee_compile.bundle import io_contract
+from specee_compile import bundle, load
+from specee_compile.bundle.assemble import Facts, write_bundle
 from specee_compile.config import CompileConfig
-from specee_compile.errors import BackendError, OutputError
+from specee_compile.contract import TREE_MAX_WIDTH, exit_flag
+from specee_compile.errors import BackendError, PassError
 from specee_compile.lower import tensorrt as trt_lowering
-from specee_compile.passes import default_pipeline
-from specee_compile.tokenizer import check_folder, end_of_text_ids
+from specee_compile.lower.exit_graph import nest_segments
+from specee_compile.lower.segments import Segmented, split_segments
+from specee_compile.passes import ExitWeights, PassPlan, Pipeline, default_plan
 
 logger = logging.getLogger(__name__)
 
-GRAPH_FILE = "model.onnx"
-PROTOCOL = """\
-Greedy decoding with graph `step` and a preallocated KV cache:
-1. Allocate, per layer i, two float32 buffers past_key_values.{i}.key / .value of shape
-   [1, kv_heads, capacity, head_dim] (zeros are fine).
-2. Prefill: run `step` with input_ids = the prompt ids [1, S] and past_sequence_length = [0].
-   Bind each present.{i}.key|value output to the SAME buffer as the matching past input:
-   ONNX Runtime's GroupQueryAttention then writes the new positions in place.
-   (Without binding, copy present.* into the buffers yourself before the next call.)
-3. The next token is argmax(logits[0]). Stop at any of eos_token_ids.
-4. Decode: run `step` with input_ids = [[token]] and past_sequence_length = [tokens so far
-   in the cache], the same buffers bound as before. Repeat from 3.
-5. The cache holds `capacity` positions: prompt + generated tokens must not exceed it.
-"""
-PROTOCOL_SWAP = """\
-Greedy decoding with graph `step` and a preallocated KV cache:
-1. Allocate, per layer i, TWO pairs of float32 buffers of shape [1, kv_heads, capacity, head_dim]
-   (zeros are fine): A and B for the key, A and B for the value.
-2. Prefill: run `step` with input_ids = the prompt ids [1, S], past_sequence_length = [0],
-   past_key_values.{i}.* = the A buffers and present.{i}.* = the B buffers. The graph writes
-   the whole cache, with the new positions scattered in, into present.
-3. The next token is argmax(logits[0]). Stop at any of eos_token_ids.
-4. Decode: swap A and B (the last present is the next past) and run `step` with
-   input_ids = [[token]] and past_sequence_length = [tokens so far in the cache]. Repeat from 3.
-   (ONNX Runtime on CPU may instead bind present to the same buffer as past: its
-   ScatterElements then writes in place.)
-5. The cache holds `capacity` positions: prompt + generated tokens must not exceed it.
-"""
-CACHE_UPDATE = {
-    "ort": "in place when present.* is bound to the past buffer (shared buffer)",
-    "trt": "ScatterElements at past_sequence_length into a copy of past (swap two buffers), or in place "
-           "on ONNX Runtime when present.* is bound to the past buffer",
-}
+
+@dataclass
+class Source:
+    """The loaded model and what the later stages need to know about it."""
+
+    model_dir: Path
+    info: load.ModelInfo
+    hf_model: object
+    tokenizer: object
+    capacity: int
+
+
+@dataclass
+class Lowered:
+    """What the bundle stage writes: graphs per family (the cut families' segments), the
+    K/V-propagation tensors, and the TensorRT parser check's facts."""
+
+    graphs: dict[str, ir.Model | Segmented]
+    kv_fill: dict[str, np.ndarray] = field(default_factory=dict)
+    trt_check: dict | None = None
 
 
 def disabled_backend_reason(backend: str) -> str | None:
@@ -74,144 +79,187 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
             f"--out {onnx_out} --check trt (nothing was loaded or written)."
         )
     bundle.check_output(config.out, config.force)
-    total = 5 + (config.graph_target == "trt") + (config.backend == "trt")
+    plan_pass_names(config)  # unknown --skip-pass names fail before anything is loaded
+    total = 6 + config.specee
     with tqdm(total=total, desc="compile", unit="stage", disable=not progress) as stages:
-        return _compile_stages(config, stages)
+        def stage(name: str):
+            stages.set_postfix_str(name)
+            stages.update()
+
+        source = resolve_and_load(config)
+        stage("calibrate" if config.specee else "export")
+        calibration = calibrate(config, source, progress) if config.specee else None
+        if config.specee:
+            stage("export")
+        graphs, shapes, kv_fill = export(config, source, calibration)
+        stage("passes")
+        plan = pass_plan(config, calibration)
+        graphs, pass_log = run_passes(config, plan, graphs)
+        stage("lower")
+        lowered = lower(config, source, graphs, kv_fill)
+        stage("write bundle" + (" (TensorRT engines)" if config.backend == "trt" else ""))
+        layers = plan.exits.layers if plan.exits is not None else ()
+        facts = Facts(config, source.info.family, shapes, source.hf_model, source.tokenizer, pass_log, calibration,
+                      layers)
+        out = write_bundle(config, facts, lowered)
+        stage("done")
+        return out
 
 
-def _compile_stages(config: CompileConfig, stages) -> Path:
-    stages.set_postfix_str("resolve model")
+# ---- 1. resolve and load ----------------------------------------------------------------------
+def resolve_and_load(config: CompileConfig) -> Source:
     model_dir = load.resolve(config.model)
     info = load.inspect(model_dir)
-    capacity = min(config.max_context, info.max_positions)
-    stages.update()
-
-    stages.set_postfix_str("load weights")
     hf_model, tokenizer = load.load(model_dir)
+    capacity = min(config.max_context, info.max_positions)
     window = getattr(hf_model.config, "sliding_window", None)
     if window and getattr(hf_model.config, "use_sliding_window", True):
         capacity = min(capacity, int(window))
-    stages.update()
-
-    stages.set_postfix_str("export (torch.export + ONNX)")
-    from specee_compile.export import export_step
-
-    target = config.graph_target
-    model, shapes = export_step(hf_model, capacity, target)
-    stages.update()
-
-    stages.set_postfix_str("passes")
-    pipeline = config.pipeline or default_pipeline(config.opt_level, target)
-    model, pass_log = pipeline(model, skip=config.skip_passes, dump_dir=config.dump_ir)
-    stages.update()
-
-    spec_graphs = None
-    if config.specee:
-        from specee_compile.lower import specee as specee_lowering
-
-        stages.set_postfix_str("SpecEE: calibration, passes, segments, draft")
-        spec_graphs = specee_lowering.build(
-            config.model, hf_model, capacity, calib_file=config.calib_file, rule=config.exit_rule,
-            threshold=config.threshold, opt_level=config.opt_level, progress=stages.disable is False,
-            calibration=config.calibration, target=target, exit_mode=config.exit_mode, tree=config.tree)
-
-    checked = None
-    if target == "trt":
-        stages.set_postfix_str("check against TensorRT's ONNX parser")
-        graphs = {"step": model}
-        if spec_graphs is not None:
-            graphs.update({f"segment_{k}": seg.model for k, seg in enumerate(spec_graphs.segments)})
-            if spec_graphs.decode is not None:
-                graphs["decode"] = spec_graphs.decode
-            graphs["draft"] = spec_graphs.draft
-            if spec_graphs.tree is not None:
-                graphs.update({"tree": spec_graphs.tree, "draft_tree": spec_graphs.draft_tree})
-                graphs.update({f"tree_segment_{k}": seg.model for k, seg in enumerate(spec_graphs.tree_segments)})
-        version = trt_lowering.check_graphs(graphs)
-        checked = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(graphs), "problems": 0}
-        stages.update()
-
-    stages.set_postfix_str("write bundle")
-    with bundle.staging(config.out, config.force) as tmp:
-        ir.save(model, tmp / GRAPH_FILE, external_data=GRAPH_FILE + ".data")
-        step = {"file": GRAPH_FILE, **io_contract(model)}
-        spec = specee_lowering.save(spec_graphs, tmp) if spec_graphs is not None else None
-        engine = None
-        if config.backend == "trt":
-            stages.set_postfix_str("build TensorRT engines")
-            profile = trt_lowering.optimization_profile(model, capacity)
-            plan = trt_lowering.build_engine(tmp / GRAPH_FILE, profile, config.precision)
-            (tmp / trt_lowering.ENGINE_FILE).write_bytes(plan)
-            step = {"file": trt_lowering.ENGINE_FILE, "onnx": GRAPH_FILE, **io_contract(model)}
-            engine = trt_lowering.engine_facts(config.precision, profile)
-            if spec is not None:
-                spec = _build_specee_engines(spec, tmp, capacity, config.precision)
-            stages.update()
-        tokenizer.save_pretrained(tmp)
-        _check_tokenizer_files(tmp)
-        hf_model.generation_config.save_pretrained(tmp)
-        manifest = {
-            "format": bundle.FORMAT,
-            "format_version": bundle.FORMAT_VERSION,
-            "producer": f"specee-compile {__version__}",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backend": "tensorrt" if config.backend == "trt" else "onnxruntime",
-            "graph_target": target,
-            "model": {
-                "source": str(config.model),
-                "family": info.family,
-                "num_layers": shapes.num_layers,
-                "hidden_size": shapes.hidden_size,
-                "num_heads": shapes.num_heads,
-                "num_kv_heads": shapes.num_kv_heads,
-                "head_dim": shapes.head_dim,
-                "vocab_size": shapes.vocab_size,
-                "eos_token_ids": [t for t in end_of_text_ids(tokenizer, hf_model.generation_config.eos_token_id,
-                                                             hf_model.config.eos_token_id) if t < shapes.vocab_size],
-                "chat_template": bool(getattr(tokenizer, "chat_template", None)),
-            },
-            "cache": {
-                "capacity": capacity,
-                "layout": "[batch, kv_heads, capacity, head_dim]",
-                "dtype": "float32",
-                "update": CACHE_UPDATE[target],
-            },
-            "graphs": {"step": step},
-            "protocol": PROTOCOL if target == "ort" else PROTOCOL_SWAP,
-            "compile": config.to_dict(),
-            "passes": pass_log,
-        }
-        if checked is not None:
-            manifest["tensorrt_check"] = checked
-        if engine is not None:
-            manifest["engine"] = engine
-        if spec is not None:
-            manifest["specee"] = spec
-            manifest["passes"] = pass_log + spec_graphs.pass_log
-        bundle.finish_manifest(tmp, manifest)
-    stages.update()
-    return config.out
+    return Source(model_dir, info, hf_model, tokenizer, capacity)
 
 
-def _check_tokenizer_files(bundle_dir: Path) -> None:
-    """A bundle's tokenizer is tokenizer.json (+ tokenizer_config.json, chat_template.jinja): what
-    the runtimes read. Anything else save_pretrained wrote (code, vocab files) is refused or dropped."""
-    check_folder(bundle_dir, "the bundle being written", OutputError)
-    if not (bundle_dir / "tokenizer.json").is_file():
-        raise OutputError("the model's tokenizer could not be saved as tokenizer.json, which a bundle's runtime reads; "
-                          "use a model with a fast tokenizer (tokenizer.json).")
-    for extra in ("special_tokens_map.json", "added_tokens.json"):  # folded into tokenizer.json and its config
-        (bundle_dir / extra).unlink(missing_ok=True)
+# ---- 2. calibrate -----------------------------------------------------------------------------
+def calibrate(config: CompileConfig, source: Source, progress: bool):
+    """The calibration artifact (``config.calibration``, or found in / added to the cache)."""
+    from specee_compile.calibrate import CalibrationSettings, calibrate as run_calibration, load_calibration
+
+    folder = config.calibration or run_calibration(
+        config.model, CalibrationSettings(calib_file=config.calib_file, rule=config.exit_rule), progress=progress)
+    calibration = load_calibration(folder, source.hf_model)
+    calibration.meta["artifact"] = str(folder)
+    _warn_if_slower(calibration.meta.get("chosen", {}), source.hf_model.config.num_hidden_layers)
+    return calibration
 
 
-def _build_specee_engines(spec: dict, bundle_dir: Path, capacity: int, precision: str) -> dict:
-    """One TensorRT engine per segment and one for the draft, each next to its ONNX file;
-    returns the ``specee`` manifest section that names them."""
-    from specee_compile.lower import specee as specee_lowering
+def exit_weights(config: CompileConfig, calibration, num_layers: int) -> ExitWeights:
+    """The predictors to insert: after every layer the schedule's online window can reach
+    from its offline set, up to the second-to-last."""
+    schedule = calibration.schedule
+    reach = max(0, -min(schedule.offsets, default=0))
+    lo = max(0, min(schedule.offline_layers, default=0) - reach)
+    predictors = {k: v.detach().numpy() for k, v in calibration.bank.state_dict().items()}
+    return ExitWeights(tuple(range(lo, num_layers - 1)), config.exit_rule, predictors,
+                       calibration.draft.vocab_map.numpy())
 
-    jobs = specee_lowering.engine_jobs(spec, capacity)
-    for job in jobs:
-        plan = trt_lowering.build_engine(bundle_dir / job.onnx, job.profile, precision)
-        (bundle_dir / job.engine).write_bytes(plan)
-    return specee_lowering.with_engines(spec, jobs)
+
+def _warn_if_slower(chosen: dict, num_layers: int) -> None:
+    """Say so when the calibration itself predicts no speedup for this model."""
+    cost = chosen.get("relative_cost")
+    if cost is not None and cost >= 1.0:
+        logger.warning(
+            "the calibration predicts SpecEE decode steps at %.1f%% of the dense cost on this model (%.1f%% "
+            "agreement, %.2f of %d layers executed on average): expect no speedup over the dense graph, which the "
+            "bundle keeps (specee-run --no-exit). A draft that hits more often lets exits come earlier.",
+            100 * cost, 100 * chosen.get("agreement", float("nan")), chosen.get("mean_layers", float("nan")),
+            num_layers)
+
+
+# ---- 3. export --------------------------------------------------------------------------------
+def export(config: CompileConfig, source: Source, calibration):
+    """Every graph family this compile emits, each exported once (``decode`` is the step
+    exported again for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the
+    step's shapes and the K/V-propagation tensors."""
+    from specee_compile import export as exporter
+
+    target, capacity, hf_model = config.graph_target, source.capacity, source.hf_model
+    step, shapes = exporter.export_step(hf_model, capacity, target)
+    graphs = {"step": step}
+    if calibration is None:
+        return graphs, shapes, {}
+    graphs["decode"] = exporter.export_step(hf_model, capacity, target)[0]
+    graphs["draft"] = exporter.export_draft(calibration.draft, capacity, target)
+    if config.tree:
+        graphs["tree"] = exporter.export_tree(hf_model, capacity, target)
+        if config.exit_mode == "segments":
+            graphs["tree_decode"] = _copy(graphs["tree"])
+        graphs["draft_tree"] = exporter.export_draft(calibration.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
+    return graphs, shapes, exporter.kv_fill(hf_model, capacity)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+# ---- 4. passes --------------------------------------------------------------------------------
+def pass_plan(config: CompileConfig, calibration=None) -> PassPlan:
+    """The default plan for ``config`` (SpecEE passes with the calibration's weights), as the
+    user's ``config.pipeline`` edits or replaces it."""
+    exits = None
+    if calibration is not None:
+        exits = exit_weights(config, calibration, calibration.meta["num_layers"])
+    plan = default_plan(config.opt_level, config.graph_target, config.specee, config.tree, config.exit_mode, exits)
+    custom = config.pipeline
+    if isinstance(custom, Pipeline):  # a pipeline of its own for the step graph
+        plan.pipelines["step"] = custom
+    elif callable(custom):
+        custom(plan)  # edits the plan in place: plan["decode"].append("finalize", MyPass())
+    return plan
+
+
+def plan_pass_names(config: CompileConfig) -> list[str]:
+    """Every pass of the compile's plan, as FAMILY:NAME; unknown ``skip_passes`` fail here."""
+    plan = pass_plan(config)
+    plan.check_skip(config.skip_passes)
+    return plan.names()
+
+
+def run_passes(config: CompileConfig, plan: PassPlan, graphs: dict[str, ir.Model]
+               ) -> tuple[dict[str, ir.Model | Segmented], list[dict]]:
+    """Each family's pipeline; ``decode`` and ``tree_decode`` are then cut after every
+    predictor layer and each cut runs its family's pipeline (``segments``, ``tree_segments``)."""
+    skip, dump = config.skip_passes, config.dump_ir
+    out: dict[str, ir.Model | Segmented] = {}
+    log: list[dict] = []
+    for family, model in graphs.items():
+        model, entries = plan.run(family, model, skip, dump)
+        log += entries
+        cut = {"decode": "segments", "tree_decode": "tree_segments"}.get(family)
+        if cut is None:
+            out[family] = model
+            continue
+        segmented = _cut(model, plan.exits.layers, family)
+        for k, seg in enumerate(segmented.segments):
+            seg.model, entries = plan.run(cut, seg.model, skip, dump, part=k)
+            log += entries
+        out[cut] = segmented
+    return out, log
+
+
+def _cut(model: ir.Model, layers: tuple[int, ...], family: str) -> Segmented:
+    from specee_compile.passes.analysis import find_decoder
+
+    outputs = {v.name for v in model.graph.outputs}
+    missing = [exit_flag(i) for i in layers if exit_flag(i) not in outputs]
+    if missing:
+        raise PassError(f"the '{family}' graph lacks the exits {missing} to cut at; a custom pipeline removed "
+                        "insert_predictors or insert_early_exit, which SpecEE graphs need.")
+    inputs = [v.name for v in model.graph.inputs]
+    return Segmented(split_segments(model, list(layers), find_decoder(model, f"cutting '{family}'").num_layers), inputs)
+
+
+# ---- 5. lower ---------------------------------------------------------------------------------
+def lower(config: CompileConfig, source: Source, graphs: dict, kv_fill: dict) -> Lowered:
+    """Exit mode "graph": the segments nested into one decode graph. ``--check trt``: every
+    graph checked against TensorRT's ONNX parser (the engines are built from the saved files
+    when the bundle is written)."""
+    from specee_compile.export import rms_eps
+
+    if config.specee and config.exit_mode == "graph":
+        cfg = source.hf_model.config
+        cut = graphs["segments"]
+        nested = nest_segments(cut.segments, cut.inputs, kv_fill, rms_eps(source.hf_model), cfg.num_hidden_layers,
+                               cfg.num_key_value_heads or cfg.num_attention_heads, rows=config.graph_target == "trt")
+        graphs = {("decode" if f == "segments" else f): (nested if f == "segments" else g) for f, g in graphs.items()}
+    lowered = Lowered(graphs, kv_fill)
+    if config.graph_target == "trt":
+        flat = {}
+        for family, g in graphs.items():
+            if isinstance(g, Segmented):
+                prefix = "segment" if family == "segments" else "tree_segment"
+                flat.update({f"{prefix}_{k}": seg.model for k, seg in enumerate(g.segments)})
+            else:
+                flat[family] = g
+        version = trt_lowering.check_graphs(flat)
+        lowered.trt_check = {"tensorrt": f"{version[0]}.{version[1]}", "graphs": list(flat), "problems": 0}
+    return lowered
 

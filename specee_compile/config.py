@@ -29,8 +29,11 @@ class CompileConfig:
         force: replace an existing bundle at ``out`` (only once the new one is complete).
         skip_passes: names of passes to leave out.
         dump_ir: a folder to write the graph's text IR to after every phase.
-        pipeline: a :class:`specee_compile.passes.Pipeline` replacing the default one
-            (custom passes); its pass names are recorded in the manifest.
+        pipeline: custom passes: a function that edits the default
+            :class:`specee_compile.passes.PassPlan` in place (one pipeline per graph family:
+            ``lambda plan: plan["decode"].append("finalize", MyPass())``; it is called on every
+            plan the compile builds), or a :class:`specee_compile.passes.Pipeline` replacing the
+            ``step`` family's. The passes that ran are recorded in the manifest.
         specee: also build the SpecEE decode graphs (calibrating first when needed).
         calib_file: calibration JSONL (default ShareGPT).
         exit_rule: "full" (paper), "reduced" (draft vocabulary) or "draft" (no head product).
@@ -67,7 +70,7 @@ class CompileConfig:
     calibration: Path | None = None  # a calibration artifact folder to use as is
     precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
     check: str = ""
-    pipeline: object | None = field(default=None, compare=False)  # a passes.Pipeline to use instead
+    pipeline: object | None = field(default=None, compare=False)  # edits the PassPlan, or the step's Pipeline
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -98,6 +101,9 @@ class CompileConfig:
             raise ConfigError(f"check '{self.check}' is unknown; the only check is 'trt' (TensorRT 10's ONNX parser).")
         if not isinstance(self.max_context, int) or not 16 <= self.max_context <= 1 << 20:
             raise ConfigError(f"max_context must be an integer in [16, 1048576], got {self.max_context}.")
+        if self.pipeline is not None and not callable(self.pipeline):
+            raise ConfigError("pipeline must be a function that edits the PassPlan, or a passes.Pipeline for the step "
+                              f"graph; got {type(self.pipeline).__name__}.")
         if self.exit_rule not in ("full", "reduced", "draft"):
             raise ConfigError(f"exit_rule '{self.exit_rule}' is unknown; choose full, reduced or draft.")
         if self.exit_mode not in EXIT_MODES:
@@ -142,8 +148,16 @@ class CompileConfig:
         d["skip_passes"] = list(self.skip_passes)
         d["dump_ir"] = str(self.dump_ir) if self.dump_ir else None
         d["calibration"] = str(self.calibration) if self.calibration else None
-        d["pipeline"] = self.pipeline.names() if self.pipeline is not None else None
+        d["pipeline"] = _describe_custom(self.pipeline)
         return d
+
+
+def _describe_custom(pipeline) -> list[str] | str | None:
+    if pipeline is None:
+        return None
+    if hasattr(pipeline, "names"):
+        return pipeline.names()
+    return getattr(pipeline, "__qualname__", type(pipeline).__name__)
 
 
 def with_overrides(config: CompileConfig, overrides: list[str]) -> CompileConfig:

@@ -17,8 +17,10 @@ def test_custom_pass_example_compiles_with_the_user_pass(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py"), "", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "record_op_histogram" in proc.stdout
-    assert "GroupQueryAttention" in proc.stdout and "generated:" in proc.stdout
+    for family in ("step", "segments", "draft"):
+        assert f"'{family}:record_op_histogram'" in proc.stdout
+    assert "op histogram of specee/segment_0.onnx:" in proc.stdout and "op histogram of specee/draft.onnx" in proc.stdout
+    assert "GroupQueryAttention" in proc.stdout and "generated:" in proc.stdout and "exit layers:" in proc.stdout
 
 
 # ---- examples/standalone_ort.py: a bundle driven with onnxruntime, numpy and tokenizers only ----
@@ -80,14 +82,17 @@ def _engine(bundle: Path, prompt: str, max_new_tokens: int, chat: bool = False, 
 
 
 def test_standalone_example_imports_no_package_torch_or_transformers():
-    tree = ast.parse(STANDALONE.read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    siblings = {"standalone_algorithms", "standalone_files"}  # its modules next to it in examples/
+    modules = set()
+    for file in [STANDALONE, *(STANDALONE.with_name(f"{name}.py") for name in siblings)]:
+        tree = ast.parse(file.read_text())
+        modules |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
     assert not modules & {"specee_compile", "torch", "transformers", "safetensors"}
     # jinja2 only for --chat: chat templates are Jinja
-    assert modules - set(sys.stdlib_module_names) <= {"onnxruntime", "numpy", "tokenizers", "jinja2"}
+    assert modules - set(sys.stdlib_module_names) <= {"onnxruntime", "numpy", "tokenizers", "jinja2", *siblings}
 
 
 def test_standalone_example_reproduces_the_dense_engine_to_a_full_cache(tiny_bundle):

@@ -269,9 +269,9 @@ def test_exit_mode_without_specee_is_refused(capsys):
 
 
 def test_compiling_warns_when_the_calibration_predicts_no_speedup(caplog):
-    from specee_compile.lower.specee import _warn_if_slower
+    from specee_compile.compiler import _warn_if_slower
 
-    with caplog.at_level("WARNING", logger="specee_compile.lower.specee"):
+    with caplog.at_level("WARNING", logger="specee_compile.compiler"):
         _warn_if_slower({"relative_cost": 0.93, "agreement": 0.985, "mean_layers": 26.1}, 30)
         assert not caplog.records
         _warn_if_slower({"relative_cost": 1.048, "agreement": 0.9858, "mean_layers": 29.58}, 30)

@@ -293,7 +293,7 @@ def test_specee_tensorrt_bundle_has_an_engine_per_segment_and_the_draft_built_af
 
 
 def test_engine_jobs_fix_segment_dimensions_at_one_and_span_the_capacity_for_the_draft():
-    from specee_compile.lower.specee import engine_jobs, with_engines
+    from specee_compile.lower.tensorrt import engine_jobs, with_engines
 
     io = lambda name, shape: {"name": name, "dtype": "float32", "shape": shape}  # noqa: E731
     spec = {"segments": [{"file": "specee/segment_0.onnx", "inputs": [io("input_ids", [1, "s"]),

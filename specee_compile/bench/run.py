@@ -34,7 +34,7 @@ from specee_compile.calibrate import CalibrationSettings, calibrate, data
 from specee_compile.calibrate.pipeline import META
 from specee_compile.config import CompileConfig, with_overrides
 from specee_compile.errors import ConfigError, SpecEEError
-from specee_compile.lower.specee import TREE_MAX_WIDTH
+from specee_compile.contract import TREE_MAX_WIDTH
 from specee_compile.runtimes import check_threads, load, share_threads
 from specee_compile.runtimes.tree import TreeShape
 

@@ -21,9 +21,9 @@ a path.
 
 from specee_compile.bundle.files import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 from specee_compile.bundle.read import member, read_manifest
-from specee_compile.bundle.write import check_output, finish_manifest, io_contract, replaceable_problem, staging
+from specee_compile.bundle.write import check_output, finish_manifest, replaceable_problem, staging
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "check_output", "finish_manifest", "io_contract", "member",
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "check_output", "finish_manifest", "member",
     "read_manifest", "replaceable_problem", "sha256", "staging",
 ]

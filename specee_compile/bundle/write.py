@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import onnx_ir as ir
 
 from specee_compile.bundle.files import FORMAT, MANIFEST, entries, parents, sha256
 from specee_compile.errors import OutputError
@@ -177,17 +176,3 @@ def finish_manifest(bundle_dir: Path, manifest: dict) -> dict:
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(partial, bundle_dir / MANIFEST)
     return manifest
-
-
-def io_contract(model: ir.Model) -> dict:
-    """Names, dtypes and shapes (symbolic dims as strings) of a graph's inputs and outputs."""
-
-    def describe(v: ir.Value) -> dict:
-        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
-        dtype = str(v.dtype.numpy()) if v.dtype is not None else None
-        return {"name": v.name, "dtype": dtype, "shape": dims}
-
-    return {
-        "inputs": [describe(v) for v in model.graph.inputs],
-        "outputs": [describe(v) for v in model.graph.outputs],
-    }

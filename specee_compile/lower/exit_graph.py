@@ -49,7 +49,7 @@ def nest_segments(segments: list[Segment], input_names: list[str], kv_fill: dict
     """Nest ``segments`` (consumed) into one decode graph with an ``If`` after every cut.
 
     ``input_names`` orders the graph inputs (the SpecEE step graph's input order);
-    ``kv_fill`` holds the K/V-propagation tensors (``lower.specee._kv_fill``); ``rows``: the
+    ``kv_fill`` holds the K/V-propagation tensors (``export.kv_fill``); ``rows``: the
     branches return new cache rows, scattered in the main graph (TensorRT-ready graphs).
     """
     return _Nester(segments, kv_fill, eps, num_layers, kv_heads, rows).build(input_names)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
 from specee_compile.passes.analysis import scope
-from specee_compile.passes.insert_predictors import SEGMENT
+from specee_compile.contract import SEGMENT
 
 INLINE_BYTES = 1024
 
@@ -35,6 +35,15 @@ class Segment:
     first_layer: int
     last_layer: int  # inclusive
     exit_layer: int | None  # the predictor layer this segment ends with; None for the last
+
+
+@dataclass
+class Segmented:
+    """A graph cut after every predictor layer: its segments in run order, and the inputs of
+    the graph they were cut from, in its order (the order a nested decode graph takes)."""
+
+    segments: list[Segment]
+    inputs: list[str]
 
 
 def split_segments(model: ir.Model, cuts: list[int], num_layers: int) -> list[Segment]:

@@ -11,13 +11,15 @@ steps up to the hardware call are exercised without one.
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
-from specee_compile.bundle import io_contract
+from specee_compile.contract import io_contract
 from specee_compile.errors import BackendError
 from specee_compile.lower.trt_check import DEFAULT_TARGET, TensorRTCompatibilityError, Version, find_problems
 
@@ -184,3 +186,47 @@ def engine_facts(precision: str, profile: dict) -> dict:
     major, minor = torch.cuda.get_device_capability()
     return {"tensorrt": trt.__version__, "precision": precision, "device": torch.cuda.get_device_name(),
             "compute_capability": f"{major}.{minor}", "profile": profile}
+
+
+# ---- the engines of a SpecEE bundle ----------------------------------------------------------
+@dataclass(frozen=True)
+class EngineJob:
+    """One TensorRT engine of a SpecEE bundle (paths relative to the bundle)."""
+
+    name: str  # "segment_{k}" or "draft", as the TensorRT check names the graph
+    onnx: str  # the graph it is built from
+    engine: str  # where its serialized engine goes: the graph's file with the suffix .plan
+    profile: dict[str, list[list[int]]]  # min / opt / max shape of every input with symbolic dimensions
+
+
+def engine_jobs(spec: dict, capacity: int) -> list[EngineJob]:
+    """The engines of a TensorRT SpecEE bundle, from the ``specee`` section ``save`` returned.
+
+    One per segment, in run order, with every symbolic dimension fixed at 1: segments run
+    decode steps only (prefill uses the step engine), so the token and the hidden states
+    crossing a cut are [1, 1] and [1, 1, d]. One for the draft, which also runs over the
+    prompt at prefill: its sequence dimension spans 1 to ``capacity``, tuned for 1.
+    """
+    if "segments" not in spec:
+        raise BackendError(f"TensorRT SpecEE engines are built per segment; exit mode '{spec.get('exit_mode')}' "
+                           "has none. Compile with --exit-mode segments.")
+    jobs = [EngineJob(f"segment_{k}", g["file"], _engine_file(g["file"]), io_profile(g["inputs"], 1))
+            for k, g in enumerate(spec["segments"])]
+    draft = spec["draft"]
+    jobs.append(EngineJob("draft", draft["file"], _engine_file(draft["file"]), io_profile(draft["inputs"], capacity)))
+    return jobs
+
+
+def with_engines(spec: dict, jobs: list[EngineJob]) -> dict:
+    """The ``specee`` section of a TensorRT bundle: each segment's and the draft's ``file`` is
+    its engine, ``onnx`` the graph it was built from and ``profile`` the shapes it takes."""
+    spec = copy.deepcopy(spec)
+    graphs = {f"segment_{k}": g for k, g in enumerate(spec["segments"])}
+    graphs["draft"] = spec["draft"]
+    for job in jobs:
+        graphs[job.name].update(file=job.engine, onnx=job.onnx, profile=job.profile)
+    return spec
+
+
+def _engine_file(onnx_file: str) -> str:
+    return str(Path(onnx_file).with_suffix(".plan"))

@@ -243,9 +243,9 @@ def _check_cache_writes(graph: ir.Graph, path: str, target: Version, problems) -
     for out in graph.outputs:
         if not (out.name or "").startswith("present."):
             continue
-        value, producer = out, out.producer()
+        producer = out.producer()
         while producer is not None and producer.op_type == "Identity" and producer.domain in DOMAINS:
-            value, producer = producer.inputs[0], producer.inputs[0].producer()
+            producer = producer.inputs[0].producer()
         if producer is None:
             continue
         op = f"{producer.domain or 'ai.onnx'}::{producer.op_type}"

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from specee_compile.contract import LAYER_OUTPUT_PATTERN
 from specee_compile.errors import PassError
 
-LAYER_OUTPUT = re.compile(r"^layers\.(\d+)\.output$")
+LAYER_OUTPUT = re.compile(LAYER_OUTPUT_PATTERN)
 
 
 @dataclass
@@ -36,7 +37,7 @@ def scope(node: ir.Node) -> list[str]:
     return [part.strip(" '") for part in raw.strip("[]").split(",")]
 
 
-def find_decoder(model: ir.Model, pass_name: str) -> DecoderGraph:
+def find_decoder(model: ir.Model, pass_name: str, error: type[Exception] = PassError) -> DecoderGraph:
     """Locate layer outputs, final norm and LM head; raise a PassError naming what is missing."""
     layers: dict[int, ir.Value] = {}
     for node in model.graph:
@@ -45,7 +46,7 @@ def find_decoder(model: ir.Model, pass_name: str) -> DecoderGraph:
             if m:
                 layers[int(m.group(1))] = out
     if not layers or sorted(layers) != list(range(len(layers))):
-        raise PassError(
+        raise error(
             f"{pass_name}: the graph has no complete set of 'layers.{{i}}.output' values (found "
             f"{sorted(layers)}); run it on a graph from specee_compile.export before ORT fusions."
         )
@@ -63,5 +64,5 @@ def find_decoder(model: ir.Model, pass_name: str) -> DecoderGraph:
             and len(source.inputs[0].shape or []) == 2:  # MatMul by a transposed [V, d] weight (many query tokens)
         head_weight, transposed = source.inputs[0], False
     if weight is None or eps is None or head_weight is None or head_weight.const_value is None:
-        raise PassError(f"{pass_name}: could not find the final norm's weight/epsilon or the LM head's weight.")
+        raise error(f"{pass_name}: could not find the final norm's weight/epsilon or the LM head's weight.")
     return DecoderGraph([layers[i] for i in range(len(layers))], weight, eps, head_weight, transposed)

@@ -20,7 +20,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from specee_compile.passes.insert_predictors import ROLE
+from specee_compile.contract import ROLE
+from specee_compile.passes.conditions import Broken
 
 
 @dataclasses.dataclass
@@ -30,9 +31,12 @@ class FuseDraftGathersPass(ir.passes.InPlacePass):
     name: str = "fuse_draft_gathers"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
 
+    def ensures(self, model: ir.Model) -> None:
+        if _tagged_gathers(model):
+            raise Broken(f"{self.name}: predictor gathers of the draft rows are left unfused.")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        gathers = [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                   if n.metadata_props.get(ROLE) == "draft_rows"]
+        gathers = _tagged_gathers(model)
         self.fired = {}
         if not gathers:
             return ir.passes.PassResult(model, modified=False)
@@ -72,3 +76,7 @@ class FuseDraftGathersPass(ir.passes.InPlacePass):
 def _axes(tape: ir.tape.Tape, rank: int) -> ir.Value:
     """Axes 1..rank: the norm weight [d] against rows gathered along axis 1 of a [d, V] head."""
     return tape.op("Constant", [], {"value": ir.tensor(np.arange(1, rank + 1, dtype=np.int64))})
+
+
+def _tagged_gathers(model: ir.Model) -> list[ir.Node]:
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.metadata_props.get(ROLE) == "draft_rows"]

@@ -33,18 +33,22 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from specee_compile.contract import DRAFT_IDS, EXIT_RULES, EXIT_THRESHOLD, SEGMENT, exit_feature, exit_flag, exit_token
 from specee_compile.errors import PassError
 from specee_compile.passes.analysis import find_decoder
-from specee_compile.passes.insert_predictors import SEGMENT, constant, name_nodes, normalized_last, normalized_nodes
+from specee_compile.passes.conditions import Broken, Unmet, graph_input, graph_output_names
+from specee_compile.passes.insert_predictors import constant, name_nodes, normalized_last, normalized_nodes
 
-RULES = ("full", "reduced", "draft")
-THRESHOLD_INPUT = "exit_threshold"
+RULES = EXIT_RULES
+THRESHOLD_INPUT = EXIT_THRESHOLD
+PREDICTOR = "predictor."  # the name prefix of InsertPredictorsPass's If nodes: predictor.{i}
 
 
 @dataclasses.dataclass
 class InsertEarlyExitPass(ir.passes.InPlacePass):
-    """Add exit flag, token and feature outputs after every predictor, and the
-    ``exit_threshold`` graph input they compare the scores with."""
+    """Add an exit decision (flag, token, feature outputs) after every predictor.
+
+    The scores are compared with the new graph input ``exit_threshold``."""
 
     rule: str = "full"
     vocab_map: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for rule "reduced"
@@ -55,16 +59,29 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
     def __post_init__(self):
         if self.rule not in RULES:
             raise PassError(f"{self.name}: exit rule '{self.rule}' is unknown; choose one of {RULES}.")
+
+    def requires(self, model: ir.Model) -> None:
+        """The decoder's structure, predictors (``insert_predictors`` ran) and no exits yet."""
+        find_decoder(model, self.name, Unmet)
+        if not _predictors(model) or graph_input(model, DRAFT_IDS) is None:
+            raise Unmet(f"{self.name}: the graph has no predictors; run insert_predictors first.")
         if self.rule == "reduced" and self.vocab_map is None:
-            raise PassError(f"{self.name}: the 'reduced' rule needs the draft's vocabulary map.")
+            raise Unmet(f"{self.name}: the 'reduced' rule needs the draft's vocabulary map.")
+        if graph_input(model, THRESHOLD_INPUT) is not None:
+            raise Unmet(f"{self.name}: the graph already has exits (an '{THRESHOLD_INPUT}' input); run it once.")
+
+    def ensures(self, model: ir.Model) -> None:
+        outputs = graph_output_names(model)
+        layers = [int(n.name[len(PREDICTOR):]) for n in _predictors(model)]
+        missing = [name(i) for i in layers for name in (exit_flag, exit_token, exit_feature) if name(i) not in outputs]
+        if missing:
+            raise Broken(f"{self.name}: the graph lacks the exit outputs {missing}.")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         dec = find_decoder(model, self.name)
-        predictors = [n for n in model.graph if n.op_type == "If" and (n.name or "").startswith("predictor.")]
-        if not predictors:
-            raise PassError(f"{self.name}: the graph has no predictors; run insert_predictors first.")
+        predictors = _predictors(model)
         graph = model.graph
-        draft_ids = next(v for v in graph.inputs if v.name == "draft_ids")
+        draft_ids = graph_input(model, DRAFT_IDS)
         tape = ir.tape.Tape(graph)
         reduced = None
         if self.rule == "reduced":
@@ -76,7 +93,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
         graph.inputs.append(thr)
         d = dec.norm_weight.shape[0]
         for node in predictors:
-            i = int(node.name.split(".")[1])
+            i = int(node.name[len(PREDICTOR):])
             start = len(tape.nodes)
             score = node.outputs[0]
             best = tape.op("ReduceMax", [score], {"keepdims": 1}) if self.per_node else score
@@ -93,8 +110,8 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
                  "else_branch": ir.Graph([], no, nodes=name_nodes(other, f"stay_{i}"), name=f"stay_{i}")},
                 num_outputs=3, name=f"exit.{i}",
             )
-            for value, kind in zip(outs, ("exit_flag", "exit_token", "exit_feature")):
-                value.name = f"{kind}.{i}"
+            for value, name in zip(outs, (exit_flag, exit_token, exit_feature)):
+                value.name = name(i)
                 graph.outputs.append(value)
             for new in tape.nodes[start:]:
                 new.metadata_props[SEGMENT] = str(i)
@@ -137,3 +154,7 @@ class InsertEarlyExitPass(ir.passes.InPlacePass):
             hit = t.op("Cast", [t.op("Equal", [draft_ids, token])], {"to": ir.DataType.INT64})
             ok = t.op("Cast", [t.op("ReduceMax", [hit], {"keepdims": 1})], {"to": ir.DataType.BOOL})
         return t, [ok, token, z]
+
+
+def _predictors(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == "If" and (n.name or "").startswith(PREDICTOR)]

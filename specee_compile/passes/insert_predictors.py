@@ -28,11 +28,13 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from specee_compile.errors import PassError
+from specee_compile.contract import ACTIVE_LAYERS, DRAFT_IDS, ROLE, SEGMENT
 from specee_compile.passes.analysis import find_decoder
+from specee_compile.passes.conditions import Broken, Unmet, graph_input, graph_output_names
 
-ROLE = "specee.role"
-SEGMENT = "specee.segment_layer"  # the predictor layer whose segment a node belongs to
+
+def exit_score(layer: int) -> str:
+    return f"exit_score.{layer}"  # float32 [1] ([S] per node): predictor i's score
 
 
 @dataclasses.dataclass
@@ -48,19 +50,31 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
     name: str = "insert_predictors"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
 
+    def requires(self, model: ir.Model) -> None:
+        """The decoder's structure (named layer outputs, final norm, LM head), predictor layers in
+        range with weights for every layer, and no predictors yet."""
+        L = find_decoder(model, self.name, Unmet).num_layers
+        bad = [i for i in self.layers if not 0 <= i < L - 1]
+        if bad or not self.layers:
+            raise Unmet(f"{self.name}: predictor layers {bad or 'none'} must be in [0, {L - 2}] "
+                        f"(the model has {L} layers; the last cannot exit early).")
+        if self.w1 is None or self.w1.shape[0] != L:
+            raise Unmet(f"{self.name}: predictor weights for {L} layers are required.")
+        if graph_input(model, DRAFT_IDS) is not None:
+            raise Unmet(f"{self.name}: the graph already has predictors (a '{DRAFT_IDS}' input); run it once.")
+
+    def ensures(self, model: ir.Model) -> None:
+        missing = [exit_score(i) for i in self.layers if exit_score(i) not in graph_output_names(model)]
+        if missing:
+            raise Broken(f"{self.name}: the graph lacks the score outputs {missing}.")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         dec = find_decoder(model, self.name)
         L = dec.num_layers
-        bad = [i for i in self.layers if not 0 <= i < L - 1]
-        if bad or not self.layers:
-            raise PassError(f"{self.name}: predictor layers {bad or 'none'} must be in [0, {L - 2}] "
-                            f"(the model has {L} layers; the last cannot exit early).")
-        if self.w1 is None or self.w1.shape[0] != L:
-            raise PassError(f"{self.name}: predictor weights for {L} layers are required.")
         graph = model.graph
         nodes = model.graph.inputs[0].shape[1] if self.per_node else None  # input_ids [1, S]
-        draft_ids = ir.val("draft_ids", ir.DataType.INT64, [nodes, 4] if self.per_node else [4])
-        active = ir.val("active_layers", ir.DataType.BOOL, [L])
+        draft_ids = ir.val(DRAFT_IDS, ir.DataType.INT64, [nodes, 4] if self.per_node else [4])
+        active = ir.val(ACTIVE_LAYERS, ir.DataType.BOOL, [L])
         graph.inputs.extend([draft_ids, active])
         tape = ir.tape.Tape(graph)
         p_shape = (1, 1, 4) if self.per_node else (1, 4)  # the rank of p: [S, 1, 4] per node (If branches agree)
@@ -71,7 +85,7 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
             p_prev, has_prev, score = self._predictor(tape, dec, i, draft_ids, active, p_prev, has_prev)
             for node in tape.nodes[start:]:
                 node.metadata_props[SEGMENT] = str(i)
-            score.name = f"exit_score.{i}"
+            score.name = exit_score(i)
             graph.outputs.append(score)
         graph.sort()
         self.fired = {"predictors": len(self.layers)}
@@ -106,7 +120,7 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
             "If", [is_active],
             {"then_branch": branch(then, [score, p], f"predictor_{i}"),
              "else_branch": branch(other, [zero, same_p], f"skip_predictor_{i}")},
-            num_outputs=2, name=f"predictor.{i}",
+            num_outputs=2, name=f"predictor.{i}",  # insert_early_exit finds them by this name
         )
         has_prev = tape.op("Or", [has_prev, is_active])
         return p_out, has_prev, score_out

@@ -4,8 +4,12 @@
 
 Each phase is a list of pass objects following the ``onnx_ir`` pass contract. Users add
 their own passes with ``insert_after`` / ``insert_before``, drop one with ``remove`` or
-swap one with ``replace``; unknown names raise an error listing the valid ones. Running
-the pipeline can dump the graph's text IR after every phase.
+swap one with ``replace``; unknown names raise an error listing the valid ones.
+
+A pipeline is itself an ``onnx_ir`` pass (``pipeline(model) -> PassResult``), so pipelines
+nest in each other and in ``ir.passes.Sequential``; its ``requires``/``ensures`` are those
+of every pass it holds, checked as each runs. ``run`` is the compiler's entry: it skips
+passes by name, logs what each did and can dump the graph's text IR after every phase.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ logger = logging.getLogger(__name__)
 PHASES = ("canonicalize", "specee", "optimize", "finalize")
 
 
-class Pipeline:
+class Pipeline(ir.passes.PassBase):
     """Ordered phases, each an ordered list of passes with unique ``name`` attributes."""
 
-    def __init__(self, phases: dict[str, list] | None = None):
+    def __init__(self, phases: dict[str, list] | None = None, name: str = "pipeline"):
+        self.name = name
         self.phases: dict[str, list] = {p: [] for p in PHASES}
         for phase, passes in (phases or {}).items():
             self._phase(phase)
@@ -35,6 +40,24 @@ class Pipeline:
     # ---- editing ------------------------------------------------------------------------
     def names(self) -> list[str]:
         return [p.name for passes in self.phases.values() for p in passes]
+
+    def passes(self) -> list:
+        return [p for passes in self.phases.values() for p in passes]
+
+    # ---- the onnx_ir pass contract ------------------------------------------------------
+    @property
+    def in_place(self) -> bool:
+        return all(p.in_place for p in self.passes())
+
+    @property
+    def changes_input(self) -> bool:
+        passes = self.passes()
+        return not passes or passes[0].changes_input or passes[0].in_place
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        start = model
+        model, log = self.run(model)
+        return ir.passes.PassResult(model, any(e.get("modified") for e in log) or model is not start)
 
     def append(self, phase: str, p) -> "Pipeline":
         self._check_new(p)
@@ -65,19 +88,20 @@ class Pipeline:
         self.phases[phase][i] = p
         return self
 
-    def describe(self) -> str:
+    def describe(self, indent: str = "") -> str:
         lines = []
         for phase, passes in self.phases.items():
-            lines.append(f"{phase}:")
-            lines += [f"  {p.name}  {(type(p).__doc__ or '').strip().splitlines()[0] if type(p).__doc__ else ''}"
-                      for p in passes] or ["  (none)"]
+            lines.append(f"{indent}{phase}:")
+            lines += [f"{indent}  {p.name}  {summary(p)}" for p in passes] or [f"{indent}  (none)"]
         return "\n".join(lines)
 
     # ---- running ------------------------------------------------------------------------
-    def __call__(self, model: ir.Model, skip: tuple[str, ...] = (), dump_dir: Path | None = None):
-        """Run every phase; return (model, log). ``skip`` names passes to leave out."""
+    def run(self, model: ir.Model, skip: tuple[str, ...] = (), dump_dir: Path | None = None,
+            strict: bool = True) -> tuple[ir.Model, list[dict]]:
+        """Run every phase; return (model, log). ``skip`` names passes to leave out (with
+        ``strict``, every name must be one of this pipeline's)."""
         unknown = [s for s in skip if s not in self.names()]
-        if unknown:
+        if unknown and strict:
             raise PassError(f"cannot skip unknown pass(es) {unknown}; the passes are: {', '.join(self.names())}.")
         ran: list[str] = []
         log: list[dict] = []
@@ -103,6 +127,11 @@ class Pipeline:
     def _run_one(p, model: ir.Model, ran: list[str]) -> ir.passes.PassResult:
         try:
             result = p(model)
+        except ir.passes.InvariantError as e:  # requires/ensures; ours are PassErrors too
+            if isinstance(e, PassError):
+                raise PassError(f"{e} (passes that ran before '{p.name}': {', '.join(ran) or 'none'})") from e
+            raise PassError(f"pass '{p.name}': {e} ({e.__cause__ or 'a pre- or postcondition'}); passes that ran "
+                            f"before it: {', '.join(ran) or 'none'}.") from e
         except PassError as e:
             raise PassError(f"{e} (passes that ran before '{p.name}': {', '.join(ran) or 'none'})") from e
         except Exception as e:
@@ -132,6 +161,11 @@ class Pipeline:
             raise PassError(f"{p!r} has no name; give the pass a snake_case `name` attribute.")
         if name in self.names():
             raise PassError(f"a pass named '{name}' is already in the pipeline; names must be unique.")
+
+
+def summary(p) -> str:
+    doc = type(p).__doc__
+    return doc.strip().splitlines()[0] if doc else ""
 
 
 def _dump(model: ir.Model, path: Path) -> None:

@@ -73,23 +73,23 @@ def test_duplicate_or_missing_name_is_refused():
 def test_failing_pass_is_named_with_the_passes_before_it():
     p = Pipeline({"canonicalize": [RenamePass()], "finalize": [Boom()]})
     with pytest.raises(PassError, match=r"pass 'boom' failed .*before it: rename_graph"):
-        p(_model())
+        p.run(_model())
 
 
 def test_run_logs_modified_honestly_and_skips_by_name():
     p = Pipeline({"canonicalize": [RenamePass()], "optimize": [FuseOrtTransformersPass()]})
-    model, log = p(_model())
+    model, log = p.run(_model())
     assert model.graph.name == "renamed"
     assert log == [{"phase": "canonicalize", "pass": "rename_graph", "modified": True},
                    {"phase": "optimize", "pass": "fuse_ort_transformers", "modified": False}]
-    _, log = p(_model(), skip=("rename_graph",))
+    _, log = p.run(_model(), skip=("rename_graph",))
     assert log[0] == {"phase": "canonicalize", "pass": "rename_graph", "skipped": True}
     with pytest.raises(PassError, match="cannot skip unknown"):
-        p(_model(), skip=("other",))
+        p.run(_model(), skip=("other",))
 
 
 def test_dump_ir_writes_one_file_per_phase(tmp_path):
-    Pipeline({"canonicalize": [RenamePass()]})(_model(), dump_dir=tmp_path / "ir")
+    Pipeline({"canonicalize": [RenamePass()]}).run(_model(), dump_dir=tmp_path / "ir")
     files = sorted(f.name for f in (tmp_path / "ir").iterdir())
     assert files == ["00-exported.txt", "01-canonicalize.txt", "02-specee.txt", "03-optimize.txt", "04-finalize.txt"]
     assert "Relu" in (tmp_path / "ir" / "01-canonicalize.txt").read_text()
