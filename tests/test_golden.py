@@ -20,7 +20,7 @@ import pytest
 
 # The package's versions (update these imports if the modules move).
 from specee_compile.errors import ConfigError
-from specee_compile.runtimes.specee import propagated_kv
+from specee_compile.runtimes.propagation import propagated_kv
 from specee_compile.runtimes.tree import TokenTree, TreeShape, context_lookup
 from specee_compile.schedule import Schedule
 

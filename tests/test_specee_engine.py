@@ -171,7 +171,7 @@ GRAPH_CASES = [("llama", "full"), ("qwen2", "reduced"), ("mistral", "draft")]  #
 
 def _cache(engine, n):
     """The KV buffers (positions < n) of the engine's last request, back in its pool."""
-    return [a[:, :, :n].copy() for a in engine._pool[-1].arrays]
+    return [a[:, :, :n].copy() for a in engine._pool[-1].buffers.cache.arrays]
 
 
 @pytest.mark.parametrize(("family", "rule"), GRAPH_CASES)
@@ -179,7 +179,7 @@ def test_graph_mode_gives_the_segments_tokens_exit_layers_and_cache(bundle, cali
     import numpy as np
 
     graph, segments = load(bundle(family, 0.3, rule, "graph")), load(bundle(family, 0.3, rule))
-    assert type(graph).__name__ == "SpecEEGraphEngine"
+    assert type(graph.decoder).__name__ == "GraphExitDecoder"
     target = make_tiny_model(family)
     cal = load_calibration(calibrations[family], target)
     ref = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,

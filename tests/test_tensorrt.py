@@ -261,12 +261,12 @@ def trt_specee_bundle(tiny_dirs, calibration, tmp_path_factory):
 @pytest.fixture
 def emulated_tensorrt(monkeypatch):
     """Runtimes load a TensorRT bundle's engines as ONNX Runtime emulations on the CPU."""
-    from specee_compile.runtimes import tensorrt as trt_runtime
+    from specee_compile.runtimes.backends import tensorrt as trt_runtime
     from tests.trt_fake import FakeTrtEngine
 
     monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda: None)
     monkeypatch.setattr(trt_runtime, "_deserialize", lambda plan, facts: FakeTrtEngine(plan.with_suffix(".onnx")))
-    monkeypatch.setattr(trt_runtime.TrtEngine, "device", "cpu")
+    monkeypatch.setattr(trt_runtime.TrtStep, "device", "cpu")
 
 
 def test_specee_tensorrt_bundle_has_an_engine_per_segment_and_the_draft_built_after_the_check(trt_specee_bundle):
@@ -314,7 +314,7 @@ def test_engine_jobs_fix_segment_dimensions_at_one_and_span_the_capacity_for_the
 
 def test_segment_reading_a_value_nobody_writes_is_a_damaged_bundle():
     from specee_compile.errors import BundleError
-    from specee_compile.runtimes.tensorrt import exchange_buffers
+    from specee_compile.runtimes.backends.tensorrt import exchange_buffers
 
     io = lambda name, shape, dtype="float32": {"name": name, "dtype": dtype, "shape": shape}  # noqa: E731
     draft = {"outputs": [io("draft_ids", [4], "int64"), io("present.0.key", [1, 2, 64, 16])]}
@@ -332,13 +332,16 @@ def test_segment_reading_a_value_nobody_writes_is_a_damaged_bundle():
 
 def test_specee_runtime_on_emulated_engines_equals_the_reference_decoder(trt_specee_bundle, calibration,
                                                                          emulated_tensorrt):
-    from specee_compile.runtimes.tensorrt import TrtEngine, TrtSpecEEEngine
+    from specee_compile.runtimes.backends.tensorrt import TrtSpecEE, TrtStep
+    from specee_compile.runtimes.decoders import DenseDecoder, SegmentedDecoder
 
     out, _ = trt_specee_bundle
     engine, dense, never = load(out), load(out, dense=True), load(out, threshold=1.0)
-    assert type(engine) is TrtSpecEEEngine and type(dense) is TrtEngine and engine.threshold == pytest.approx(0.3)
+    assert (type(engine.decoder), type(engine.decoder.backend)) == (SegmentedDecoder, TrtSpecEE)
+    assert (type(dense.decoder), type(dense.decoder.backend)) == (DenseDecoder, TrtStep)
+    assert engine.threshold == pytest.approx(0.3)
     ref = _reference(calibration)
-    exits, last_segment = [], engine.segment_engines[-1]
+    exits, last_segment = [], engine.decoder.backend.segment_engines[-1]
     for prompt in PROMPTS:
         runs = last_segment.runs
         got = engine.generate(prompt, max_new_tokens=12)

@@ -9,7 +9,7 @@ from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
-from specee_compile.runtimes.specee import propagated_kv
+from specee_compile.runtimes.propagation import propagated_kv
 from specee_compile.runtimes.tree import DEFAULT_TREE, TokenTree, TreeShape, context_lookup
 from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
 
@@ -37,7 +37,7 @@ def _oracle_draft(engine, sequence, slot):
     when ``slot`` is 1: every step accepts the whole chain."""
 
     def draft(state, token, n):
-        engine._real_draft(state, token, n)  # keeps the draft's cache and bookkeeping as in real decoding
+        engine.decoder._real_draft(state, token, n)  # keeps the draft's cache and bookkeeping as in real decoding
         tokens, parents, depths = [token], [-1], [0]
         for d in range(1, engine.shape.depth + 1):
             right = sequence[n + d] if n + d < len(sequence) else 0
@@ -59,10 +59,10 @@ def test_an_accepted_path_keeps_the_cache_on_its_rows(bundle, slot):
     out = bundle("llama", 0.3, "full", tree=True)
     dense = load(out, dense=True)
     engine = load(out, tree="2x3x6")
-    engine._real_draft = engine._draft_tree
+    engine.decoder._real_draft = engine.decoder._draft_tree
     for prompt in PROMPTS:
         want = dense.generate(prompt, max_new_tokens=NEW).token_ids
-        engine._draft_tree = _oracle_draft(engine, list(prompt) + want, slot)
+        engine.decoder._draft_tree = _oracle_draft(engine, list(prompt) + want, slot)
         got = engine.generate(prompt, max_new_tokens=NEW)
         assert got.token_ids == want
         assert got.accepted_lengths[:3] == [4, 4, 4]
@@ -126,14 +126,16 @@ def test_tree_graph_nodes_see_only_their_ancestors(bundle):
     alone and inside a bushier tree gives the same outputs."""
     out = bundle("llama", 0.3, "full", tree=True)
     engine = load(out, tree=4)
-    state = engine._new_state()
-    engine._first_token(state, PROMPTS[0])
+    decoder = engine.decoder
+    request = decoder.new_request()
+    decoder.prefill(request, PROMPTS[0])
     n = len(PROMPTS[0])
-    alone, _ = engine._verify(state, TokenTree([5, 9, 6], [-1, 0, 1], [0, 1, 2]), n)
-    rows = [a[0, :, n + 1:n + 3].copy() for a in state.arrays]
-    crowd, _ = engine._verify(state, TokenTree([5, 3, 9, 4, 7, 6], [-1, 0, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2]), n)
+    arrays = request.buffers.cache.arrays
+    alone, _ = decoder.verify(request, TokenTree([5, 9, 6], [-1, 0, 1], [0, 1, 2]), n)
+    rows = [a[0, :, n + 1:n + 3].copy() for a in arrays]
+    crowd, _ = decoder.verify(request, TokenTree([5, 3, 9, 4, 7, 6], [-1, 0, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2]), n)
     assert alone[0] == crowd[0] and alone[1] == crowd[2] and alone[2] == crowd[5]
-    for a, r in zip(state.arrays, rows):
+    for a, r in zip(arrays, rows):
         np.testing.assert_allclose(a[0, :, [n + 2, n + 5]].transpose(1, 0, 2), r, atol=1e-5)
 
 
@@ -141,14 +143,15 @@ def test_draft_tree_graph_equals_the_draft_graph_on_a_chain(bundle):
     """The tree draft graph over a causal chain proposes what the one-token draft graph does."""
     out = bundle("llama", 0.3, "full", tree=True)
     engine = load(out, tree=4)
-    state = engine._new_state()
-    engine._first_token(state, PROMPTS[1])
+    decoder = engine.decoder
+    request = decoder.new_request()
+    decoder.prefill(request, PROMPTS[1])
     ids, feats = [3, 4], np.random.default_rng(0).standard_normal((1, 2, engine.hidden_size)).astype(np.float32)
-    start = state.draft_len
-    top, logp, _ = engine._run_draft(state, ids, feats, [start, start + 1], np.zeros((1, 1, 2, start + 2),
-                                                                                     np.float32), start)
-    state.draft_len = start
-    want = engine._draft(state, ids, feats)
+    start = request.draft_len
+    top, logp, _ = decoder.backend.run_draft_tree(request.buffers, ids, feats, [start, start + 1],
+                                                  np.zeros((1, 1, 2, start + 2), np.float32), start)
+    request.draft_len = start
+    want = decoder.draft(request, ids, feats)
     np.testing.assert_array_equal(top[-1, :4], want)
     assert (np.diff(logp, axis=1) <= 0).all() and (logp <= 0).all()
 
@@ -201,15 +204,15 @@ def test_tree_exits_that_never_fire_give_the_dense_tokens(bundle, family):
 
 
 def _record_candidates(engine):
-    """Wrap ``engine._candidates`` to keep every step's tree and candidates."""
-    steps, real = [], engine._candidates
+    """Wrap the tree decoder's ``_candidates`` to keep every step's tree and candidates."""
+    steps, real = [], engine.decoder._candidates
 
     def candidates(state, tree, n):
         got = real(state, tree, n)
         steps.append((n, tree, got))
         return got
 
-    engine._candidates = candidates
+    engine.decoder._candidates = candidates
     return steps
 
 
@@ -227,7 +230,7 @@ def test_tree_exits_emit_each_nodes_choice_at_the_exit_layer(bundle, tiny_dirs, 
     engine = load(out, tree=shape, threshold=0.0)
     only = np.zeros(engine.num_layers, bool)
     only[1] = True
-    engine.active_layers = lambda history: only
+    engine.decoder.active_layers = lambda history: only
     steps = _record_candidates(engine)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     head = model.lm_head.weight.detach()
@@ -243,10 +246,10 @@ def test_tree_exits_emit_each_nodes_choice_at_the_exit_layer(bundle, tiny_dirs, 
             z = model.model.norm(h)
         # the exit feature of every prediction after the first is the layer-1 state at its position
         np.testing.assert_allclose(scored.features[1:], z[len(prompt):-1].numpy(), atol=1e-4)
-        cache = engine._pool[-1].arrays  # the cache score left: layer 2 of every decoded position is propagated
+        cache = engine._pool[-1].buffers.cache.arrays  # the cache score left: layer 2 of every decoded position is propagated
         for p in range(len(prompt), len(sequence) - 1):
-            k, v = propagated_kv(np, engine.kv, 2, h[p].numpy(), engine.kv["cos"][p], engine.kv["sin"][p],
-                                 engine.kv_eps, engine.kv_heads)
+            kv, spec = engine.decoder.backend.kv, engine.decoder.spec
+            k, v = propagated_kv(np, kv, 2, h[p].numpy(), kv["cos"][p], kv["sin"][p], spec.kv_eps, spec.kv_heads)
             np.testing.assert_allclose(cache[4][0, :, p], k, atol=1e-4)
             np.testing.assert_allclose(cache[5][0, :, p], v, atol=1e-4)
         emitted = 1  # the first token comes from prefill

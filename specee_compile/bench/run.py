@@ -397,7 +397,7 @@ def _head_seconds(head, reduced_vocab: int, repeats: int = 50) -> tuple[float, f
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from specee_compile.runtimes.ort import session_options
+    from specee_compile.runtimes.backends.ort import session_options
 
     times = []
     for rows in (head, head[:reduced_vocab]):

@@ -1,4 +1,10 @@
-"""Runtimes that execute compiled bundles. ``load(path)`` picks the one the bundle needs."""
+"""Runtimes that execute compiled bundles. ``load(path)`` composes the one a bundle needs:
+
+    Engine (engine.py)          the generation loop: prompts, stop rules, streaming, timing
+      Decoder (decoders.py,     dense | SpecEE segments | SpecEE graph exits | tree speculation
+               tree.py)
+        Backend (backends/)     ONNX Runtime sessions | TensorRT engines: buffers and binding
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ from pathlib import Path
 
 from specee_compile.bundle import read_manifest
 from specee_compile.errors import BundleError, ConfigError
-from specee_compile.runtimes.ort import share_threads
+from specee_compile.runtimes.backends.ort import share_threads
+from specee_compile.runtimes.engine import BundleFacts, Engine, Generation, Scored
 from specee_compile.tokenizer import bundle_tokenizer
 
-__all__ = ["check_threads", "load", "share_threads"]
+__all__ = ["Engine", "Generation", "Scored", "check_threads", "load", "share_threads"]
 MAX_THREADS = 1024
 
 
@@ -47,30 +54,39 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
     backend = manifest.get("backend")
     if backend not in ("onnxruntime", "tensorrt"):
         raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
-    tokenizer = bundle_tokenizer(path, manifest, BundleError)
+    bundle = BundleFacts(path, manifest, bundle_tokenizer(path, manifest, BundleError))
     specee = "specee" in manifest and not dense
-    if tree is not None:
-        if "specee" not in manifest or backend != "onnxruntime" or dense:
-            raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
-                              f"dense; {path} with these options is not one.")
-        from specee_compile.runtimes.tree import TreeEngine
-
-        return TreeEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, shape=tree,
-                          threshold=threshold)
+    if tree is not None and ("specee" not in manifest or backend != "onnxruntime" or dense):
+        raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
+                          f"dense; {path} with these options is not one.")
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
+    return Engine(bundle, _decoder(bundle, backend, specee, tree, threads, profile_dir, threshold))
+
+
+def _decoder(bundle: BundleFacts, backend: str, specee: bool, tree, threads, profile_dir, threshold):
+    """The decoder a bundle and these options need, over the backend that runs its graphs."""
+    from specee_compile.runtimes.decoders import DenseDecoder, GraphExitDecoder, SegmentedDecoder, SpecEEFacts
+
+    if not specee:
+        if backend == "tensorrt":
+            from specee_compile.runtimes.backends.tensorrt import TrtStep
+
+            return DenseDecoder(TrtStep(bundle), bundle)
+        from specee_compile.runtimes.backends.ort import OrtStep
+
+        return DenseDecoder(OrtStep(bundle, threads, profile_dir), bundle)
+    spec = SpecEEFacts.read(bundle)
+    if tree is not None:
+        from specee_compile.runtimes.backends.ort_tree import OrtTree
+        from specee_compile.runtimes.tree import TreeDecoder
+
+        return TreeDecoder(OrtTree(bundle, spec, threads, profile_dir), bundle, spec, tree, threshold)
     if backend == "tensorrt":
-        from specee_compile.runtimes.tensorrt import TrtEngine, TrtSpecEEEngine
+        from specee_compile.runtimes.backends.tensorrt import TrtSpecEE
 
-        if specee:
-            return TrtSpecEEEngine(path, manifest, tokenizer, threshold=threshold)
-        return TrtEngine(path, manifest, tokenizer)
-    from specee_compile.runtimes.ort import OrtEngine
+        return SegmentedDecoder(TrtSpecEE(bundle, spec), bundle, spec, threshold)
+    from specee_compile.runtimes.backends.ort import OrtSpecEE
 
-    if specee:
-        from specee_compile.runtimes.specee import SpecEEEngine, SpecEEGraphEngine
-
-        graph_mode = isinstance(manifest["specee"], dict) and manifest["specee"].get("exit_mode") == "graph"
-        cls = SpecEEGraphEngine if graph_mode else SpecEEEngine
-        return cls(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir, threshold=threshold)
-    return OrtEngine(path, manifest, tokenizer, threads=threads, profile_dir=profile_dir)
+    cls = GraphExitDecoder if spec.exit_mode == "graph" else SegmentedDecoder
+    return cls(OrtSpecEE(bundle, spec, threads, profile_dir), bundle, spec, threshold)

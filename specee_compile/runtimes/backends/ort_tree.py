@@ -1,0 +1,89 @@
+"""ONNX Runtime backend of tree speculation: the tree draft graph, the tree verification
+graph and (for shapes with ``:exit``) the tree segments with per-node exits, loaded when
+first asked for. Prefill, the plain draft and state propagation are :class:`OrtSpecEE`'s."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+
+from specee_compile.contract import (ATTENTION_BIAS, DRAFT_FEATURES, DRAFT_IDS, DRAFT_LOGPROBS, FEATURES, INPUT_IDS,
+                                     PAST_LENGTH, POSITION_IDS, TOKENS)
+from specee_compile.errors import BundleError
+from specee_compile.runtimes.backends.ort import OrtBuffers, OrtSpecEE, io_names, run_bound
+
+
+class OrtTree(OrtSpecEE):
+    """The SpecEE bundle's step, draft and K/V tensors plus its tree graphs; no decode segments."""
+
+    def __init__(self, bundle, spec, threads=None, profile_dir=None):
+        super().__init__(bundle, spec, threads, profile_dir, decode_graphs=False)
+        tree = bundle.manifest["specee"].get("tree")
+        if not isinstance(tree, dict) or "file" not in tree or "draft" not in tree:
+            raise BundleError(f"{bundle.path} has no tree verification and tree draft graphs; recompile it with "
+                              "--specee --tree.")
+        self.max_width = int(tree.get("max_width", 1))
+        self.tree = self.graphs.open(tree, "specee.tree.file")
+        self.draft_tree = self.graphs.open(tree["draft"], "specee.tree.draft.file")
+        self.segment_specs = tree.get("segments", [])  # the tree step with per-node exits (merged mapping)
+        self.tree_segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in self.segment_specs]
+        self.tree_segment_exit = [g["exit_layer"] for g in self.segment_specs]
+        self.tree_segments: list[ort.InferenceSession] = []
+        self._lock = threading.Lock()
+
+    def load_tree_segments(self) -> None:
+        """Open the tree segments (the first time a shape with ``:exit`` runs)."""
+        if not self.segment_specs:
+            raise BundleError(f"{self.bundle.path} has no tree segments with per-node exits; recompile it with "
+                              "--specee --tree and exit mode segments, or drop ':exit'.")
+        with self._lock:
+            if not self.tree_segments:
+                sessions = [self.graphs.open(g, "specee.tree.segments.file") for g in self.segment_specs]
+                self.tree_segment_io = [io_names(s) for s in sessions]
+                self.tree_segments = sessions
+
+    def new_buffers(self) -> OrtBuffers:
+        buf = super().new_buffers()
+        buf.tree_binding = buf.cache.bind(self.tree.io_binding(), range(self.bundle.num_layers))
+        buf.draft_tree_binding = buf.draft_cache.bind(self.draft_tree.io_binding(), [0])
+        buf.tree_segment_bindings = None  # bound when the first shape with ':exit' runs
+        return buf
+
+    def run_draft_tree(self, buf: OrtBuffers, ids: list[int], features: np.ndarray, positions: list[int],
+                       bias: np.ndarray, past: int):
+        """The tree draft graph over ``ids`` written from row ``past``: every node's top-K target
+        ids [S, K], their log-probabilities [S, K] and the draft's features [1, S, d]."""
+        b = buf.draft_tree_binding
+        b.bind_cpu_input(INPUT_IDS, np.asarray([ids], np.int64))
+        b.bind_cpu_input(FEATURES, np.ascontiguousarray(features, np.float32))
+        b.bind_cpu_input(PAST_LENGTH, np.array([past], np.int64))
+        b.bind_cpu_input(POSITION_IDS, np.asarray([positions], np.int64))
+        b.bind_cpu_input(ATTENTION_BIAS, bias)
+        for name in (DRAFT_IDS, DRAFT_LOGPROBS, DRAFT_FEATURES):
+            b.bind_output(name)  # rebound each run: their shapes change with the number of nodes
+        self.draft_tree.run_with_iobinding(b)
+        out = b.get_outputs()  # the presents, then these three (bound after them)
+        return out[-3].numpy(), out[-2].numpy(), out[-1].numpy()
+
+    def verify(self, buf: OrtBuffers, tokens: list[int], n: int, positions: np.ndarray, bias: np.ndarray):
+        """One target forward over a token tree rooted at position n; its nodes' greedy tokens
+        [S] and features [1, S, d]."""
+        b = buf.tree_binding
+        b.bind_cpu_input(INPUT_IDS, np.array([tokens], np.int64))
+        b.bind_cpu_input(PAST_LENGTH, np.array([n], np.int64))
+        b.bind_cpu_input(POSITION_IDS, positions)
+        b.bind_cpu_input(ATTENTION_BIAS, bias)
+        b.bind_output(TOKENS)  # rebound each run: their shapes change with the tree's size
+        b.bind_output(FEATURES)
+        self.tree.run_with_iobinding(b)
+        out = b.get_outputs()  # the presents, then tokens and features (bound after them)
+        return out[-2].numpy()[0], out[-1].numpy()
+
+    def run_tree_segment(self, buf: OrtBuffers, k: int, values: dict) -> dict:
+        if buf.tree_segment_bindings is None:
+            buf.tree_segment_bindings = [buf.cache.bind(s.io_binding(), layers)
+                                         for s, layers in zip(self.tree_segments, self.tree_segment_layers)]
+        inputs, outputs = self.tree_segment_io[k]
+        return run_bound(self.tree_segments[k], buf.tree_segment_bindings[k], inputs, outputs, values)
