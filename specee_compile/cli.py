@@ -242,7 +242,7 @@ def _run_main(args) -> int:
         if engine.shape.exits:
             layers = f", mean executed layers {sum(e + 1 for e in result.exit_layers) / len(result.exit_layers):.2f}"
         print(f"[tree {engine.shape}: {mean:.2f} tokens per target forward{layers}]", file=sys.stderr)
-    elif result.exit_layers and not args.no_exit and "specee" in engine.manifest:
+    elif result.exit_layers and not args.no_exit and engine.manifest.specee is not None:
         mean = sum(e + 1 for e in result.exit_layers) / len(result.exit_layers)
         print(f"[mean executed layers {mean:.2f} of {engine.num_layers}]", file=sys.stderr)
     speed = (f"decode {result.decode_tokens_per_second:.1f} tok/s" if result.decode_steps > 0

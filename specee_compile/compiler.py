@@ -25,7 +25,8 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from specee_compile import bundle, load
+import specee_compile.load as load
+from specee_compile.bundle import check_output
 from specee_compile.bundle.assemble import Facts, write_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.contract import TREE_MAX_WIDTH, exit_flag
@@ -78,7 +79,7 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
             f"--out {onnx_out}, or TensorRT-ready graphs checked against TensorRT's ONNX parser with "
             f"--out {onnx_out} --check trt (nothing was loaded or written)."
         )
-    bundle.check_output(config.out, config.force)
+    check_output(config.out, config.force)
     plan_pass_names(config)  # unknown --skip-pass names fail before anything is loaded
     total = 6 + config.specee
     with tqdm(total=total, desc="compile", unit="stage", disable=not progress) as stages:
@@ -159,7 +160,7 @@ def export(config: CompileConfig, source: Source, calibration):
     """Every graph family this compile emits, each exported once (``decode`` is the step
     exported again for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the
     step's shapes and the K/V-propagation tensors."""
-    from specee_compile import export as exporter
+    import specee_compile.export as exporter
 
     target, capacity, hf_model = config.graph_target, source.capacity, source.hf_model
     step, shapes = exporter.export_step(hf_model, capacity, target)

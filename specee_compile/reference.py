@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specee_compile.calibrate.predictors import PredictorBank, candidate_features
+from specee_compile.predictor import PredictorBank, candidate_features
 from specee_compile.functional import key_value, layer_step, rope_tables
 from specee_compile.schedule import Schedule
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specee_compile.calibrate.draft import EagleDraft
-from specee_compile.calibrate.predictors import PredictorBank
+from specee_compile.predictor import PredictorBank
 from specee_compile.functional import key_value, layer_step
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.schedule import Schedule

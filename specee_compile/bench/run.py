@@ -130,9 +130,9 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     systems = [bundle_system("dense", "dense", dense_engine, s.new_tokens)]
     for b in spec:
         engine = load(b.path, threads=s.threads)
-        if s.reference and not Path(engine.manifest["specee"]["calibration"]).is_dir():
+        if s.reference and not Path(engine.manifest.specee.calibration).is_dir():
             raise ConfigError(f"--reference needs the calibration {b.path} was compiled from, and "
-                              f"{engine.manifest['specee']['calibration']} is gone; recompile the bundle or leave "
+                              f"{engine.manifest.specee.calibration} is gone; recompile the bundle or leave "
                               "out --reference.")
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
@@ -192,7 +192,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                 row.update(measure.exits(r, L), threshold=system.engine.threshold)
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,
                                                              system.name)
-            row["draft"] = _draft_quality(system.engine.manifest["specee"]["calibration"])
+            row["draft"] = _draft_quality(system.engine.manifest.specee.calibration)
             row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
                 prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
         elif system.engine is not None:
@@ -203,7 +203,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             if s.reference:
                 row["reference"] = _reference(s, system, hf, prompts, r[:n], progress)
             row.update(measure.time_shares(r, _profile(s, system, prompts, out, progress)))
-            heads = heads or _head_seconds(head, system.engine.manifest["specee"]["draft"]["vocab_size"])
+            heads = heads or _head_seconds(head, system.engine.manifest.specee.draft.vocab_size)
             row.update(measure.step_parts(r, runs["dense"], row, system.engine.active_layers, L,
                                           system.settings.get("rule", "full"), *heads))
         results[system.name] = row
@@ -355,10 +355,10 @@ def _reference(s: BenchSettings, system: System, hf, prompts, runs, progress: bo
     from specee_compile.reference import DecodeSettings, ReferenceDecoder
 
     engine = system.engine
-    spec = engine.manifest["specee"]
-    cal = load_calibration(Path(spec["calibration"]), hf)
+    spec = engine.manifest.specee
+    cal = load_calibration(Path(spec.calibration), hf)
     ref = ReferenceDecoder(hf, cal.draft, cal.bank, cal.schedule,
-                           DecodeSettings(rule=spec["rule"], kv_policy=spec["kv_policy"], threshold=engine.threshold),
+                           DecodeSettings(rule=spec.rule, kv_policy=spec.kv_policy, threshold=engine.threshold),
                            capacity=engine.capacity)
     same = total = identical = 0
     differences = []

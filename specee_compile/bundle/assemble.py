@@ -11,6 +11,7 @@ the tokenizer and the manifest, in a staging folder renamed into place when comp
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import onnx_ir as ir
 from safetensors.numpy import save_file
 
 from specee_compile import __version__
-from specee_compile.bundle.files import FORMAT, FORMAT_VERSION
+from specee_compile.bundle.manifest import Cache, Draft, Graph, Manifest, Model, Segment, SpecEE, Tree
 from specee_compile.bundle.protocol import CACHE_UPDATE, PROTOCOL
 from specee_compile.bundle.write import finish_manifest, staging
 from specee_compile.contract import TREE_MAX_WIDTH, io_contract
@@ -62,114 +63,85 @@ def write_bundle(config, facts: Facts, lowered) -> Path:
             profile = trt_lowering.optimization_profile(graphs["step"], facts.shapes.capacity)
             (tmp / trt_lowering.ENGINE_FILE).write_bytes(
                 trt_lowering.build_engine(tmp / GRAPH_FILE, profile, config.precision))
-            step = {"file": trt_lowering.ENGINE_FILE, "onnx": GRAPH_FILE, **io_contract(graphs["step"])}
+            step = dataclasses.replace(step, file=trt_lowering.ENGINE_FILE, onnx=GRAPH_FILE)
             engine = trt_lowering.engine_facts(config.precision, profile)
             if spec is not None:
                 spec = _build_specee_engines(spec, tmp, facts.shapes.capacity, config.precision)
         facts.tokenizer.save_pretrained(tmp)
         _check_tokenizer_files(tmp)
         facts.hf_model.generation_config.save_pretrained(tmp)
-        manifest = _manifest(config, facts, step)
-        if lowered.trt_check is not None:
-            manifest["tensorrt_check"] = lowered.trt_check
-        if engine is not None:
-            manifest["engine"] = engine
-        if spec is not None:
-            manifest["specee"] = spec
-        finish_manifest(tmp, manifest)
+        manifest = _manifest(config, facts, step, spec, engine, lowered.trt_check)
+        finish_manifest(tmp, manifest.to_json())
     return config.out
 
 
-def save_graph(model: ir.Model, folder: Path, name: str, prefix: str = "") -> dict:
+def save_graph(model: ir.Model, folder: Path, name: str, prefix: str = "") -> Graph:
     """Write ``model`` as ``folder/name`` with its weights in ``name.data``; its manifest entry."""
     ir.save(model, folder / name, external_data=name + ".data")
-    return {"file": prefix + name, **io_contract(model)}
+    return Graph.from_json({"file": prefix + name, **io_contract(model)})
 
 
-def _manifest(config, facts: Facts, step: dict) -> dict:
+def _manifest(config, facts: Facts, step: Graph, spec: SpecEE | None, engine: dict | None,
+              trt_check: dict | None) -> Manifest:
     hf, shapes = facts.hf_model, facts.shapes
     target = config.graph_target
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "producer": f"specee-compile {__version__}",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": "tensorrt" if config.backend == "trt" else "onnxruntime",
-        "graph_target": target,
-        "model": {
-            "source": str(config.model),
-            "family": facts.family,
-            "num_layers": shapes.num_layers,
-            "hidden_size": shapes.hidden_size,
-            "num_heads": shapes.num_heads,
-            "num_kv_heads": shapes.num_kv_heads,
-            "head_dim": shapes.head_dim,
-            "vocab_size": shapes.vocab_size,
-            "eos_token_ids": [t for t in end_of_text_ids(facts.tokenizer, hf.generation_config.eos_token_id,
-                                                         hf.config.eos_token_id) if t < shapes.vocab_size],
-            "chat_template": bool(getattr(facts.tokenizer, "chat_template", None)),
-        },
-        "cache": {
-            "capacity": shapes.capacity,
-            "layout": "[batch, kv_heads, capacity, head_dim]",
-            "dtype": "float32",
-            "update": CACHE_UPDATE[target],
-        },
-        "graphs": {"step": step},
-        "protocol": PROTOCOL[target],
-        "compile": config.to_dict(),
-        "passes": facts.pass_log,
-    }
+    eos = end_of_text_ids(facts.tokenizer, hf.generation_config.eos_token_id, hf.config.eos_token_id)
+    model = Model(source=str(config.model), family=facts.family, num_layers=shapes.num_layers,
+                  hidden_size=shapes.hidden_size, num_heads=shapes.num_heads, num_kv_heads=shapes.num_kv_heads,
+                  head_dim=shapes.head_dim, vocab_size=shapes.vocab_size,
+                  eos_token_ids=tuple(t for t in eos if t < shapes.vocab_size),
+                  chat_template=bool(getattr(facts.tokenizer, "chat_template", None)))
+    return Manifest(
+        backend="tensorrt" if config.backend == "trt" else "onnxruntime", graph_target=target, model=model,
+        cache=Cache(capacity=shapes.capacity, update=CACHE_UPDATE[target]), step=step, protocol=PROTOCOL[target],
+        specee=spec, producer=f"specee-compile {__version__}",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        compile=config.to_dict(), passes=facts.pass_log, engine=engine, tensorrt_check=trt_check)
 
 
-def _save_specee(facts: Facts, lowered, bundle_dir: Path) -> dict:
-    """Save the SpecEE graphs and return the manifest's ``specee`` section."""
+def _save_specee(facts: Facts, lowered, bundle_dir: Path) -> SpecEE:
+    """Save the SpecEE graphs; the manifest's ``specee`` section."""
     from specee_compile.export import rms_eps
 
     config, cal, graphs = facts.config, facts.calibration, lowered.graphs
     folder = bundle_dir / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "calibration": cal.meta.get("artifact", ""),
-        "rule": config.exit_rule,
-        "threshold": config.threshold or cal.threshold,
-        "kv_policy": "propagate",
-        "exit_mode": config.exit_mode,
-        "predictor_layers": list(facts.predictor_layers),
-        "schedule": cal.schedule.to_dict(),
-        "cost_model": {k: v for k, v in cal.meta["cost_model"].items() if k != "seconds_per_layer"},
-    }
-    if "segments" in graphs:
-        spec["segments"] = _save_segments(graphs["segments"], folder)
-    else:
-        spec["decode"] = save_graph(graphs["decode"], folder, DECODE_FILE, f"{FOLDER}/")
-    spec["draft"] = {**save_graph(graphs["draft"], folder, "draft.onnx", f"{FOLDER}/"),
-                     "vocab_size": int(len(cal.draft.vocab_map)), "kv_heads": cal.draft.kv_heads,
-                     "head_dim": cal.draft.head_dim}
+    prefix = f"{FOLDER}/"
+    segments = _save_segments(graphs["segments"], folder) if "segments" in graphs else ()
+    decode = save_graph(graphs["decode"], folder, DECODE_FILE, prefix) if "segments" not in graphs else None
+    draft = save_graph(graphs["draft"], folder, "draft.onnx", prefix)
+    draft = Draft(**vars(draft), vocab_size=int(len(cal.draft.vocab_map)), kv_heads=cal.draft.kv_heads,
+                  head_dim=cal.draft.head_dim)
     save_file(lowered.kv_fill, folder / "kv_fill.safetensors")
-    spec["kv_fill"] = {"file": f"{FOLDER}/kv_fill.safetensors", "eps": rms_eps(facts.hf_model)}
+    tree = None
     if "tree" in graphs:
-        spec["tree"] = {**save_graph(graphs["tree"], folder, TREE_FILE, f"{FOLDER}/"), "max_width": TREE_MAX_WIDTH,
-                        "draft": save_graph(graphs["draft_tree"], folder, DRAFT_TREE_FILE, f"{FOLDER}/")}
-        if "tree_segments" in graphs:
-            spec["tree"]["segments"] = _save_segments(graphs["tree_segments"], folder, TREE_SEGMENTS)
-    return spec
+        tree_segments = _save_segments(graphs["tree_segments"], folder, TREE_SEGMENTS) if "tree_segments" in graphs \
+            else ()
+        tree = Tree(**vars(save_graph(graphs["tree"], folder, TREE_FILE, prefix)), max_width=TREE_MAX_WIDTH,
+                    draft=save_graph(graphs["draft_tree"], folder, DRAFT_TREE_FILE, prefix), segments=tree_segments)
+    return SpecEE(calibration=cal.meta.get("artifact", ""), rule=config.exit_rule,
+                  threshold=config.threshold or cal.threshold, exit_mode=config.exit_mode,
+                  predictor_layers=tuple(facts.predictor_layers), schedule=cal.schedule.to_dict(), draft=draft,
+                  kv_fill_file=f"{prefix}kv_fill.safetensors", kv_fill_eps=rms_eps(facts.hf_model),
+                  segments=segments, decode=decode, tree=tree,
+                  cost_model={k: v for k, v in cal.meta["cost_model"].items() if k != "seconds_per_layer"})
 
 
-def _save_segments(cut: Segmented, folder: Path, stem: str = "segment") -> list[dict]:
+def _save_segments(cut: Segmented, folder: Path, stem: str = "segment") -> tuple[Segment, ...]:
     names = save_segments(cut.segments, folder, stem)
-    return [{"file": f"{FOLDER}/{n}", "first_layer": s.first_layer, "last_layer": s.last_layer,
-             "exit_layer": s.exit_layer, **io_contract(s.model)} for n, s in zip(names, cut.segments)]
+    return tuple(Segment(**vars(Graph.from_json({"file": f"{FOLDER}/{n}", **io_contract(s.model)})),
+                         first_layer=s.first_layer, last_layer=s.last_layer, exit_layer=s.exit_layer)
+                 for n, s in zip(names, cut.segments))
 
 
-def _build_specee_engines(spec: dict, bundle_dir: Path, capacity: int, precision: str) -> dict:
+def _build_specee_engines(spec: SpecEE, bundle_dir: Path, capacity: int, precision: str) -> SpecEE:
     """One TensorRT engine per segment and one for the draft, each next to its ONNX file;
     returns the ``specee`` manifest section that names them."""
-    jobs = trt_lowering.engine_jobs(spec, capacity)
+    jobs = trt_lowering.engine_jobs(spec.to_json(), capacity)
     for job in jobs:
         plan = trt_lowering.build_engine(bundle_dir / job.onnx, job.profile, precision)
         (bundle_dir / job.engine).write_bytes(plan)
-    return trt_lowering.with_engines(spec, jobs)
+    return SpecEE.from_json(trt_lowering.with_engines(spec.to_json(), jobs))
 
 
 def _check_tokenizer_files(bundle_dir: Path) -> None:

@@ -1,4 +1,6 @@
-"""The manifest's fields a runtime relies on, each checked for presence, type and range.
+"""The manifest: every field a runtime relies on, checked for presence, type and range
+(:func:`check_fields`), and the typed :class:`Manifest` the compiler writes and the
+runtimes read (``Manifest.from_json`` runs the checks).
 
 Informational fields (``producer``, ``compile``, ``passes``, ``protocol``, the I/O shapes'
 symbolic names, ...) are not checked. Files named by a field are checked against ``files``
@@ -7,14 +9,16 @@ here; that those files exist and are intact is :mod:`.read`'s part.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from specee_compile.bundle.files import FORMAT, FORMAT_VERSION
+from specee_compile.contract import EXIT_MODES, EXIT_RULES
 from specee_compile.errors import BundleError
 
-EXIT_RULES = ("full", "reduced", "draft")
-EXIT_MODES = ("segments", "graph")
 MAX_LAYERS = 4096
 MAX_SIZE = 1 << 24  # heads, head dims, hidden sizes, vocabularies
 MAX_CAPACITY = 1 << 20
@@ -180,3 +184,232 @@ def _check_segments(f: _Fields, key: str, layers: int, predictors: list[int]) ->
     if start != layers:
         raise f.fail(f"{key}.{len(segments) - 1}.last_layer", f"{layers - 1} (the segments must cover every layer)",
                      segments[-1].get("last_layer"))
+
+
+# ---- the typed manifest: what the compiler writes and the runtimes read --------------------------
+@dataclass(frozen=True, kw_only=True)
+class Value:
+    """A graph input or output: its name, dtype and shape (symbolic dims as strings)."""
+
+    name: str
+    dtype: str | None = None
+    shape: tuple = ()
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Value":
+        return cls(name=d["name"], dtype=d.get("dtype"), shape=tuple(d.get("shape") or ()))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Graph:
+    """One graph of the bundle: its file (an engine for TensorRT), I/O, and for an engine the
+    ONNX file it was built from and the shapes it takes (``profile``)."""
+
+    file: str
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
+    onnx: str | None = None
+    profile: dict | None = None
+
+    @classmethod
+    def fields_from_json(cls, d: dict) -> dict:
+        return {"file": d["file"], "inputs": tuple(Value.from_json(v) for v in d["inputs"]),
+                "outputs": tuple(Value.from_json(v) for v in d["outputs"]), "onnx": d.get("onnx"),
+                "profile": d.get("profile")}
+
+    @classmethod
+    def from_json(cls, d: dict):
+        return cls(**cls.fields_from_json(d))
+
+    def to_json(self) -> dict:
+        out = {"file": self.file, "inputs": [v.to_json() for v in self.inputs],
+               "outputs": [v.to_json() for v in self.outputs]}
+        out.update({k: v for k, v in (("onnx", self.onnx), ("profile", self.profile)) if v is not None})
+        return out
+
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.inputs]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment(Graph):
+    """A decode graph cut from the SpecEE step: layers first..last, ending with ``exit_layer``'s
+    predictor (None: the last segment, with the LM head)."""
+
+    first_layer: int
+    last_layer: int
+    exit_layer: int | None
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Segment":
+        return cls(**cls.fields_from_json(d), first_layer=d["first_layer"], last_layer=d["last_layer"],
+                   exit_layer=d.get("exit_layer"))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "first_layer": self.first_layer, "last_layer": self.last_layer,
+                "exit_layer": self.exit_layer, **{k: v for k, v in super().to_json().items() if k != "file"}}
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.last_layer + 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Draft(Graph):
+    vocab_size: int  # the draft's reduced vocabulary
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Draft":
+        return cls(**cls.fields_from_json(d), vocab_size=d["vocab_size"], kv_heads=d["kv_heads"],
+                   head_dim=d["head_dim"])
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "vocab_size": self.vocab_size, "kv_heads": self.kv_heads,
+                "head_dim": self.head_dim}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tree(Graph):
+    """Tree speculation's verification graph, its draft graph and (exit mode "segments") the
+    tree step with per-node exits, cut."""
+
+    max_width: int
+    draft: Graph
+    segments: tuple[Segment, ...] = ()
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tree":
+        return cls(**cls.fields_from_json(d), max_width=d.get("max_width", 1), draft=Graph.from_json(d["draft"]),
+                   segments=tuple(Segment.from_json(s) for s in d.get("segments", [])))
+
+    def to_json(self) -> dict:
+        out = {**super().to_json(), "max_width": self.max_width, "draft": self.draft.to_json()}
+        if self.segments:
+            out["segments"] = [s.to_json() for s in self.segments]
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpecEE:
+    """The ``specee`` section: exits, their schedule, the draft and the decode graphs."""
+
+    calibration: str
+    rule: str
+    threshold: float
+    exit_mode: str
+    predictor_layers: tuple[int, ...]
+    schedule: dict  # Schedule.to_dict()
+    draft: Draft
+    kv_fill_file: str
+    kv_fill_eps: float
+    segments: tuple[Segment, ...] = ()  # exit mode "segments"
+    decode: Graph | None = None  # exit mode "graph"
+    tree: Tree | None = None
+    cost_model: dict = field(default_factory=dict)
+    kv_policy: str = "propagate"
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SpecEE":
+        return cls(calibration=d.get("calibration", ""), rule=d["rule"], threshold=float(d["threshold"]),
+                   exit_mode=d["exit_mode"], predictor_layers=tuple(d["predictor_layers"]), schedule=d["schedule"],
+                   draft=Draft.from_json(d["draft"]), kv_fill_file=d["kv_fill"]["file"],
+                   kv_fill_eps=float(d["kv_fill"]["eps"]),
+                   segments=tuple(Segment.from_json(s) for s in d.get("segments", [])),
+                   decode=Graph.from_json(d["decode"]) if "decode" in d else None,
+                   tree=Tree.from_json(d["tree"]) if "tree" in d else None, cost_model=d.get("cost_model", {}),
+                   kv_policy=d.get("kv_policy", "propagate"))
+
+    def to_json(self) -> dict:
+        out = {"calibration": self.calibration, "rule": self.rule, "threshold": self.threshold,
+               "kv_policy": self.kv_policy, "exit_mode": self.exit_mode,
+               "predictor_layers": list(self.predictor_layers), "schedule": self.schedule,
+               "cost_model": self.cost_model, "draft": self.draft.to_json(),
+               "kv_fill": {"file": self.kv_fill_file, "eps": self.kv_fill_eps}}
+        if self.segments:
+            out["segments"] = [s.to_json() for s in self.segments]
+        if self.decode is not None:
+            out["decode"] = self.decode.to_json()
+        if self.tree is not None:
+            out["tree"] = self.tree.to_json()
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    source: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    chat_template: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cache:
+    capacity: int
+    layout: str = "[batch, kv_heads, capacity, head_dim]"
+    dtype: str = "float32"
+    update: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A bundle's manifest.json as typed fields. ``from_json`` checks every field a runtime
+    reads and every file a field names (:func:`check_fields`); ``to_json`` is what the
+    compiler writes (``files`` is added when the bundle is finished)."""
+
+    backend: str
+    graph_target: str
+    model: Model
+    cache: Cache
+    step: Graph
+    protocol: str = ""
+    specee: SpecEE | None = None
+    producer: str = ""
+    created: str = ""
+    compile: dict = field(default_factory=dict)
+    passes: list = field(default_factory=list)
+    engine: dict | None = None  # TensorRT: precision, versions, device
+    tensorrt_check: dict | None = None
+    files: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict, path: Path) -> "Manifest":
+        check_fields(d, path)
+        m = d["model"]
+        model = Model(source=str(m.get("source", "")), family=str(m.get("family", "")), num_layers=m["num_layers"],
+                      hidden_size=m["hidden_size"], num_heads=m["num_heads"], num_kv_heads=m["num_kv_heads"],
+                      head_dim=m["head_dim"], vocab_size=m["vocab_size"], eos_token_ids=tuple(m["eos_token_ids"]),
+                      chat_template=bool(m.get("chat_template", False)))
+        c = d["cache"]
+        return cls(backend=d["backend"], graph_target=d.get("graph_target", "ort"), model=model,
+                   cache=Cache(capacity=c["capacity"], layout=c.get("layout", ""), dtype=c.get("dtype", "float32"),
+                               update=c.get("update", "")),
+                   step=Graph.from_json(d["graphs"]["step"]), protocol=d.get("protocol", ""),
+                   specee=SpecEE.from_json(d["specee"]) if "specee" in d else None, producer=d.get("producer", ""),
+                   created=d.get("created", ""), compile=d.get("compile", {}), passes=d.get("passes", []),
+                   engine=d.get("engine"), tensorrt_check=d.get("tensorrt_check"), files=d["files"])
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": self.producer, "created": self.created,
+               "backend": self.backend, "graph_target": self.graph_target,
+               "model": {**dataclasses.asdict(self.model), "eos_token_ids": list(self.model.eos_token_ids)},
+               "cache": dataclasses.asdict(self.cache), "graphs": {"step": self.step.to_json()},
+               "protocol": self.protocol, "compile": self.compile, "passes": self.passes}
+        for name in ("tensorrt_check", "engine"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.specee is not None:
+            out["specee"] = self.specee.to_json()
+        if self.files:
+            out["files"] = self.files
+        return out

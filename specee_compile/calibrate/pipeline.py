@@ -24,7 +24,8 @@ from specee_compile.bundle import sha256
 from specee_compile.calibrate import data
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
-from specee_compile.calibrate.predictors import PredictorBank, candidate_features, layer_metrics, train_bank
+from specee_compile.calibrate.predictors import layer_metrics, train_bank
+from specee_compile.predictor import PredictorBank, candidate_features
 from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window, rule_tokens
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specee_compile.bundle import read_manifest
+from specee_compile.bundle import MANIFEST, read_manifest
+from specee_compile.bundle.manifest import Manifest
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes.backends.ort import share_threads
 from specee_compile.runtimes.engine import BundleFacts, Engine, Generation, Scored
@@ -50,13 +51,14 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
     """
     check_threads(threads)
     path = Path(path)
-    manifest = read_manifest(path, verify=verify)
-    backend = manifest.get("backend")
+    raw = read_manifest(path, verify=verify)
+    manifest = Manifest.from_json(raw, path / MANIFEST)
+    backend = manifest.backend
     if backend not in ("onnxruntime", "tensorrt"):
         raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
-    bundle = BundleFacts(path, manifest, bundle_tokenizer(path, manifest, BundleError))
-    specee = "specee" in manifest and not dense
-    if tree is not None and ("specee" not in manifest or backend != "onnxruntime" or dense):
+    bundle = BundleFacts(path, manifest, bundle_tokenizer(path, raw, BundleError))
+    specee = manifest.specee is not None and not dense
+    if tree is not None and (manifest.specee is None or backend != "onnxruntime" or dense):
         raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
                           f"dense; {path} with these options is not one.")
     if threshold is not None and not specee:

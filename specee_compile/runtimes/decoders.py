@@ -96,21 +96,18 @@ class SpecEEFacts:
 
     @classmethod
     def read(cls, bundle) -> "SpecEEFacts":
-        manifest = bundle.manifest
+        spec, model = bundle.manifest.specee, bundle.manifest.model
+        if spec.exit_mode == "graph":
+            layers, exits = [range(bundle.num_layers)], [None]  # every layer's cache is an input and output
+        else:
+            layers, exits = [s.layers for s in spec.segments], [s.exit_layer for s in spec.segments]
         try:
-            spec = manifest["specee"]
-            if spec.get("exit_mode", "segments") == "graph":
-                layers, exits = [range(bundle.num_layers)], [None]  # every layer's cache is an input and output
-            else:
-                layers = [range(g["first_layer"], g["last_layer"] + 1) for g in spec["segments"]]
-                exits = [g["exit_layer"] for g in spec["segments"]]
-            draft = (1, int(spec["draft"]["kv_heads"]), bundle.capacity, int(spec["draft"]["head_dim"]))
-            return cls(float(spec["threshold"]), frozenset(spec["predictor_layers"]),
-                       Schedule.from_dict(spec["schedule"]), spec.get("exit_mode", "segments"), layers, exits, draft,
-                       float(spec["kv_fill"]["eps"]), int(manifest["model"]["num_kv_heads"]))
+            schedule = Schedule.from_dict(spec.schedule)
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"the 'specee' section of {bundle.path}'s manifest is damaged ({type(e).__name__}: "
+            raise BundleError(f"the 'specee.schedule' of {bundle.path}'s manifest is damaged ({type(e).__name__}: "
                               f"{e}); recompile the bundle.") from e
+        return cls(spec.threshold, frozenset(spec.predictor_layers), schedule, spec.exit_mode, layers, exits,
+                   (1, spec.draft.kv_heads, bundle.capacity, spec.draft.head_dim), spec.kv_fill_eps, model.num_kv_heads)
 
 
 class SegmentedDecoder:

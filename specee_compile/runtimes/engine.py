@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from specee_compile.bundle import member
+from specee_compile.bundle.manifest import Manifest
 from specee_compile.errors import GenerationError
 from specee_compile.tokenizer import chat_ids
 
@@ -72,37 +73,37 @@ class Forward:
 
 @dataclass(frozen=True)
 class BundleFacts:
-    """What every layer of a runtime reads from a bundle: its folder, checked manifest and
-    tokenizer, and the model and cache facts."""
+    """What every layer of a runtime reads from a bundle: its folder, typed manifest
+    (:class:`specee_compile.bundle.manifest.Manifest`, checked) and tokenizer."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     tokenizer: object
 
     @property
     def num_layers(self) -> int:
-        return int(self.manifest["model"]["num_layers"])
+        return self.manifest.model.num_layers
 
     @property
     def vocab_size(self) -> int:
-        return int(self.manifest["model"]["vocab_size"])
+        return self.manifest.model.vocab_size
 
     @property
     def hidden_size(self) -> int:
-        return int(self.manifest["model"]["hidden_size"])
+        return self.manifest.model.hidden_size
 
     @property
     def capacity(self) -> int:
-        return int(self.manifest["cache"]["capacity"])
+        return self.manifest.cache.capacity
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
-        m = self.manifest["model"]
-        return 1, int(m["num_kv_heads"]), self.capacity, int(m["head_dim"])
+        m = self.manifest.model
+        return 1, m.num_kv_heads, self.capacity, m.head_dim
 
     def file(self, name, field: str) -> Path:
         """The bundle file a manifest field names; only files the manifest lists (and checked)."""
-        return member(self.path, self.manifest, name, field)
+        return member(self.path, {"files": self.manifest.files}, name, field)
 
 
 class Engine:
@@ -114,7 +115,7 @@ class Engine:
         self.path, self.manifest, self.tokenizer = bundle.path, bundle.manifest, bundle.tokenizer
         self.num_layers, self.vocab_size, self.capacity = bundle.num_layers, bundle.vocab_size, bundle.capacity
         self.hidden_size = bundle.hidden_size
-        self.eos_token_ids = set(self.manifest["model"]["eos_token_ids"])
+        self.eos_token_ids = set(self.manifest.model.eos_token_ids)
         self._pool: list = []
         self._lock = threading.Lock()
 
@@ -142,7 +143,7 @@ class Engine:
             if bad:
                 raise GenerationError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
             return ids
-        has_template = bool(self.manifest["model"].get("chat_template"))
+        has_template = self.manifest.model.chat_template
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise GenerationError("the prompt is empty; give some text, messages or token ids.")

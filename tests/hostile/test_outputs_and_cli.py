@@ -63,16 +63,16 @@ def test_force_refuses_a_symlink(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("force", [False, True])
 def test_output_that_appears_during_the_compile_is_never_silently_replaced(tiny_dirs, tmp_path, monkeypatch, force):
     out = tmp_path / "x.onnx"
-    from specee_compile import compiler
+    from specee_compile.bundle import assemble
 
-    real_finish = compiler.bundle.finish_manifest
+    real_finish = assemble.finish_manifest
 
     def finish_while_another_writes(bundle_dir, manifest):
         out.mkdir()  # another program (or compile) creates the output meanwhile
         (out / "theirs.txt").write_text("theirs")
         return real_finish(bundle_dir, manifest)
 
-    monkeypatch.setattr(compiler.bundle, "finish_manifest", finish_while_another_writes)
+    monkeypatch.setattr(assemble, "finish_manifest", finish_while_another_writes)
     with pytest.raises(OutputError, match="appeared while this compile ran" if not force else "changed while"):
         _compile(tiny_dirs, out, force=force)
     assert _tree(out) == {"theirs.txt": "theirs"}

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from specee_compile.calibrate.predictors import PredictorBank, candidate_features
+from specee_compile.predictor import PredictorBank, candidate_features
 from specee_compile.errors import PassError
 from specee_compile.export import export_step
 from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from specee_compile.calibrate.predictors import PredictorBank, candidate_features
+from specee_compile.predictor import PredictorBank, candidate_features
 from specee_compile.export import export_tree
 from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
 from specee_compile.passes.insert_early_exit import InsertEarlyExitPass

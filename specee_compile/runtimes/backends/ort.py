@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
+from specee_compile.bundle.manifest import Graph
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, GRAPH_EXIT_OUTPUTS, INPUT_IDS,
                                      KINDS, LOGITS, PAST, PAST_LENGTH, is_cache, past, present)
 from specee_compile.errors import BundleError
@@ -102,10 +103,10 @@ def open_session(file: Path, options: ort.SessionOptions) -> ort.InferenceSessio
         raise BundleError(f"ONNX Runtime cannot load {file}: {e}; the bundle is damaged. Recompile it.") from e
 
 
-def check_io(session: ort.InferenceSession, graph: dict, file: Path) -> None:
+def check_io(session: ort.InferenceSession, graph: Graph, file: Path) -> None:
     """The graph's inputs/outputs must be exactly those the manifest promises."""
     actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    promised = ([i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]])
+    promised = ([v.name for v in graph.inputs], [v.name for v in graph.outputs])
     if actual != promised:
         raise BundleError(
             f"{file} has inputs/outputs {actual} but the manifest promises {promised}; "
@@ -138,8 +139,8 @@ class OrtGraphs:
         self.options = session_options(threads, spinning, profile_dir)
         self.opened: list[ort.InferenceSession] = []
 
-    def open(self, graph: dict, field: str) -> ort.InferenceSession:
-        file = self.bundle.file(graph["file"], field)
+    def open(self, graph: Graph, field: str) -> ort.InferenceSession:
+        file = self.bundle.file(graph.file, field)
         session = open_session(file, self.options)
         check_io(session, graph, file)
         self.opened.append(session)
@@ -215,12 +216,11 @@ class OrtStep:
                  spinning: str | None = None):
         self.bundle = bundle
         self.graphs = OrtGraphs(bundle, threads, spinning or self.spinning, profile_dir)
-        graph = bundle.manifest["graphs"]["step"]
+        graph = bundle.manifest.step
         self.session = self.graphs.open(graph, "graphs.step.file")
-        m = bundle.manifest["model"]
-        check_cache_shapes(self.session, bundle.file(graph["file"], "graphs.step.file"), bundle.num_layers,
+        check_cache_shapes(self.session, bundle.file(graph.file, "graphs.step.file"), bundle.num_layers,
                            list(bundle.cache_shape), "'model.num_kv_heads', 'cache.capacity', 'model.head_dim'",
-                           int(m["vocab_size"]))
+                           bundle.vocab_size)
 
     def sessions(self) -> list[ort.InferenceSession]:
         return self.graphs.opened
@@ -268,16 +268,16 @@ class OrtSpecEE(OrtStep):
         """``decode_graphs``: open the segments or the decode graph (tree speculation runs none)."""
         super().__init__(bundle, threads, profile_dir)
         self.spec = spec  # decoders.SpecEEFacts
-        manifest = bundle.manifest["specee"]
-        self.draft = self.graphs.open(manifest["draft"], "specee.draft.file")
-        draft_file = bundle.file(manifest["draft"]["file"], "specee.draft.file")
+        manifest = bundle.manifest.specee
+        self.draft = self.graphs.open(manifest.draft, "specee.draft.file")
+        draft_file = bundle.file(manifest.draft.file, "specee.draft.file")
         check_cache_shapes(self.draft, draft_file, 1, list(spec.draft_cache_shape),
                            "'specee.draft.kv_heads', 'specee.draft.head_dim', 'cache.capacity'")
-        graphs = manifest["segments"] if spec.exit_mode == "segments" else [manifest["decode"]]
+        graphs = manifest.segments if spec.exit_mode == "segments" else [manifest.decode]
         field = "specee.segments.file" if spec.exit_mode == "segments" else "specee.decode.file"
         self.segments = [self.graphs.open(g, field) for g in graphs] if decode_graphs else []
         self.segment_io = [io_names(s) for s in self.segments]
-        kv_path = bundle.file(manifest["kv_fill"]["file"], "specee.kv_fill.file")
+        kv_path = bundle.file(manifest.kv_fill_file, "specee.kv_fill.file")
         try:
             self.kv = load_file(kv_path)
         except Exception as e:  # safetensors raises its own error types

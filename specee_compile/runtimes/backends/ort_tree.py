@@ -20,16 +20,16 @@ class OrtTree(OrtSpecEE):
 
     def __init__(self, bundle, spec, threads=None, profile_dir=None):
         super().__init__(bundle, spec, threads, profile_dir, decode_graphs=False)
-        tree = bundle.manifest["specee"].get("tree")
-        if not isinstance(tree, dict) or "file" not in tree or "draft" not in tree:
+        tree = bundle.manifest.specee.tree
+        if tree is None:
             raise BundleError(f"{bundle.path} has no tree verification and tree draft graphs; recompile it with "
                               "--specee --tree.")
-        self.max_width = int(tree.get("max_width", 1))
+        self.max_width = tree.max_width
         self.tree = self.graphs.open(tree, "specee.tree.file")
-        self.draft_tree = self.graphs.open(tree["draft"], "specee.tree.draft.file")
-        self.segment_specs = tree.get("segments", [])  # the tree step with per-node exits (merged mapping)
-        self.tree_segment_layers = [range(g["first_layer"], g["last_layer"] + 1) for g in self.segment_specs]
-        self.tree_segment_exit = [g["exit_layer"] for g in self.segment_specs]
+        self.draft_tree = self.graphs.open(tree.draft, "specee.tree.draft.file")
+        self.segment_specs = tree.segments  # the tree step with per-node exits (merged mapping)
+        self.tree_segment_layers = [g.layers for g in self.segment_specs]
+        self.tree_segment_exit = [g.exit_layer for g in self.segment_specs]
         self.tree_segments: list[ort.InferenceSession] = []
         self._lock = threading.Lock()
 

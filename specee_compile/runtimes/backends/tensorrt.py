@@ -90,10 +90,10 @@ class TrtStep:
 
     def __init__(self, bundle):
         self.bundle = bundle
-        graph = bundle.manifest["graphs"]["step"]
+        graph = bundle.manifest.step.to_json()  # engines are checked against the manifest's JSON form
         reason = unavailable_reason()
         if reason:
-            specee = " --specee" if "specee" in bundle.manifest else ""
+            specee = " --specee" if bundle.manifest.specee is not None else ""
             raise BackendError(
                 f"{bundle.path} is a TensorRT bundle, which runs only with TensorRT 10 and an NVIDIA GPU: {reason}. "
                 f"Its graph {graph.get('onnx', 'model.onnx')} runs on ONNX Runtime: compile the model with "
@@ -104,7 +104,7 @@ class TrtStep:
     def open(self, graph: dict, cache_shape: tuple):
         """Deserialize ``graph['file']`` and check its tensors against the manifest's I/O."""
         file = self.bundle.file(graph["file"], "the engine file of a graph")
-        engine = _deserialize(file, self.bundle.manifest.get("engine", {}))
+        engine = _deserialize(file, self.bundle.manifest.engine or {})
         _check_engine_io(engine, graph, cache_shape, self.bundle.vocab_size, file)
         return engine
 
@@ -168,12 +168,13 @@ class TrtSpecEE(TrtStep):
 
         super().__init__(bundle)  # the hardware check, then the step engine
         self.spec = spec  # decoders.SpecEEFacts
-        manifest = bundle.manifest["specee"]
-        self.segment_graphs, draft_graph = manifest["segments"], manifest["draft"]
+        manifest = bundle.manifest.specee
+        self.segment_graphs = [g.to_json() for g in manifest.segments]
+        draft_graph = manifest.draft.to_json()
         self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path)
         self.segment_engines = [self.open(g, bundle.cache_shape) for g in self.segment_graphs]
         self.draft_engine = self.open(draft_graph, spec.draft_cache_shape)
-        kv_path = bundle.file(manifest["kv_fill"]["file"], "specee.kv_fill.file")
+        kv_path = bundle.file(manifest.kv_fill_file, "specee.kv_fill.file")
         try:
             kv = load_file(kv_path)
         except Exception as e:  # safetensors raises its own error types
