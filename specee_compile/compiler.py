@@ -81,29 +81,30 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         )
     check_output(config.out, config.force)
     plan_pass_names(config)  # unknown --skip-pass names fail before anything is loaded
-    total = 6 + config.specee
-    with tqdm(total=total, desc="compile", unit="stage", disable=not progress) as stages:
-        def stage(name: str):
-            stages.set_postfix_str(name)
-            stages.update()
+    with tqdm(total=5 + config.specee, desc="compile", unit="stage", disable=not progress) as bar:
+        def stage(name: str):  # the stage that starts now, after the one before it is done
+            bar.update()
+            bar.set_postfix_str(name)
 
+        bar.set_postfix_str("resolve and load")
         source = resolve_and_load(config)
-        stage("calibrate" if config.specee else "export")
-        calibration = calibrate(config, source, progress) if config.specee else None
+        calibration = None
         if config.specee:
-            stage("export")
+            stage("calibrate (cached)")
+            calibration = calibrate(config, source, progress)
+        stage("export (torch.export + ONNX)")
         graphs, shapes, kv_fill = export(config, source, calibration)
         stage("passes")
         plan = pass_plan(config, calibration)
         graphs, pass_log = run_passes(config, plan, graphs)
         stage("lower")
         lowered = lower(config, source, graphs, kv_fill)
-        stage("write bundle" + (" (TensorRT engines)" if config.backend == "trt" else ""))
+        stage("write bundle" + (" and build TensorRT engines" if config.backend == "trt" else ""))
         layers = plan.exits.layers if plan.exits is not None else ()
         facts = Facts(config, source.info.family, shapes, source.hf_model, source.tokenizer, pass_log, calibration,
                       layers)
         out = write_bundle(config, facts, lowered)
-        stage("done")
+        bar.update()
         return out
 
 

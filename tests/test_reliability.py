@@ -81,8 +81,8 @@ def _write_gguf(path: Path, arch: str, shape=(4, 8)) -> Path:
 # process is reliably caught inside the bundle's temporary folder when the signal arrives.
 _STALLED_CLI = """
 import runpy, sys, time
-from specee_compile import bundle
-bundle.finish_manifest = lambda bundle_dir, manifest: time.sleep(600)
+from specee_compile.bundle import assemble
+assemble.finish_manifest = lambda bundle_dir, manifest: time.sleep(600)
 sys.argv[0] = "specee-compile"
 runpy.run_module("specee_compile.cli", run_name="__main__")
 """

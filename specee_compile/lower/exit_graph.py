@@ -22,7 +22,7 @@ are the same whichever way it went:
     present.{i}.key|value                   every layer's cache with position n written
 
 An exit branch fills the skipped layers' cache at position n (``past_sequence_length``) by
-state propagation, the math of ``SpecEEEngine._propagate``: x = rmsnorm(h_c) * norm_j,
+state propagation, the math of ``runtimes.propagation.propagated_kv``: x = rmsnorm(h_c) * norm_j,
 k = rope(x @ Wk_j.T (+ b)), v = x @ Wv_j.T (+ b), written with ``ScatterElements``.
 
 ``rows=True`` (TensorRT-ready graphs, whose attention writes the cache with ScatterElements)
