@@ -58,17 +58,23 @@ def _cache_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_specee_bundle(tiny_dirs, tmp_path_factory) -> Path:
-    """A tiny Llama SpecEE bundle with the tree graphs and tree segments (capacity 64); tests
-    that change it copy it first."""
+def tiny_llama_calibration(tiny_dirs, tmp_path_factory) -> Path:
+    """A quick calibration artifact of the tiny Llama."""
     from specee_compile.calibrate import CalibrationSettings, calibrate
-    from specee_compile.compiler import compile as compile_bundle
-    from specee_compile.config import CompileConfig
     from specee_compile.testing import TINY_CALIBRATION, write_calibration_jsonl
 
     calib = write_calibration_jsonl(tmp_path_factory.mktemp("calib-llama") / "c.jsonl")
-    artifact = calibrate(tiny_dirs["llama"], CalibrationSettings(calib_file=str(calib), **TINY_CALIBRATION),
-                         progress=False)
+    return calibrate(tiny_dirs["llama"], CalibrationSettings(calib_file=str(calib), **TINY_CALIBRATION),
+                     progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_specee_bundle(tiny_dirs, tiny_llama_calibration, tmp_path_factory) -> Path:
+    """A tiny Llama SpecEE bundle with the tree graphs and tree segments (capacity 64); tests
+    that change it copy it first."""
+    from specee_compile.compiler import compile as compile_bundle
+    from specee_compile.config import CompileConfig
+
     out = tmp_path_factory.mktemp("specee-tree") / "tiny.onnx"
     return compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=out, max_context=64, specee=True,
-                                        calibration=artifact, tree=True), progress=False)
+                                        calibration=tiny_llama_calibration, tree=True), progress=False)

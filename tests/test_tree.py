@@ -30,6 +30,7 @@ def test_tree_speculation_gives_the_dense_greedy_tokens_for_every_shape(bundle, 
             assert max(got.accepted_lengths) <= max(shape.depth, shape.lookup) + 1
             assert sum(got.accepted_lengths) >= len(got.token_ids) - 1  # every later token came from a tree step
             assert set(got.exit_layers) == {engine.num_layers - 1}
+            assert len(got.step_seconds) == len(got.accepted_lengths)  # timed per target forward
 
 
 def _oracle_draft(engine, sequence, slot):
