@@ -73,7 +73,10 @@ def exit_feature(layer: int) -> str:
 
 
 # ---- node metadata ----------------------------------------------------------------------------
-ROLE = "specee.role"  # what a node inserted by a SpecEE pass does: "predictor", "exit", ...
+ROLE = "specee.role"  # what a node inserted by a SpecEE pass does, one of:
+ROLE_DRAFT_ROWS = "draft_rows"  # gathers the draft candidates' LM-head rows (FuseDraftGathersPass shares one)
+ROLE_NORM_WEIGHT = "norm_weight"  # multiplies by the final norm's weight (folded into the shared rows)
+ROLE_CANDIDATE_LOGITS = "candidate_logits"  # the candidates' logits from the rows
 SEGMENT = "specee.segment_layer"  # the predictor layer whose segment a node belongs to
 
 # ---- graph families: what the exporter emits, each with a pass pipeline of its own ------------

@@ -37,11 +37,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
+from specee_compile.contract import (FEATURES, GRAPH_EXIT_OUTPUTS, KINDS, LOGITS, PAST, exit_feature, exit_flag,
+                                     exit_token, layer_output, past, present)
 from specee_compile.errors import PassError
 from specee_compile.lower.segments import Segment
 from specee_compile.passes.insert_predictors import name_nodes
 
-OUTPUTS = ("token", "feature", "exit_layer")
+OUTPUTS = GRAPH_EXIT_OUTPUTS  # token, feature, exit_layer
 
 
 def nest_segments(segments: list[Segment], input_names: list[str], kv_fill: dict[str, np.ndarray],
@@ -79,13 +81,13 @@ class _Nester:
             t = ir.tape.Tape()
             where = self._where(t)
             for j in range(self.segments[0].last_layer + 1, self.L):
-                for kind in ("key", "value"):
-                    name = f"present.{j}.{kind}"
-                    outs[name] = t.op("ScatterElements", [self.available[f"past_key_values.{j}.{kind}"], where,
+                for kind in KINDS:
+                    name = present(j, kind)
+                    outs[name] = t.op("ScatterElements", [self.available[past(j, kind)], where,
                                                           outs[name]], {"axis": 2}, name=f"write_row.{j}.{kind}")
                     outs[name].name = name
             nodes += t.nodes
-        names = [*OUTPUTS, *(f"present.{i}.{kind}" for i in range(self.L) for kind in ("key", "value"))]
+        names = [*OUTPUTS, *(present(i, kind) for i in range(self.L) for kind in KINDS)]
         graph = ir.Graph(inputs, [outs[n] for n in names], nodes=nodes, initializers=list(self.inits.values()),
                          opset_imports=self.opsets, name="specee_decode")
         model = ir.Model(graph, ir_version=first.ir_version, producer_name="specee-compile",
@@ -99,8 +101,8 @@ class _Nester:
     def _level(self, k: int) -> tuple[list[ir.Node], dict[str, ir.Value]]:
         seg = self.segments[k]
         nodes = self._adopt(seg.model)
-        outs = {f"present.{i}.{kind}": self.available[f"present.{i}.{kind}"]
-                for i in range(seg.first_layer, seg.last_layer + 1) for kind in ("key", "value")}
+        outs = {present(i, kind): self.available[present(i, kind)]
+                for i in range(seg.first_layer, seg.last_layer + 1) for kind in KINDS}
         if k > 0 and self.rows:  # a branch returns the rows its attention scattered into the cache
             outs = {name: _scattered_row(v, name) for name, v in outs.items()}
         if k > 0:  # inside a branch: the outer If's outputs take the plain names
@@ -108,18 +110,18 @@ class _Nester:
                 v.name = f"segment_{k}/{name}"
         if seg.exit_layer is None:  # the last segment: the LM head ran
             t = ir.tape.Tape()
-            token = t.op("ArgMax", [self.available["logits"]], {"axis": -1, "keepdims": 0})  # [1]
-            feature = t.op("Identity", [self.available["features"]])  # [1, 1, d]
+            token = t.op("ArgMax", [self.available[LOGITS]], {"axis": -1, "keepdims": 0})  # [1]
+            feature = t.op("Identity", [self.available[FEATURES]])  # [1, 1, d]
             layer = t.op("Constant", [], {"value": ir.tensor(np.array([self.L - 1], np.int64))})
             nodes += name_nodes(t, "full_depth")
-            return nodes, {**outs, "token": token, "feature": feature, "exit_layer": layer}
+            return nodes, {**outs, **dict(zip(OUTPUTS, (token, feature, layer)))}
         c = seg.exit_layer
-        names = [*OUTPUTS, *(f"present.{j}.{kind}" for j in range(c + 1, self.L) for kind in ("key", "value"))]
+        names = [*OUTPUTS, *(present(j, kind) for j in range(c + 1, self.L) for kind in KINDS)]
         then_nodes, then_outs = self._exit_branch(c)
         else_nodes, else_outs = self._level(k + 1)
         then_g = ir.Graph([], [then_outs[n] for n in names], nodes=then_nodes, name=f"exit_at_{c}")
         else_g = ir.Graph([], [else_outs[n] for n in names], nodes=else_nodes, name=f"continue_after_{c}")
-        node = ir.Node("", "If", [self.available[f"exit_flag.{c}"]], num_outputs=len(names),
+        node = ir.Node("", "If", [self.available[exit_flag(c)]], num_outputs=len(names),
                        name=f"exit_or_continue.{c}",
                        attributes=[ir.AttrGraph("then_branch", then_g), ir.AttrGraph("else_branch", else_g)])
         for name, value in zip(names, node.outputs):
@@ -160,10 +162,11 @@ class _Nester:
     def _exit_branch(self, c: int) -> tuple[list[ir.Node], dict[str, ir.Value]]:
         t = ir.tape.Tape()
         kvh, D = self.kv_heads, self.head_dim
-        outs = {"token": t.op("Identity", [self.available[f"exit_token.{c}"]]),
-                "feature": t.op("Unsqueeze", [self.available[f"exit_feature.{c}"], self.constant("axes_1", [1])]),
-                "exit_layer": t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))})}
-        h = t.op("Gather", [self.available[f"layers.{c}.output"], self.constant("last", -1)], {"axis": 1})  # [1, d]
+        outs = dict(zip(OUTPUTS, (
+            t.op("Identity", [self.available[exit_token(c)]]),
+            t.op("Unsqueeze", [self.available[exit_feature(c)], self.constant("axes_1", [1])]),
+            t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))}))))
+        h = t.op("Gather", [self.available[layer_output(c)], self.constant("last", -1)], {"axis": 1})  # [1, d]
         ms = t.op("ReduceMean", [t.op("Mul", [h, h]), self.constant("axes_-1", [-1])], {"keepdims": 1})
         xhat = t.op("Div", [h, t.op("Sqrt", [t.op("Add", [ms, self.constant("eps", np.float32(self.eps))])])])
         pos = self.available["past_sequence_length"]  # [1]: the position being decoded
@@ -180,9 +183,9 @@ class _Nester:
                                 t.op("Add", [t.op("Mul", [k2, cos]), t.op("Mul", [k1, sin])])], {"axis": 1})
             for kind, new in (("key", k), ("value", v)):
                 row = t.op("Reshape", [new, self.constant("shape_cache_row", [1, kvh, 1, D])])
-                past = self.available[f"past_key_values.{j}.{kind}"]
-                outs[f"present.{j}.{kind}"] = row if self.rows else \
-                    t.op("ScatterElements", [past, where, row], {"axis": 2})
+                cache = self.available[past(j, kind)]
+                outs[present(j, kind)] = row if self.rows else \
+                    t.op("ScatterElements", [cache, where, row], {"axis": 2})
         return name_nodes(t, f"exit_at_{c}"), outs
 
     def _where(self, t: ir.tape.Tape) -> ir.Value:
@@ -219,7 +222,7 @@ class _Nester:
 def _scattered_row(present: ir.Value, name: str) -> ir.Value:
     """The updates of the ScatterElements that wrote ``present`` into its past buffer."""
     node = present.producer()
-    into_past = node is not None and (node.inputs[0].name or "").startswith("past_key_values.")
+    into_past = node is not None and (node.inputs[0].name or "").startswith(PAST)
     if not into_past or node.op_type != "ScatterElements":
         raise PassError(f"exit_graph: '{name}' is not written by a ScatterElements into its past buffer "
                         f"({node.op_type if node else 'no producer'}); the row form needs TensorRT-ready graphs "

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from specee_compile.contract import ROLE
+from specee_compile.contract import ROLE, ROLE_CANDIDATE_LOGITS, ROLE_DRAFT_ROWS, ROLE_NORM_WEIGHT
 from specee_compile.passes.conditions import Broken
 
 
@@ -49,12 +49,13 @@ class FuseDraftGathersPass(ir.passes.InPlacePass):
         fused_sites = 0
         folded = None
         for gather in gathers:
-            matmul = next(u.node for u in gather.outputs[0].uses() if u.node.metadata_props.get(ROLE) == "candidate_logits"
+            matmul = next(u.node for u in gather.outputs[0].uses()
+                          if u.node.metadata_props.get(ROLE) == ROLE_CANDIDATE_LOGITS
                           or u.node.op_type == "Transpose")
-            logits = matmul if matmul.metadata_props.get(ROLE) == "candidate_logits" else \
+            logits = matmul if matmul.metadata_props.get(ROLE) == ROLE_CANDIDATE_LOGITS else \
                 next(u.node for u in matmul.outputs[0].uses())
             norm_mul = logits.inputs[0].producer()
-            if norm_mul is not None and norm_mul.metadata_props.get(ROLE) == "norm_weight":
+            if norm_mul is not None and norm_mul.metadata_props.get(ROLE) == ROLE_NORM_WEIGHT:
                 if folded is None:
                     norm_w = norm_mul.inputs[1]
                     rank = len(ids.shape) if ids.shape is not None else 1  # draft_ids [4], or [S, 4] per node
@@ -79,4 +80,5 @@ def _axes(tape: ir.tape.Tape, rank: int) -> ir.Value:
 
 
 def _tagged_gathers(model: ir.Model) -> list[ir.Node]:
-    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.metadata_props.get(ROLE) == "draft_rows"]
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            if n.metadata_props.get(ROLE) == ROLE_DRAFT_ROWS]

@@ -28,7 +28,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from specee_compile.contract import ACTIVE_LAYERS, DRAFT_IDS, ROLE, SEGMENT
+from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, ROLE, ROLE_CANDIDATE_LOGITS, ROLE_DRAFT_ROWS,
+                                     ROLE_NORM_WEIGHT, SEGMENT)
 from specee_compile.passes.analysis import find_decoder
 from specee_compile.passes.conditions import Broken, Unmet, graph_input, graph_output_names
 
@@ -97,14 +98,14 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
         is_active = tape.op("Gather", [active, idx], {"axis": 0})
         then = ir.tape.Tape()
         x = normalized_nodes(then, dec, i) if self.per_node else normalized_last(then, dec, i)
-        z = then.op("Mul", [x, dec.norm_weight], metadata_props={ROLE: "norm_weight"})
+        z = then.op("Mul", [x, dec.norm_weight], metadata_props={ROLE: ROLE_NORM_WEIGHT})
         rows = then.op("Gather", [dec.head_weight, draft_ids], {"axis": 1 if dec.head_transposed else 0},
-                       metadata_props={ROLE: "draft_rows"})
+                       metadata_props={ROLE: ROLE_DRAFT_ROWS})
         if self.per_node:  # rows [S, 4, d] (or [d, S, 4]) -> [S, d, 4]; [S, 1, d] @ [S, d, 4]
             rows = then.op("Transpose", [rows], {"perm": [1, 0, 2] if dec.head_transposed else [0, 2, 1]})
         elif not dec.head_transposed:
             rows = then.op("Transpose", [rows])
-        logits = then.op("MatMul", [z, rows], metadata_props={ROLE: "candidate_logits"})  # [1, 4] or [S, 1, 4]
+        logits = then.op("MatMul", [z, rows], metadata_props={ROLE: ROLE_CANDIDATE_LOGITS})  # [1, 4] or [S, 1, 4]
         p = then.op("Softmax", [logits], {"axis": -1})
         dp = then.op("Where", [has_prev, then.op("Sub", [p, p_prev]), p])
         feats = then.op("Concat", [logits, p, dp], {"axis": -1})  # [1, 12] or [S, 1, 12]

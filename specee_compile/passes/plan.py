@@ -75,8 +75,9 @@ class PassPlan:
         unknown = [s for s in skip if s not in known]
         if unknown:
             plain = sorted({q.split(":", 1)[1] for q in self.names()})
+            example = self.names()[0] if self.names() else "step:NAME"
             raise PassError(f"cannot skip unknown pass(es) {unknown}; the passes are: {', '.join(plain) or 'none'} "
-                            f"(FAMILY:NAME skips one family's, e.g. {self.names()[0] if self.names() else 'step:NAME'}).")
+                            f"(FAMILY:NAME skips one family's, e.g. {example}).")
 
     def run(self, family: str, model: ir.Model, skip: tuple[str, ...] = (), dump_dir: Path | None = None,
             part: int | None = None) -> tuple[ir.Model, list[dict]]:
