@@ -98,13 +98,20 @@ class _Fields:
         return value
 
     def graph(self, key: str) -> None:
-        """A graph entry: its file and its I/O lists of named values."""
+        """A graph entry: its file and its I/O lists of named values (with an optional dtype
+        string and a shape of integers and symbolic names)."""
         self.file(f"{key}.file")
         for part in ("inputs", "outputs"):
             value = self.get(f"{key}.{part}")
             if not (isinstance(value, list) and value and all(isinstance(v, dict) and isinstance(v.get("name"), str)
                                                               for v in value)):
                 raise self.fail(f"{key}.{part}", "a non-empty list of objects with a string 'name'", value)
+            for k, v in enumerate(value):
+                shape, dtype = v.get("shape", []), v.get("dtype")
+                if not (isinstance(shape, list) and all(type(d) is int or isinstance(d, str) for d in shape)):
+                    raise self.fail(f"{key}.{part}.{k}.shape", "a list of integers and names", shape)
+                if dtype is not None and not isinstance(dtype, str):
+                    raise self.fail(f"{key}.{part}.{k}.dtype", "a string or null", dtype)
 
 
 def check_fields(manifest: dict, path: Path) -> None:
@@ -197,7 +204,7 @@ class Value:
 
     @classmethod
     def from_json(cls, d: dict) -> "Value":
-        return cls(name=d["name"], dtype=d.get("dtype"), shape=tuple(d.get("shape") or ()))
+        return cls(name=d["name"], dtype=d.get("dtype"), shape=tuple(d.get("shape", ())))
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}

@@ -44,6 +44,8 @@ CASES = {
     "tree-width-zero": (lambda m: m["specee"]["tree"].update(max_width=0), "specee.tree.max_width"),
     "tree-segments-empty": (lambda m: m["specee"]["tree"].update(segments=[]), "specee.tree.segments"),
     "tree-without-draft": (lambda m: m["specee"]["tree"].pop("draft"), "specee.tree.draft"),
+    "io-shape-a-number": (lambda m: m["specee"]["tree"]["inputs"][0].update(shape=1), "specee.tree.inputs.0.shape"),
+    "io-dtype-a-list": (lambda m: m["graphs"]["step"]["outputs"][0].update(dtype=[]), "graphs.step.outputs.0.dtype"),
 }
 
 
