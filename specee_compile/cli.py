@@ -128,6 +128,18 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", choices=["trt"], default="",
                    help="trt: emit TensorRT-ready graphs (standard ONNX attention, no ORT fusions) and check every "
                         "graph against TensorRT 10's ONNX parser; implied by a TensorRT --out")
+    p.add_argument("--quant", choices=["fp32", "int8", "int4", "gguf"], default="fp32",
+                   help="weight precision: int8/int4 (ONNX Runtime's block quantizer, MatMulNBits), gguf (keep a GGUF's "
+                        "own Q4_0/Q4_1/Q8_0 blocks exactly, re-quantize the rest), fp32 (default)")
+    p.add_argument("--quant-head", choices=["fp32", "int8", "int4", "gguf"], default="",
+                   help="the LM head's precision (default: as --quant; a tied embedding follows it)")
+    p.add_argument("--quant-embedding", choices=["fp32", "int8", "int4", "gguf"], default="",
+                   help="the embedding's precision (default: as the head)")
+    p.add_argument("--quant-block", type=int, default=32, help="int4/int8 block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
+                   help="MatMulNBits activations: 4 int8 (default), 0 fp32")
+    p.add_argument("--gguf", default=None, metavar="FILE.gguf",
+                   help="with --quant gguf: the GGUF whose blocks to keep (default: MODEL when it is a .gguf or built-in)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle once the new one is complete")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens (default 2048)")
     p.add_argument("--opt", choices=["O0", "O1"], default="O1", help="O0: export only; O1: + ORT fusions")
@@ -164,7 +176,8 @@ def _compile_main(args) -> int:
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
         exit_mode=args.exit_mode or "segments", tree=args.tree, backend=args.backend, precision=args.precision,
-        check=args.check,
+        check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
+        quant_block=args.quant_block, accuracy_level=args.accuracy_level, gguf=args.gguf,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -182,8 +195,10 @@ def compile_main(argv=None) -> int:
         from specee_compile.passes import default_plan
 
         trt = args.check == "trt" or args.backend == "trt" or str(args.out or "").endswith((".plan", ".engine"))
+        from specee_compile.quant import QuantSpec
+
         print(default_plan(args.opt, "trt" if trt else "ort", args.specee, args.tree and args.specee,
-                           args.exit_mode or "segments").describe())
+                           args.exit_mode or "segments", quant=QuantSpec(args.quant)).describe())
         return 0
     if not args.model or not args.out:
         parser.error("MODEL and --out are required (or use --list-passes)")

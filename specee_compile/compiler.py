@@ -30,11 +30,14 @@ from specee_compile.bundle import check_output
 from specee_compile.bundle.assemble import Facts, write_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.contract import TREE_MAX_WIDTH, exit_flag
-from specee_compile.errors import BackendError, PassError
+from specee_compile.errors import BackendError, ConfigError, PassError
 from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.lower.exit_graph import nest_segments
 from specee_compile.lower.segments import Segmented, split_segments
 from specee_compile.passes import ExitWeights, PassPlan, Pipeline, default_plan
+from specee_compile.passes.quantize_weights import QuantizeWeightsPass
+from specee_compile.quant import KeptBlocks
+from specee_compile.quant.spec import ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         )
     check_output(config.out, config.force)
     plan_pass_names(config)  # unknown --skip-pass names fail before anything is loaded
+    kept = kept_blocks(config)  # --quant gguf without a GGUF fails here too
     with tqdm(total=5 + config.specee, desc="compile", unit="stage", disable=not progress) as bar:
         def stage(name: str):  # the stage that starts now, after the one before it is done
             bar.update()
@@ -95,14 +99,14 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         stage("export (torch.export + ONNX)")
         graphs, shapes, kv_fill = export(config, source, calibration)
         stage("passes")
-        plan = pass_plan(config, calibration)
+        plan = pass_plan(config, calibration, kept)
         graphs, pass_log = run_passes(config, plan, graphs)
         stage("lower")
         lowered = lower(config, source, graphs, kv_fill)
         stage("write bundle" + (" and build TensorRT engines" if config.backend == "trt" else ""))
         layers = plan.exits.layers if plan.exits is not None else ()
         facts = Facts(config, source.info.family, shapes, source.hf_model, source.tokenizer, pass_log, calibration,
-                      layers)
+                      layers, quant_facts(config, kept, pass_log))
         out = write_bundle(config, facts, lowered)
         bar.update()
         return out
@@ -183,13 +187,15 @@ def _copy(model: ir.Model) -> ir.Model:
 
 
 # ---- 4. passes --------------------------------------------------------------------------------
-def pass_plan(config: CompileConfig, calibration=None) -> PassPlan:
-    """The default plan for ``config`` (SpecEE passes with the calibration's weights), as the
-    user's ``config.pipeline`` edits or replaces it."""
+def pass_plan(config: CompileConfig, calibration=None, kept: KeptBlocks | None = None) -> PassPlan:
+    """The default plan for ``config`` (SpecEE passes with the calibration's weights, the
+    weight quantization with the GGUF blocks ``kept``), as the user's ``config.pipeline`` edits
+    or replaces it."""
     exits = None
     if calibration is not None:
         exits = exit_weights(config, calibration, calibration.meta["num_layers"])
-    plan = default_plan(config.opt_level, config.graph_target, config.specee, config.tree, config.exit_mode, exits)
+    plan = default_plan(config.opt_level, config.graph_target, config.specee, config.tree, config.exit_mode, exits,
+                        config.quant_spec, kept)
     custom = config.pipeline
     if isinstance(custom, Pipeline):  # a pipeline of its own for the step graph
         plan.pipelines["step"] = custom
@@ -203,6 +209,43 @@ def plan_pass_names(config: CompileConfig) -> list[str]:
     plan = pass_plan(config)
     plan.check_skip(config.skip_passes)
     return plan.names()
+
+
+def kept_blocks(config: CompileConfig) -> KeptBlocks | None:
+    """The GGUF whose blocks ``--quant gguf`` keeps (None when no role asks for them)."""
+    spec = config.quant_spec
+    if "gguf" not in {spec.precision(role) for role in ROLES}:
+        return None
+    path = config.gguf or load.gguf_source(config.model)
+    if path is None:
+        raise ConfigError(f"--quant gguf keeps the blocks of a GGUF file, and {config.model} is not one. Pass the .gguf "
+                          "as MODEL, name the GGUF this model came from with --gguf FILE, or use --quant int4.")
+    return KeptBlocks(Path(path))
+
+
+def quant_facts(config: CompileConfig, kept: KeptBlocks | None, pass_log: list[dict]) -> dict | None:
+    """The manifest's ``quant`` section: the settings, and per graph how many weights are
+    stored how (from the quantize_weights entries of the pass log)."""
+    spec = config.quant_spec
+    if not spec.active:
+        return None
+    stored: dict[str, dict[str, int]] = {}
+    for entry in pass_log:
+        if entry.get("pass") == QuantizeWeightsPass.name and entry.get("fired"):
+            graph = entry["graph"] if "part" not in entry else f"{entry['graph']}[{entry['part']}]"
+            stored[graph] = entry["fired"]
+    facts = {**spec.to_json(), "weights_stored": stored}
+    if kept is not None:
+        facts["gguf"] = {"file": kept.path.name, "tensors_kept": len(kept.kept),
+                         "formats": _count(kept.kept.values())}
+    return facts
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
 
 
 def run_passes(config: CompileConfig, plan: PassPlan, graphs: dict[str, ir.Model]

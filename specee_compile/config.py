@@ -51,6 +51,14 @@ class CompileConfig:
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
             fusions) and checks every graph against TensorRT 10's ONNX parser before writing;
             always on for the TensorRT backend.
+        quant: weight precision of every graph: "fp32", "int8", "int4" (ONNX Runtime's block
+            quantizer) or "gguf" (the GGUF's own Q4_0/Q4_1/Q8_0 blocks, others re-quantized).
+        quant_head, quant_embedding: the LM head's and the embedding's precision ("" = as
+            ``quant``; a tied embedding follows the head).
+        quant_block: block size of int4/int8 (GGUF blocks are 32).
+        quant_symmetric: int4/int8 without zero points.
+        accuracy_level: MatMulNBits' activation precision, 4 (int8) or 0 (fp32); recorded in the manifest.
+        gguf: the GGUF whose blocks ``quant`` "gguf" keeps (default: MODEL itself when it is one).
     """
 
     model: str
@@ -70,6 +78,13 @@ class CompileConfig:
     calibration: Path | None = None  # a calibration artifact folder to use as is
     precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
     check: str = ""
+    quant: str = "fp32"
+    quant_head: str = ""
+    quant_embedding: str = ""
+    quant_block: int = 32
+    quant_symmetric: bool = False
+    accuracy_level: int = 4
+    gguf: Path | None = None
     pipeline: object | None = field(default=None, compare=False)  # edits the PassPlan, or the step's Pipeline
 
     def __post_init__(self):
@@ -131,11 +146,29 @@ class CompileConfig:
         if self.calib_file is not None and not Path(self.calib_file).is_file():
             kind = "a folder" if Path(self.calib_file).is_dir() else "missing"
             raise ConfigError(f"--calib {self.calib_file} is {kind}; pass a JSONL file that exists.")
+        if self.quant_spec.active and self.graph_target == "trt":
+            raise ConfigError(
+                f"--quant {self.quant} is built for ONNX Runtime graphs only (MatMulNBits); TensorRT-ready quantized "
+                "graphs (blocked DequantizeLinear + MatMul) are not built yet. Drop --quant for TensorRT, or drop "
+                "--check trt / the .plan output to get a quantized ONNX Runtime bundle.")
+        if self.gguf is not None:
+            object.__setattr__(self, "gguf", Path(self.gguf))
+            if self.gguf.suffix != ".gguf" or not self.gguf.is_file():
+                raise ConfigError(f"--gguf {self.gguf} is not a .gguf file; name the GGUF whose blocks --quant gguf "
+                                  "keeps.")
         if self.dump_ir is not None:
             object.__setattr__(self, "dump_ir", Path(self.dump_ir))
             if self.dump_ir.exists() and not self.dump_ir.is_dir():
                 raise ConfigError(f"--dump-ir {self.dump_ir} is a file; the IR dumps go into a folder. Name a folder "
                                   "(it is created if missing).")
+
+    @property
+    def quant_spec(self):
+        """The weight quantization asked for (raises ConfigError on an unknown choice)."""
+        from specee_compile.quant.spec import QuantSpec
+
+        return QuantSpec(self.quant, self.quant_head, self.quant_embedding, self.quant_block, self.quant_symmetric,
+                         self.accuracy_level)
 
     @property
     def graph_target(self) -> str:
@@ -148,6 +181,7 @@ class CompileConfig:
         d["skip_passes"] = list(self.skip_passes)
         d["dump_ir"] = str(self.dump_ir) if self.dump_ir else None
         d["calibration"] = str(self.calibration) if self.calibration else None
+        d["gguf"] = str(self.gguf) if self.gguf else None
         d["pipeline"] = _describe_custom(self.pipeline)
         return d
 

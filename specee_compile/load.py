@@ -78,6 +78,15 @@ def resolve(spec: str | os.PathLike) -> Path:
     return path
 
 
+def gguf_source(spec: str | os.PathLike) -> Path | None:
+    """The GGUF file MODEL names (a built-in name or a .gguf path), or None for a directory."""
+    text = str(spec)
+    if text in BUILTIN_MODELS:
+        return resources.wheel_member(*BUILTIN_MODELS[text])
+    path = Path(text).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def inspect(model_dir: Path) -> ModelInfo:
     """Validate config.json and the weight files of a model directory without loading weights.
 

@@ -50,6 +50,7 @@ class Facts:
     pass_log: list[dict]
     calibration: object | None
     predictor_layers: tuple[int, ...] = ()
+    quant: dict | None = None  # the weight quantization: settings and what each graph stores
 
 
 def write_bundle(config, facts: Facts, lowered) -> Path:
@@ -96,7 +97,7 @@ def _manifest(config, facts: Facts, step: Graph, spec: SpecEE | None, engine: di
         cache=Cache(capacity=shapes.capacity, update=CACHE_UPDATE[target]), step=step, protocol=PROTOCOL[target],
         specee=spec, producer=f"specee-compile {__version__}",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        compile=config.to_dict(), passes=facts.pass_log, engine=engine, tensorrt_check=trt_check)
+        compile=config.to_dict(), passes=facts.pass_log, engine=engine, tensorrt_check=trt_check, quant=facts.quant)
 
 
 def _save_specee(facts: Facts, lowered, bundle_dir: Path) -> SpecEE:

@@ -18,6 +18,7 @@ from pathlib import Path
 from specee_compile.bundle.files import FORMAT, FORMAT_VERSION
 from specee_compile.contract import EXIT_MODES, EXIT_RULES
 from specee_compile.errors import BundleError
+from specee_compile.quant.spec import PRECISIONS
 
 MAX_LAYERS = 4096
 MAX_SIZE = 1 << 24  # heads, head dims, hidden sizes, vocabularies
@@ -136,6 +137,10 @@ def check_fields(manifest: dict, path: Path) -> None:
         f.file("graphs.step.onnx")
     if "specee" in manifest:
         _check_specee(f, layers, vocab)
+    if "quant" in manifest:
+        f.obj("quant")
+        f.choice("quant.weights", PRECISIONS)
+        f.int("quant.accuracy_level", 0, 4)
 
 
 def _check_specee(f: _Fields, layers: int, vocab: int) -> None:
@@ -387,6 +392,7 @@ class Manifest:
     passes: list = field(default_factory=list)
     engine: dict | None = None  # TensorRT: precision, versions, device
     tensorrt_check: dict | None = None
+    quant: dict | None = None  # weight quantization: precisions, block size, accuracy level, storage per graph
     files: dict = field(default_factory=dict)
 
     @classmethod
@@ -404,7 +410,8 @@ class Manifest:
                    step=Graph.from_json(d["graphs"]["step"]), protocol=d.get("protocol", ""),
                    specee=SpecEE.from_json(d["specee"]) if "specee" in d else None, producer=d.get("producer", ""),
                    created=d.get("created", ""), compile=d.get("compile", {}), passes=d.get("passes", []),
-                   engine=d.get("engine"), tensorrt_check=d.get("tensorrt_check"), files=d["files"])
+                   engine=d.get("engine"), tensorrt_check=d.get("tensorrt_check"), quant=d.get("quant"),
+                   files=d["files"])
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": self.producer, "created": self.created,
@@ -412,7 +419,7 @@ class Manifest:
                "model": {**dataclasses.asdict(self.model), "eos_token_ids": list(self.model.eos_token_ids)},
                "cache": dataclasses.asdict(self.cache), "graphs": {"step": self.step.to_json()},
                "protocol": self.protocol, "compile": self.compile, "passes": self.passes}
-        for name in ("tensorrt_check", "engine"):
+        for name in ("tensorrt_check", "engine", "quant"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.specee is not None:

@@ -23,7 +23,7 @@ from specee_compile.errors import OutputError, PassError
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("canonicalize", "specee", "optimize", "finalize")
+PHASES = ("canonicalize", "specee", "optimize", "quantize", "finalize")
 
 
 class Pipeline(ir.passes.PassBase):

@@ -11,6 +11,9 @@
     tree_segments  each graph cut from ``tree_decode``      fuse_ort_transformers
     draft_tree     the draft over a token tree              (none)
 
+With ``--quant`` every family whose graphs the bundle holds (all but ``decode`` and
+``tree_decode``, which are cut first) ends with ``quantize_weights`` (phase "quantize").
+
 Fusions run after the cut: ONNX Runtime's skip-norm fusion merges a layer's residual add
 into the next layer's norm, and the cut and the exits need every layer's output as is.
 ``--skip-pass NAME`` skips a pass in every family that has it, ``--skip-pass FAMILY:NAME``
@@ -32,6 +35,7 @@ from specee_compile.passes.fuse_ort_transformers import FuseOrtTransformersPass
 from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
 from specee_compile.passes.insert_predictors import InsertPredictorsPass
 from specee_compile.passes.pipeline import Pipeline, summary
+from specee_compile.passes.quantize_weights import QuantizeWeightsPass
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,15 @@ class PassPlan:
 
 
 def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = False, tree: bool = False,
-                 exit_mode: str = "segments", exits: ExitWeights | None = None) -> PassPlan:
+                 exit_mode: str = "segments", exits: ExitWeights | None = None, quant=None,
+                 kept=None) -> PassPlan:
     """The passes ``specee-compile`` runs for these options.
 
     ``exits`` carries the calibrated predictors; without it the SpecEE passes are listed
     but hold no weights (``--list-passes``: running them fails their precondition). The
     ONNX Runtime fusions emit ``com.microsoft`` ops, so graphs for TensorRT leave them out.
+    ``quant`` (a :class:`specee_compile.quant.QuantSpec`) adds the weight quantization, with
+    ``kept`` (:class:`specee_compile.quant.KeptBlocks`) the GGUF whose blocks ``gguf`` keeps.
     """
     fused = opt_level != "O0" and target == "ort"
 
@@ -125,6 +132,10 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
             if exit_mode == "segments":  # early exit inside tree verification
                 plan.update(tree_decode=specee_pipeline(exits, per_node=True), tree_segments=fusions())
             plan["draft_tree"] = Pipeline()
+    if quant is not None and quant.active:
+        for family, pipeline in plan.items():
+            if family not in ("decode", "tree_decode"):
+                pipeline.append("quantize", QuantizeWeightsPass(quant, kept))
     return PassPlan(plan, exits)
 
 

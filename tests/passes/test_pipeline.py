@@ -91,7 +91,7 @@ def test_run_logs_modified_honestly_and_skips_by_name():
 def test_dump_ir_writes_one_file_per_phase(tmp_path):
     Pipeline({"canonicalize": [RenamePass()]}).run(_model(), dump_dir=tmp_path / "ir")
     files = sorted(f.name for f in (tmp_path / "ir").iterdir())
-    assert files == ["00-exported.txt", "01-canonicalize.txt", "02-specee.txt", "03-optimize.txt", "04-finalize.txt"]
+    assert files == ["00-exported.txt", "01-canonicalize.txt", "02-specee.txt", "03-optimize.txt", "04-quantize.txt", "05-finalize.txt"]
     assert "Relu" in (tmp_path / "ir" / "01-canonicalize.txt").read_text()
 
 

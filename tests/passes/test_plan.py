@@ -81,7 +81,7 @@ def test_dump_ir_and_user_passes_reach_every_family_of_a_specee_compile(tiny_dir
     assert ir.load(out / "specee" / "segment_0.onnx").graph.name == "segments"
     assert ir.load(out / "specee" / "tree_segment_1.onnx").graph.name == "tree_segments"
     for family in ("step", "decode", "draft", "tree", "tree_decode", "draft_tree"):
-        assert (tmp_path / "ir" / family / "04-finalize.txt").is_file(), family
+        assert (tmp_path / "ir" / family / "05-finalize.txt").is_file(), family
     assert (tmp_path / "ir" / "segments" / "00" / "03-optimize.txt").is_file()
     from specee_compile.bundle import read_manifest
 

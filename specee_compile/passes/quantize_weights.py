@@ -1,0 +1,198 @@
+"""QuantizeWeightsPass: weight-only block quantization onto ONNX Runtime's fast CPU kernels.
+
+Rewrite, for every constant 2-D weight W (in any subgraph too) at the precision its role asks
+for (:class:`specee_compile.quant.QuantSpec`: layers, head, embedding):
+
+    MatMul(A, W[K, N])             ->  MatMulNBits(A, data, scales, zero_points)
+    Gemm(A, W, C, transB)          ->  MatMulNBits(A, data, scales, zero_points, bias=C)
+    Gather(W[V, d], ids, axis=0)   ->  GatherBlockQuantized(data, ids, scales, zero_points)
+    Gather(W[d, V], ids, axis=1)   ->  Transpose(GatherBlockQuantized(...))
+
+The blocks come from ONNX Runtime's own quantizer (int4/int8) or, for ``gguf``, from the
+GGUF file itself (:class:`specee_compile.quant.KeptBlocks`). GGUF Q4_1 blocks carry a minimum
+per block; the product then runs at zero point 0 and adds ``(A @ E) @ mins.T`` (E sums each
+block of A; one block sum per input, shared by the products that read it), which is exact
+in the weights. A gather of Q4_1 blocks keeps its fp32 weight.
+
+A weight's role comes from the exporter's module scopes on its consumers (``*head``: head,
+``*embed*``: embedding; a tied embedding is a head). The SpecEE passes' own weights
+(``specee.*``, the predictors) stay fp32. ``report`` lists every weight and how it is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from specee_compile.quant.blocks import Blocks, quantize
+from specee_compile.quant.gguf import KeptBlocks
+from specee_compile.quant.spec import BITS, GGUF_FALLBACK, QuantSpec
+
+SCOPES = "pkg.torch.onnx.name_scopes"
+OWN_WEIGHTS = "specee."  # initializers the SpecEE passes add: left as they are
+MS = "com.microsoft"
+
+
+@dataclasses.dataclass
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Quantize weights in place; ``fired`` counts weights per storage, ``report`` lists them."""
+
+    spec: QuantSpec = dataclasses.field(default_factory=QuantSpec)
+    kept: KeptBlocks | None = None
+    name: str = "quantize_weights"
+    fired: dict[str, int] = dataclasses.field(default_factory=dict)
+    report: list[dict] = dataclasses.field(default_factory=list)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.fired, self.report = {}, []
+        sums: dict[tuple, ir.Value] = {}
+        touched: set[int] = set()
+        for w, uses in _weights(model):
+            role = _role(uses)
+            precision = self.spec.precision(role)
+            layout = _layout(uses)
+            if precision == "fp32" or layout is None:
+                continue
+            rows = w.const_value.numpy().astype(np.float32)
+            rows = rows if layout == "rows" else rows.T
+            blocks, stored = self._blocks(rows, role, precision)
+            made: dict[str, ir.Value] = {}
+            for node in [u.node for u in uses]:
+                if _rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made):
+                    touched.add(id(node.graph))
+            left = len(w.uses())
+            if not left and w.name in model.graph.initializers:
+                model.graph.initializers.pop(w.name)
+            self.report.append({"role": role, "shape": list(rows.shape), "stored": stored,
+                                **({"fp32_uses_left": left} if left else {})})
+            self.fired[stored] = self.fired.get(stored, 0) + 1
+        if touched:
+            model.graph.sort()
+        return ir.passes.PassResult(model, modified=bool(touched))
+
+    def _blocks(self, rows: np.ndarray, role: str, precision: str) -> tuple[Blocks, str]:
+        if precision == "gguf":
+            found = self.kept.find(rows) if self.kept is not None else None
+            if found is not None:
+                return found, f"{found.origin} kept"
+            precision = GGUF_FALLBACK[role]
+            blocks = quantize(rows, BITS[precision], self.spec.block_size, self.spec.symmetric)
+            return blocks, f"{precision} (not in the GGUF)"
+        return quantize(rows, BITS[precision], self.spec.block_size, self.spec.symmetric), precision
+
+
+def _weights(model: ir.Model):
+    """(weight, uses) for every constant 2-D float initializer that a MatMul, Gemm or Gather reads."""
+    for name, w in list(model.graph.initializers.items()):
+        if name.startswith(OWN_WEIGHTS) or w.const_value is None or len(w.const_value.shape) != 2:
+            continue
+        if w.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            continue
+        uses = list(w.uses())
+        ok = {("MatMul", 1), ("Gemm", 1), ("Gather", 0)}
+        if uses and all((u.node.op_type, u.idx) in ok and u.node.domain in ("", "ai.onnx") for u in uses):
+            yield w, uses
+
+
+def _role(uses) -> str:
+    scopes = [m.strip(" '") for u in uses for m in u.node.metadata_props.get(SCOPES, "[]").strip("[]").split(",")]
+    modules = [s.rsplit(".", 1)[-1] if s else s for s in scopes]
+    if any(m.endswith("head") for m in modules):
+        return "head"
+    if any("embed" in m for m in modules):
+        return "embedding"
+    return "layers"
+
+
+def _layout(uses) -> str | None:
+    """"rows" when the weight is stored [N, K] for every consumer, "cols" for [K, N], None when
+    consumers disagree or one is not a plain product or gather."""
+    layouts = set()
+    for u in uses:
+        node = u.node
+        if node.op_type == "MatMul":
+            layouts.add("cols")
+        elif node.op_type == "Gemm":
+            a = {k: v.value for k, v in node.attributes.items()}
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                return None
+            layouts.add("rows" if a.get("transB", 0) else "cols")
+        else:
+            axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+            layouts.add({0: "rows", 1: "cols", -2: "rows", -1: "cols"}.get(axis, "?"))
+    return layouts.pop() if len(layouts) == 1 and "?" not in layouts else None
+
+
+def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks, level: int, sums: dict,
+             made: dict) -> bool:
+    """Replace ``node``'s read of ``w`` by the blocks ``b``; False when this consumer keeps ``w``.
+    ``made`` holds the initializers already made for ``w``, shared by its consumers."""
+    graph = node.graph
+    n, k = b.shape
+
+    def const(suffix: str, array_of) -> ir.Value:
+        if suffix not in made:
+            made[suffix] = _const(main, w.name + suffix, array_of())
+        return made[suffix]
+
+    scales = const("_scales", lambda: b.scales)
+    zp = const("_zero_points", b.packed_zero_points) if b.packed_zero_points() is not None else None
+    if node.op_type == "Gather":
+        idx = node.inputs[1]
+        if b.mins is not None or k != w.const_value.shape[1 if layout == "rows" else 0]:  # no minimums, no padding
+            return False
+        if layout == "cols" and idx.shape is None:
+            return False
+        flat = const(f"_q{b.bits}_rows", lambda: b.data.reshape(n, -1))
+        new = [ir.node("GatherBlockQuantized", [flat, idx, scales, zp], domain=MS,
+                       attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": b.block_size, "bits": b.bits})]
+        if layout == "cols":  # [*ids, K] -> [K, *ids]
+            r = len(idx.shape)
+            new.append(ir.node("Transpose", [new[-1].outputs[0]], attributes={"perm": [r, *range(r)]}))
+    else:
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        attrs = {"K": k, "N": n, "bits": b.bits, "block_size": b.block_size}
+        if level:
+            attrs["accuracy_level"] = level
+        data = const(f"_q{b.bits}", lambda: b.data)
+        new = [ir.node("MatMulNBits", [node.inputs[0], data, scales, zp, None, bias], domain=MS, attributes=attrs)]
+        if b.mins is not None:  # + blocksum(A) @ mins.T
+            a = node.inputs[0]
+            key = (id(a), id(graph), k, b.block_size)
+            if key not in sums:
+                name = f"block_sum_{k}_{b.block_size}"
+                ones = main.initializers.get(name) or _const(main, name, np.kron(
+                    np.eye(k // b.block_size, dtype=np.float32), np.ones((b.block_size, 1), np.float32)))
+                new.insert(0, ir.node("MatMul", [a, ones]))
+                sums[key] = new[0].outputs[0]
+            correction = ir.node("MatMul", [sums[key], const("_mins", lambda: np.ascontiguousarray(b.mins.T))])
+            new += [correction, ir.node("Add", [_nbits_output(new), correction.outputs[0]])]
+    for m in new:
+        m.metadata_props.update(node.metadata_props)
+    graph.insert_before(node, new)
+    old = node.outputs[0]
+    out = new[-1].outputs[0]
+    out.shape, out.type = old.shape, old.type
+    name = old.name
+    old.replace_all_uses_with(out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name = name
+    return True
+
+
+def _nbits_output(nodes: list[ir.Node]) -> ir.Value:
+    return next(m for m in nodes if m.op_type == "MatMulNBits").outputs[0]
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
