@@ -58,7 +58,7 @@ def test_unknown_pass_name_lists_the_valid_ones():
 
 
 def test_unknown_phase_lists_the_phases():
-    with pytest.raises(PassError, match="canonicalize, specee, optimize, finalize"):
+    with pytest.raises(PassError, match="canonicalize, specee, optimize, quantize, finalize"):
         Pipeline().append("later", RenamePass())
 
 
