@@ -364,6 +364,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for every system")
     p.add_argument("--no-transformers", action="store_true", help="leave out transformers eager (the slowest)")
     p.add_argument("--no-genai", action="store_true", help="leave out ONNX Runtime GenAI")
+    p.add_argument("--quantized", action="append", default=[], metavar="PATH",
+                   help="a dense bundle compiled with --quant to measure next to the fp32 one (repeatable); adds "
+                        "ONNX Runtime GenAI's own int4 build of the model")
     p.add_argument("--sweep", default="", metavar="T1,T2,...", help="thresholds for the speed/agreement frontier")
     p.add_argument("--sweep-prompts", type=int, default=20, help="prompts per sweep threshold")
     p.add_argument("--ppl-samples", type=int, default=40, help="held-out ShareGPT responses for perplexity")
@@ -403,7 +406,7 @@ def _bench_main(args) -> int:
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
         sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
         quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
-        reference=args.reference, tree_shapes=shapes)
+        reference=args.reference, tree_shapes=shapes, quantized=tuple(args.quantized))
     run(settings, progress=not args.quiet)
     out = Path(args.out)
     print((out / "report.md").read_text() if not args.quiet else "", end="")

@@ -41,6 +41,17 @@ def test_kept_gguf_blocks_dequantize_to_the_ggufs_own_values_bit_for_bit(fmt):
     assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_q4_1_runs_at_the_default_zero_point_only_where_that_is_exact():
+    half = lambda x: np.array([x], np.float16).view(np.uint8)  # noqa: E731
+    d, exact, inexact = half(1.0), half(-4.0), half(2.0 ** -22)
+    qs = np.arange(16, dtype=np.uint8)
+    for m, zero in ((exact, False), (inexact, True)):
+        blocks = from_gguf(np.concatenate([d, m, qs])[None, :], "Q4_1")
+        zp, mins = blocks.kernel_form()
+        assert (zp is not None) == zero
+        assert mins[0, 0] == (np.float32(2.0 ** -22) if zero else np.float32(4.0))
+
+
 def _matmul_model(weight: np.ndarray) -> ir.Model:
     """y = A @ W, W [K, N] an initializer: the tiny inline graph the pass rewrites."""
     k, n = weight.shape

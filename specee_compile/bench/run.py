@@ -78,6 +78,7 @@ class BenchSettings:
     reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
     tree_shapes: tuple = ()  # tree speculation with trees of these shapes (TreeShape), with every SpecEE bundle made with --tree
     tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
+    quantized: tuple[str, ...] = ()  # dense bundles compiled with --quant, measured next to the fp32 one
 
     def resolved(self) -> "BenchSettings":
         """Apply --quick's presets and check every field."""
@@ -136,6 +137,14 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                               "out --reference.")
         systems.append(bundle_system(b.name, "specee", engine, s.new_tokens,
                                      {**b.settings, "threshold": engine.threshold, "path": str(b.path)}))
+    for path in s.quantized:
+        engine = load(path, threads=s.threads, dense=True)
+        quant = engine.manifest.quant
+        if quant is None:
+            raise ConfigError(f"--quantized {path} holds fp32 weights; pass a bundle compiled with --quant (or give it "
+                              "with --bundle).")
+        systems.append(bundle_system(f"dense-{quant['weights']}", "quantized", engine, s.new_tokens,
+                                     {"quant": quant, "path": str(path)}))
     if s.tree_shapes:
         with_tree = [b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]]
         if not with_tree:
@@ -154,6 +163,9 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     if s.genai:
         genai = genai_system(model_dir, out / "genai-model", s.threads, s.new_tokens, eos)
         if genai is not None:
+            systems.append(genai)
+        if s.quantized:
+            genai = genai_system(model_dir, out / "genai-model-int4", s.threads, s.new_tokens, eos, "int4")
             systems.append(genai)
 
     prompts = _prompts(s, dense_engine)
@@ -186,6 +198,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             row["speedup_vs_transformers"] = measure.paired_ratio(r, runs["transformers"])
         if genai_name:
             row["speedup_vs_genai"] = measure.paired_ratio(r, runs[genai_name])
+        if "ort-genai-int4" in runs:
+            row["speedup_vs_genai_int4"] = measure.paired_ratio(r, runs["ort-genai-int4"])
         if system.kind == "tree":
             row.update(measure.tree(r), **measure.time_shares(r), forward_cost=measure.forward_cost(r, runs["dense"]))
             if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles
@@ -197,6 +211,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                 prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
         elif system.engine is not None:
             row["perplexity"] = _perplexity(system.engine, ppl_set, head, progress, system.name)
+        if system.kind == "quantized":
+            row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress, system.name)
         if system.kind == "specee":
             row.update(measure.exits(r, L))
             row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress, system.name)
@@ -238,7 +254,7 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
         found.append(_Bundle(name, Path(path), specee, settings))
     if sum(not b.specee for b in found) > 1:
         raise ConfigError("give at most one dense bundle; SpecEE bundles hold their own dense graph as well.")
-    configs = list(s.configs) or ([] if any(b.specee for b in found) else [""])
+    configs = list(s.configs) or ([] if any(b.specee for b in found) or s.quantized else [""])
     calibration = None
     if s.quick and configs:
         calibration = calibrate(s.model, CalibrationSettings(**QUICK_CALIBRATION), progress=progress)

@@ -26,7 +26,9 @@ KINDS = {"transformers": "Hugging Face transformers, eager, greedy generate",
          "dense": "this compiler's dense bundle (ONNX Runtime)",
          "specee": "this compiler's SpecEE bundle (ONNX Runtime)",
          "tree": "lossless tree speculation with a SpecEE bundle's draft (ONNX Runtime)",
-         "genai": "ONNX Runtime GenAI, fp32 CPU build of the same model"}
+         "quantized": "this compiler's dense bundle with quantized weights (--quant; ONNX Runtime)",
+         "genai": "ONNX Runtime GenAI, fp32 CPU build of the same model",
+         "genai-int4": "ONNX Runtime GenAI, int4 CPU build of the same model (its builder's defaults)"}
 
 
 @dataclass
@@ -93,8 +95,10 @@ def bundle_system(name: str, kind: str, engine, new_tokens: int, settings: dict 
     return System(name, kind, generate, engine, settings or {})
 
 
-def genai_system(model_dir: Path, folder: Path, threads: int | None, new_tokens: int, eos_ids) -> System | None:
-    """ONNX Runtime GenAI's fp32 CPU build of the model, or None when it is not installed."""
+def genai_system(model_dir: Path, folder: Path, threads: int | None, new_tokens: int, eos_ids,
+                 precision: str = "fp32") -> System | None:
+    """ONNX Runtime GenAI's CPU build of the model at ``precision`` (its builder's fp32 or int4),
+    or None when it is not installed."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -102,7 +106,7 @@ def genai_system(model_dir: Path, folder: Path, threads: int | None, new_tokens:
         return None
     if not (folder / "genai_config.json").is_file():
         proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(model_dir),
-                               "-i", str(model_dir), "-o", str(folder), "-p", "fp32", "-e", "cpu",
+                               "-i", str(model_dir), "-o", str(folder), "-p", precision, "-e", "cpu",
                                "-c", str(folder) + ".cache"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise BackendError(f"ONNX Runtime GenAI's model builder failed on {model_dir}: "
@@ -127,7 +131,9 @@ def genai_system(model_dir: Path, folder: Path, threads: int | None, new_tokens:
         end = time.perf_counter()
         return _run(gen.get_sequence(0)[len(ids):].tolist(), eos_ids, start, first, end)
 
-    return System("ort-genai", "genai", generate)
+    if precision == "fp32":
+        return System("ort-genai", "genai", generate)
+    return System(f"ort-genai-{precision}", f"genai-{precision}", generate)
 
 
 def _run(generated: list[int], eos_ids, start: float, first: float, end: float) -> Run:

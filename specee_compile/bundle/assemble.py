@@ -2,6 +2,7 @@
 the tokenizer and the manifest, in a staging folder renamed into place when complete.
 
     model.onnx (+ .data)                       family step
+    genai.onnx, genai_config.json              the step for ONNX Runtime GenAI (same weights; bundle/genai.py)
     specee/segment_{k}.onnx, segments.data     family segments (exit mode "segments")
     specee/decode.onnx                         exit mode "graph": the nested decode graph
     specee/draft.onnx, specee/kv_fill.safetensors
@@ -20,6 +21,7 @@ import onnx_ir as ir
 from safetensors.numpy import save_file
 
 from specee_compile import __version__
+from specee_compile.bundle.genai import write_genai
 from specee_compile.bundle.manifest import Cache, Draft, Graph, Manifest, Model, Segment, SpecEE, Tree
 from specee_compile.bundle.protocol import CACHE_UPDATE, PROTOCOL
 from specee_compile.bundle.write import finish_manifest, staging
@@ -72,6 +74,11 @@ def write_bundle(config, facts: Facts, lowered) -> Path:
         _check_tokenizer_files(tmp)
         facts.hf_model.generation_config.save_pretrained(tmp)
         manifest = _manifest(config, facts, step, spec, engine, lowered.trt_check)
+        if config.backend == "ort" and config.graph_target == "ort":  # ONNX Runtime GenAI loads the folder too
+            cfg = facts.hf_model.config
+            manifest = dataclasses.replace(manifest, genai=write_genai(
+                tmp, GRAPH_FILE, facts.shapes, cfg.bos_token_id, list(manifest.model.eos_token_ids),
+                cfg.pad_token_id))
         finish_manifest(tmp, manifest.to_json())
     return config.out
 

@@ -141,6 +141,10 @@ def check_fields(manifest: dict, path: Path) -> None:
         f.obj("quant")
         f.choice("quant.weights", PRECISIONS)
         f.int("quant.accuracy_level", 0, 4)
+    if "genai" in manifest:
+        f.obj("genai")
+        f.file("genai.config")
+        f.file("genai.graph")
 
 
 def _check_specee(f: _Fields, layers: int, vocab: int) -> None:
@@ -393,6 +397,7 @@ class Manifest:
     engine: dict | None = None  # TensorRT: precision, versions, device
     tensorrt_check: dict | None = None
     quant: dict | None = None  # weight quantization: precisions, block size, accuracy level, storage per graph
+    genai: dict | None = None  # ONNX Runtime GenAI's config and graph files (bundle/genai.py)
     files: dict = field(default_factory=dict)
 
     @classmethod
@@ -411,7 +416,7 @@ class Manifest:
                    specee=SpecEE.from_json(d["specee"]) if "specee" in d else None, producer=d.get("producer", ""),
                    created=d.get("created", ""), compile=d.get("compile", {}), passes=d.get("passes", []),
                    engine=d.get("engine"), tensorrt_check=d.get("tensorrt_check"), quant=d.get("quant"),
-                   files=d["files"])
+                   genai=d.get("genai"), files=d["files"])
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": self.producer, "created": self.created,
@@ -419,7 +424,7 @@ class Manifest:
                "model": {**dataclasses.asdict(self.model), "eos_token_ids": list(self.model.eos_token_ids)},
                "cache": dataclasses.asdict(self.cache), "graphs": {"step": self.step.to_json()},
                "protocol": self.protocol, "compile": self.compile, "passes": self.passes}
-        for name in ("tensorrt_check", "engine", "quant"):
+        for name in ("tensorrt_check", "engine", "quant", "genai"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.specee is not None:

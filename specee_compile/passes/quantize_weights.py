@@ -10,9 +10,10 @@ for (:class:`specee_compile.quant.QuantSpec`: layers, head, embedding):
 
 The blocks come from ONNX Runtime's own quantizer (int4/int8) or, for ``gguf``, from the
 GGUF file itself (:class:`specee_compile.quant.KeptBlocks`). GGUF Q4_1 blocks carry a minimum
-per block; the product then runs at zero point 0 and adds ``(A @ E) @ mins.T`` (E sums each
-block of A; one block sum per input, shared by the products that read it), which is exact
-in the weights. A gather of Q4_1 blocks keeps its fp32 weight.
+per block (d * q + m); the product then runs at the default zero point 8 and adds
+``(A @ E) @ (m + 8d).T`` (E sums each block of A; one block sum per input, shared by the
+products that read it), exact in the weights (at zero point 0 and ``m`` where m + 8d is not
+a float32). A gather of Q4_1 blocks keeps its fp32 weight.
 
 A weight's role comes from the exporter's module scopes on its consumers (``*head``: head,
 ``*embed*``: embedding; a tied embedding is a head). The SpecEE passes' own weights
@@ -138,8 +139,8 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
         return made[suffix]
 
     scales = const("_scales", lambda: b.scales)
-    zp = const("_zero_points", b.packed_zero_points) if b.packed_zero_points() is not None else None
     if node.op_type == "Gather":
+        zp = const("_zero_points", b.packed_zero_points) if b.zero_points is not None else None
         idx = node.inputs[1]
         if b.mins is not None or k != w.const_value.shape[1 if layout == "rows" else 0]:  # no minimums, no padding
             return False
@@ -152,13 +153,16 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
             r = len(idx.shape)
             new.append(ir.node("Transpose", [new[-1].outputs[0]], attributes={"perm": [r, *range(r)]}))
     else:
+        zero_points, mins = b.kernel_form()
+        zp = None if zero_points is None else const("_zero_points" if zero_points is b.zero_points else
+                                                    "_kernel_zero_points", lambda: b.packed_zero_points(zero_points))
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         attrs = {"K": k, "N": n, "bits": b.bits, "block_size": b.block_size}
         if level:
             attrs["accuracy_level"] = level
         data = const(f"_q{b.bits}", lambda: b.data)
         new = [ir.node("MatMulNBits", [node.inputs[0], data, scales, zp, None, bias], domain=MS, attributes=attrs)]
-        if b.mins is not None:  # + blocksum(A) @ mins.T
+        if mins is not None:  # + blocksum(A) @ mins.T
             a = node.inputs[0]
             key = (id(a), id(graph), k, b.block_size)
             if key not in sums:
@@ -167,7 +171,7 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
                     np.eye(k // b.block_size, dtype=np.float32), np.ones((b.block_size, 1), np.float32)))
                 new.insert(0, ir.node("MatMul", [a, ones]))
                 sums[key] = new[0].outputs[0]
-            correction = ir.node("MatMul", [sums[key], const("_mins", lambda: np.ascontiguousarray(b.mins.T))])
+            correction = ir.node("MatMul", [sums[key], const("_mins", lambda: np.ascontiguousarray(mins.T))])
             new += [correction, ir.node("Add", [_nbits_output(new), correction.outputs[0]])]
     for m in new:
         m.metadata_props.update(node.metadata_props)

@@ -62,10 +62,21 @@ class Blocks:
             return ((d * (q - zp)) + self.mins[..., None]).reshape(n, k)
         return (d * (q - zp)).reshape(n, k)
 
-    def packed_zero_points(self) -> np.ndarray | None:
-        """Zero points as ``MatMulNBits`` takes them: uint8 [N, ceil(K/block * bits / 8)]."""
-        zp = self.zero_points if self.zero_points is not None or self.mins is None else \
-            np.zeros(self.scales.shape, np.uint8)
+    def kernel_form(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(zero points, minimums) the graph computes with. Minimums at zero point 0 move to the
+        op's default zero point when that is exact: d * q + m = d * (q - 8) + (m + 8d), and
+        symmetric blocks run on ONNX Runtime's faster kernel. (m + 8d must be a float32 exactly;
+        else the zero point stays 0.)"""
+        if self.mins is None or self.zero_points is None or self.zero_points.any():
+            return self.zero_points, self.mins
+        shifted = self.mins.astype(np.float64) + (1 << (self.bits - 1)) * self.scales.astype(np.float64)
+        if np.array_equal(shifted.astype(np.float32).astype(np.float64), shifted):
+            return None, shifted.astype(np.float32)
+        return self.zero_points, self.mins
+
+    def packed_zero_points(self, zp: np.ndarray | None = None) -> np.ndarray | None:
+        """Zero points (``self``'s, or ``zp``) as ``MatMulNBits`` takes them: uint8 [N, ceil(K/block * bits / 8)]."""
+        zp = self.zero_points if zp is None else zp
         if zp is None or self.bits == 8:
             return zp
         if zp.shape[1] % 2:

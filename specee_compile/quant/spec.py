@@ -26,7 +26,7 @@ class QuantSpec:
     head: str = ""
     embedding: str = ""
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True
     accuracy_level: int = 4
 
     def __post_init__(self):
