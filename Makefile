@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   install, compile the built-in SmolLM2 and generate with it
+#   make demo   install, compile the built-in SmolLM2 (its own 4-bit GGUF blocks) and generate with it
 #   make test   install and run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/specee-compile smollm2 --out out/smollm2.onnx --force
+	$(BIN)/specee-compile smollm2 --out out/smollm2.onnx --quant gguf --force
 	$(BIN)/specee-run out/smollm2.onnx --prompt "$(PROMPT)" --max-new-tokens 96
 
 test: install

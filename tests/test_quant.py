@@ -89,6 +89,19 @@ def test_a_product_with_kept_gguf_blocks_equals_the_product_with_the_ggufs_weigh
     np.testing.assert_allclose(_run(model, {"A": a}), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_rows_that_do_not_fill_whole_blocks_are_padded(precision):
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((48, 16)).astype(np.float32)  # K = 48: one and a half blocks of 32
+    model = _matmul_model(weight)
+    QuantizeWeightsPass(QuantSpec(precision))(model)
+    node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert node.attributes["K"].value == 48
+    a = rng.standard_normal((2, 48)).astype(np.float32)
+    want = a @ weight
+    assert np.linalg.norm(_run(model, {"A": a}) - want) / np.linalg.norm(want) < TOLERANCE[precision]
+
+
 def test_a_weight_the_gguf_does_not_hold_is_requantized_and_reported(tmp_path):
     rng = np.random.default_rng(2)
     path = tmp_path / "w.gguf"
@@ -184,6 +197,16 @@ def test_quantized_specee_and_tree_bundles_decode_their_own_dense_tokens(tiny_di
     assert load(out, tree="2x2x3+4").generate(PROMPT, max_new_tokens=16).token_ids == want  # lossless
     assert load(out, threshold=0.999999).generate(PROMPT, max_new_tokens=16).token_ids == want  # no exit fires
     assert len(load(out).generate(PROMPT, max_new_tokens=16).token_ids) == 16
+
+
+def test_a_quantized_graph_mode_bundle_decodes_its_dense_tokens(tiny_dirs, tiny_llama_calibration, tmp_path):
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "g.onnx", max_context=64,
+                                       specee=True, calibration=tiny_llama_calibration, exit_mode="graph",
+                                       quant="int8"), progress=False)
+    ops = {n.op_type for n in ir.load(out / "specee" / "decode.onnx").graph}
+    assert "MatMulNBits" in ops and "If" in ops
+    want = load(out, dense=True).generate(PROMPT, max_new_tokens=16).token_ids
+    assert load(out, threshold=0.999999).generate(PROMPT, max_new_tokens=16).token_ids == want
 
 
 def test_quantization_refuses_what_it_cannot_build(tiny_dirs, tmp_path):

@@ -131,7 +131,8 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
     """Replace ``node``'s read of ``w`` by the blocks ``b``; False when this consumer keeps ``w``.
     ``made`` holds the initializers already made for ``w``, shared by its consumers."""
     graph = node.graph
-    n, k = b.shape
+    n, padded = b.shape
+    k = w.const_value.shape[1 if layout == "rows" else 0]  # the blocks pad K up to whole blocks
 
     def const(suffix: str, array_of) -> ir.Value:
         if suffix not in made:
@@ -142,12 +143,12 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
     if node.op_type == "Gather":
         zp = const("_zero_points", b.packed_zero_points) if b.zero_points is not None else None
         idx = node.inputs[1]
-        if b.mins is not None or k != w.const_value.shape[1 if layout == "rows" else 0]:  # no minimums, no padding
-            return False
-        if layout == "cols" and idx.shape is None:
-            return False
-        flat = const(f"_q{b.bits}_rows", lambda: b.data.reshape(n, -1))
-        new = [ir.node("GatherBlockQuantized", [flat, idx, scales, zp], domain=MS,
+        if b.mins is not None or k != padded or (layout == "cols" and idx.shape is None):
+            return False  # GatherBlockQuantized has no minimums nor padding; a transpose needs the ids' rank
+        # the rows of the product's blocks, as GenAI shares a tied head's (ONNX Runtime folds the reshape)
+        rows = ir.node("Reshape", [const(f"_q{b.bits}", lambda: b.data), const("_rows_shape", lambda: np.array(
+            [n, -1], np.int64))])
+        new = [rows, ir.node("GatherBlockQuantized", [rows.outputs[0], idx, scales, zp], domain=MS,
                        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": b.block_size, "bits": b.bits})]
         if layout == "cols":  # [*ids, K] -> [K, *ids]
             r = len(idx.shape)
@@ -166,9 +167,9 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
             a = node.inputs[0]
             key = (id(a), id(graph), k, b.block_size)
             if key not in sums:
-                name = f"block_sum_{k}_{b.block_size}"
-                ones = main.initializers.get(name) or _const(main, name, np.kron(
-                    np.eye(k // b.block_size, dtype=np.float32), np.ones((b.block_size, 1), np.float32)))
+                name = f"block_sum_{k}_{b.block_size}"  # E [K, blocks]: 1 where row k is in the block
+                ones = main.initializers[name] if name in main.initializers else _const(main, name, np.kron(
+                    np.eye(padded // b.block_size, dtype=np.float32), np.ones((b.block_size, 1), np.float32))[:k])
                 new.insert(0, ir.node("MatMul", [a, ones]))
                 sums[key] = new[0].outputs[0]
             correction = ir.node("MatMul", [sums[key], const("_mins", lambda: np.ascontiguousarray(mins.T))])
