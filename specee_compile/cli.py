@@ -184,6 +184,14 @@ def _compile_main(args) -> int:
         print("specee-compile " + json.dumps(config.to_dict()), file=sys.stderr)
     out = compile_bundle(config, progress=not args.quiet)
     if not args.quiet:
+        quant = json.loads((out / "manifest.json").read_text()).get("quant") or {}
+        families: dict[str, dict[str, int]] = {}  # segments[0], segments[1], ... summed as segments
+        for graph, stored in quant.get("weights_stored", {}).items():
+            counts = families.setdefault(graph.split("[")[0], {})
+            for how, n in stored.items():
+                counts[how] = counts.get(how, 0) + n
+        for family, counts in families.items():
+            print(f"{family} weights: " + ", ".join(f"{n} {how}" for how, n in counts.items()), file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
     return 0
 
