@@ -154,10 +154,11 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-mode", choices=["segments", "graph"], default=None,
                    help="with --specee: segments (one graph per block of layers, the runtime stops at the first "
                         "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
-    p.add_argument("--tree", action="store_true",
+    p.add_argument("--tree", nargs="?", const=True, default=False, metavar="SHAPE",
                    help="with --specee: also export the tree verification graph for lossless tree speculation "
                         "(specee-run --tree) and, in exit mode segments, its segments with per-node predictors for "
-                        "early exit inside verification (--tree SHAPE:exit)")
+                        "early exit inside verification (specee-run --tree SHAPE:exit). The bundle's default shape is "
+                        "SHAPE, or without one the candidate measured fastest on this machine")
     p.add_argument("--list-passes", action="store_true",
                    help="print the pass pipeline of every graph family these options emit, and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR",
@@ -175,7 +176,8 @@ def _compile_main(args) -> int:
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
-        exit_mode=args.exit_mode or "segments", tree=args.tree, backend=args.backend, precision=args.precision,
+        exit_mode=args.exit_mode or "segments", tree=bool(args.tree),
+        tree_shape="" if args.tree in (True, False) else args.tree, backend=args.backend, precision=args.precision,
         check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
         quant_block=args.quant_block, accuracy_level=args.accuracy_level, gguf=args.gguf,
     )
@@ -184,7 +186,8 @@ def _compile_main(args) -> int:
         print("specee-compile " + json.dumps(config.to_dict()), file=sys.stderr)
     out = compile_bundle(config, progress=not args.quiet)
     if not args.quiet:
-        quant = json.loads((out / "manifest.json").read_text()).get("quant") or {}
+        manifest = json.loads((out / "manifest.json").read_text())
+        quant = manifest.get("quant") or {}
         families: dict[str, dict[str, int]] = {}  # segments[0], segments[1], ... summed as segments
         for graph, stored in quant.get("weights_stored", {}).items():
             counts = families.setdefault(graph.split("[")[0], {})
@@ -192,8 +195,24 @@ def _compile_main(args) -> int:
                 counts[how] = counts.get(how, 0) + n
         for family, counts in families.items():
             print(f"{family} weights: " + ", ".join(f"{n} {how}" for how, n in counts.items()), file=sys.stderr)
+        tree = (manifest.get("specee") or {}).get("tree") or {}
+        if "choice" in tree:
+            print(_tree_choice_line(tree), file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _tree_choice_line(tree: dict) -> str:
+    choice = tree["choice"]
+    if "given" in choice:
+        return f"default tree shape: {choice['given']} (given)"
+    if not tree.get("default_shape"):
+        from specee_compile.runtimes.speculation import DEFAULT_TREE
+
+        return f"default tree shape: not measured ({choice.get('reason')}); runs {DEFAULT_TREE}"
+    rows = ", ".join(f"{r['shape']} {r['predicted_speedup']:.2f}x" for r in choice["candidates"])
+    return (f"default tree shape: {tree['default_shape']}, the highest predicted speed-up over dense on this machine "
+            f"({rows})")
 
 
 def compile_main(argv=None) -> int:
@@ -205,7 +224,7 @@ def compile_main(argv=None) -> int:
         trt = args.check == "trt" or args.backend == "trt" or str(args.out or "").endswith((".plan", ".engine"))
         from specee_compile.quant import QuantSpec
 
-        print(default_plan(args.opt, "trt" if trt else "ort", args.specee, args.tree and args.specee,
+        print(default_plan(args.opt, "trt" if trt else "ort", args.specee, bool(args.tree) and args.specee,
                            args.exit_mode or "segments", quant=QuantSpec(args.quant)).describe())
         return 0
     if not args.model or not args.out:

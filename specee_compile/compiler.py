@@ -106,8 +106,8 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         stage("write bundle" + (" and build TensorRT engines" if config.backend == "trt" else ""))
         layers = plan.exits.layers if plan.exits is not None else ()
         facts = Facts(config, source.info.family, shapes, source.hf_model, source.tokenizer, pass_log, calibration,
-                      layers, quant_facts(config, kept, pass_log))
-        out = write_bundle(config, facts, lowered)
+                      layers, quant_facts(config, kept, pass_log), tree_prompts(config, calibration))
+        out = write_bundle(config, facts, lowered, progress)
         bar.update()
         return out
 
@@ -280,6 +280,26 @@ def _cut(model: ir.Model, layers: tuple[int, ...], family: str) -> Segmented:
                         "insert_predictors or insert_early_exit, which SpecEE graphs need.")
     inputs = [v.name for v in model.graph.inputs]
     return Segmented(split_segments(model, list(layers), find_decoder(model, f"cutting '{family}'").num_layers), inputs)
+
+
+def tree_prompts(config: CompileConfig, calibration) -> tuple[str, ...]:
+    """Held-out prompts to choose the default tree shape on (``--tree`` without a shape): the
+    calibration text's examples after those the calibration read (ShareGPT's next records; a
+    calibration file's later examples, or all of them when it has no more)."""
+    if not config.tree or config.tree_shape:
+        return ()
+    from specee_compile.calibrate import data
+
+    settings = calibration.meta.get("settings", {})
+    read = int(settings.get("draft_sequences", 0)) + int(settings.get("predictor_sequences", 0))
+    wanted = 4 * config.tree_prompts  # prompts longer than the choice takes are passed over
+    calib_file = settings.get("calib_file")
+    if calib_file and Path(calib_file).is_file():
+        examples = data.jsonl(calib_file)
+        examples = examples[read:read + wanted] or examples[:wanted]
+    else:
+        examples = data.sharegpt(wanted, skip=read)
+    return tuple(e.prompt for e in examples)
 
 
 # ---- 5. lower ---------------------------------------------------------------------------------

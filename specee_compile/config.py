@@ -46,6 +46,10 @@ class CompileConfig:
             (``specee/tree.onnx``, ``specee/draft_tree.onnx``) that lossless tree speculation
             runs (``load(bundle, tree="4x2x6")``). ONNX Runtime bundles only (``check`` "trt"
             checks them too).
+        tree_shape: the bundle's default tree shape (``specee-run --tree`` without one). Empty:
+            chosen at compile time by measuring the candidates
+            (:mod:`specee_compile.runtimes.tree_choice`) on ``tree_prompts`` held-out prompts x
+            ``tree_new_tokens`` tokens.
         precision: TensorRT engine precision, "fp16" (default), "bf16" or "fp32"; ONNX
             Runtime bundles are fp32 only. Empty: the backend's default.
         check: "trt" builds TensorRT-ready graphs (standard ONNX attention, no ONNX Runtime
@@ -75,6 +79,9 @@ class CompileConfig:
     threshold: float = 0.0  # 0: the calibrated threshold
     exit_mode: str = "segments"
     tree: bool = False
+    tree_shape: str = ""  # "": measured at compile time
+    tree_prompts: int = 4
+    tree_new_tokens: int = 64
     calibration: Path | None = None  # a calibration artifact folder to use as is
     precision: str = ""  # "": fp16 for TensorRT, fp32 for ONNX Runtime
     check: str = ""
@@ -139,6 +146,17 @@ class CompileConfig:
             raise ConfigError("tree speculation runs on ONNX Runtime only (no TensorRT engines of the tree graphs are "
                               "built yet); compile --out NAME.onnx (add --check trt to check its graphs against "
                               "TensorRT's parser), or drop --tree.")
+        if self.tree_shape:
+            from specee_compile.contract import TREE_MAX_WIDTH
+            from specee_compile.runtimes.speculation import TreeShape
+
+            if not self.tree:
+                raise ConfigError(f"tree_shape {self.tree_shape} is the default of a bundle compiled with --tree; add "
+                                  "--tree or drop the shape.")
+            object.__setattr__(self, "tree_shape", str(TreeShape.parse(self.tree_shape).check(TREE_MAX_WIDTH)))
+        for name in ("tree_prompts", "tree_new_tokens"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise ConfigError(f"{name} must be from 1 to 4096, got {getattr(self, name)}.")
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"threshold must be in [0, 1) (0 = calibrated), got {self.threshold}.")
         if self.opt_level not in OPT_LEVELS:

@@ -298,3 +298,38 @@ def test_tree_exits_need_the_tree_segments(bundle, tmp_path):
     assert load(copy, tree="4", verify=False).generate(PROMPTS[0], max_new_tokens=4).token_ids
     with pytest.raises(BundleError, match="no tree segments with per-node exits"):
         load(copy, tree="4:exit", verify=False)
+
+
+def test_the_default_tree_shape_is_the_candidate_measured_fastest(bundle):
+    """--tree without a shape: the compile measures every candidate on held-out prompts and
+    records the one with the highest predicted speed-up, which tree=True then runs."""
+    from specee_compile.runtimes.tree_choice import CANDIDATES
+
+    out = bundle("llama", 0.3, "full", tree=True)
+    tree = read_manifest(out)["specee"]["tree"]
+    choice = tree["choice"]
+    rows = {r["shape"]: r for r in choice["candidates"]}
+    assert set(rows) == {str(TreeShape.parse(c)) for c in CANDIDATES} and choice["prompts"] >= 1
+    assert tree["default_shape"] == max(rows.values(), key=lambda r: r["predicted_speedup"])["shape"]
+    for r in rows.values():
+        assert r["tokens_per_forward"] >= 1.0 and r["verify_ms"] > 0 and r["forward_cost"] > 0
+        assert abs(r["predicted_speedup"] - r["tokens_per_forward"] / r["forward_cost"]) < 0.01 * r["predicted_speedup"]
+    assert rows["1x1x1"]["tokens_per_forward"] <= 2.0  # one draft node: at most it and the bonus token
+    assert {"1", "2", "16"} <= set(choice["verification_ms"])
+    assert str(load(out, tree=True).shape) == tree["default_shape"]
+
+
+def test_a_given_tree_shape_is_recorded_without_measuring(tiny_dirs, calibrations, tmp_path, capsys):
+    from specee_compile.cli import compile_main
+
+    out = tmp_path / "b.onnx"
+    assert compile_main([str(tiny_dirs["llama"]), "--out", str(out), "--max-context", "64", "--specee", "--tree",
+                         " 2x1x2+3", "--set", f"calibration={calibrations['llama']}"]) == 0
+    assert "default tree shape: 2x1x2+3 (given)" in capsys.readouterr().err
+    tree = read_manifest(out)["specee"]["tree"]
+    assert tree["default_shape"] == "2x1x2+3" and tree["choice"] == {"given": "2x1x2+3"}
+    assert load(out, tree=True).shape == TreeShape(2, 1, 2, 3)
+    with pytest.raises(ConfigError, match="add --tree"):
+        CompileConfig(model="m", out="o.onnx", specee=True, tree_shape="2")
+    with pytest.raises(ConfigError, match="width must be from 1 to 8"):
+        CompileConfig(model="m", out="o.onnx", specee=True, tree=True, tree_shape="9")

@@ -266,7 +266,9 @@ def _bundles(s: BenchSettings, out: Path, progress: bool) -> list[_Bundle]:
             name = f"{name}#{k}"
         path = out / "bundles" / (f"specee-{k}.onnx" if pairs else "specee.onnx")
         config = with_overrides(CompileConfig(model=s.model, out=path, specee=True, max_context=s.max_context,
-                                              calibration=calibration, force=True, tree=bool(s.tree_shapes)), pairs)
+                                              calibration=calibration, force=True, tree=bool(s.tree_shapes),
+                                              # the bench runs its own shapes: no compile-time choice
+                                              tree_shape=str(s.tree_shapes[0]) if s.tree_shapes else ""), pairs)
         if not _matches(path, config):
             from specee_compile.compiler import compile as compile_bundle
 

@@ -53,10 +53,13 @@ class Facts:
     calibration: object | None
     predictor_layers: tuple[int, ...] = ()
     quant: dict | None = None  # the weight quantization: settings and what each graph stores
+    tree_prompts: tuple[str, ...] = ()  # held-out prompts the default tree shape is chosen on
 
 
-def write_bundle(config, facts: Facts, lowered) -> Path:
-    """Write the bundle at ``config.out`` (see the module docstring) and return its path."""
+def write_bundle(config, facts: Facts, lowered, progress: bool = False) -> Path:
+    """Write the bundle at ``config.out`` (see the module docstring) and return its path.
+    With tree graphs, the default tree shape is ``config.tree_shape`` or chosen by running the
+    written bundle (:mod:`specee_compile.runtimes.tree_choice`) before it is moved into place."""
     graphs = lowered.graphs
     with staging(config.out, config.force) as tmp:
         step = save_graph(graphs["step"], tmp, GRAPH_FILE)
@@ -80,7 +83,22 @@ def write_bundle(config, facts: Facts, lowered) -> Path:
                 tmp, GRAPH_FILE, facts.shapes, cfg.bos_token_id, list(manifest.model.eos_token_ids),
                 cfg.pad_token_id))
         finish_manifest(tmp, manifest.to_json())
+        if spec is not None and spec.tree is not None:
+            tree = _default_tree(config, facts, spec.tree, tmp, progress)
+            finish_manifest(tmp, dataclasses.replace(manifest, specee=dataclasses.replace(spec, tree=tree)).to_json())
     return config.out
+
+
+def _default_tree(config, facts: Facts, tree: Tree, bundle_dir: Path, progress: bool) -> Tree:
+    """The tree section with its default shape: the one asked for, else the candidate measured
+    fastest on the written bundle (its choice recorded), else none (the runtime's default)."""
+    if config.tree_shape:
+        return dataclasses.replace(tree, default_shape=config.tree_shape, choice={"given": config.tree_shape})
+    from specee_compile.runtimes.tree_choice import choose_tree
+
+    choice = choose_tree(bundle_dir, list(facts.tree_prompts), config.tree_prompts, config.tree_new_tokens,
+                         progress=progress)
+    return dataclasses.replace(tree, default_shape=choice["shape"] or "", choice=choice)
 
 
 def save_graph(model: ir.Model, folder: Path, name: str, prefix: str = "") -> Graph:

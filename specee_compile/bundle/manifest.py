@@ -17,7 +17,7 @@ from pathlib import Path
 
 from specee_compile.bundle.files import FORMAT, FORMAT_VERSION
 from specee_compile.contract import EXIT_MODES, EXIT_RULES
-from specee_compile.errors import BundleError
+from specee_compile.errors import BundleError, ConfigError
 from specee_compile.quant.spec import PRECISIONS
 
 MAX_LAYERS = 4096
@@ -171,8 +171,17 @@ def _check_specee(f: _Fields, layers: int, vocab: int) -> None:
         f.graph("specee.decode")
     if f.obj("specee.tree", optional=True) is not None:
         f.graph("specee.tree")
-        f.int("specee.tree.max_width", 1, 4096, optional=True)
+        width = f.int("specee.tree.max_width", 1, 4096, optional=True) or 1
         f.graph("specee.tree.draft")
+        shape = f.get("specee.tree.default_shape", optional=True)
+        if shape is not None:
+            from specee_compile.runtimes.speculation import TreeShape  # (runtimes import bundle)
+
+            try:
+                TreeShape.parse(shape if isinstance(shape, str) else "?").check(width)
+            except ConfigError:
+                raise f.fail("specee.tree.default_shape", f"a tree shape like 1x1x1+4 at most {width} wide",
+                             shape) from None
         if "segments" in spec["tree"]:
             _check_segments(f, "specee.tree.segments", layers, predictors)
 
@@ -297,16 +306,23 @@ class Tree(Graph):
     max_width: int
     draft: Graph
     segments: tuple[Segment, ...] = ()
+    default_shape: str = ""  # the shape ``tree=True`` runs ("": the runtime's DEFAULT_TREE)
+    choice: dict | None = None  # how default_shape was chosen (runtimes/tree_choice.py), informational
 
     @classmethod
     def from_json(cls, d: dict) -> "Tree":
         return cls(**cls.fields_from_json(d), max_width=d.get("max_width", 1), draft=Graph.from_json(d["draft"]),
-                   segments=tuple(Segment.from_json(s) for s in d.get("segments", [])))
+                   segments=tuple(Segment.from_json(s) for s in d.get("segments", [])),
+                   default_shape=d.get("default_shape", ""), choice=d.get("choice"))
 
     def to_json(self) -> dict:
         out = {**super().to_json(), "max_width": self.max_width, "draft": self.draft.to_json()}
         if self.segments:
             out["segments"] = [s.to_json() for s in self.segments]
+        if self.default_shape:
+            out["default_shape"] = self.default_shape
+        if self.choice is not None:
+            out["choice"] = self.choice
         return out
 
 

@@ -47,7 +47,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
         tree: decode by lossless tree speculation with trees of this shape (a ``TreeShape``,
             "WIDTHxDEPTHxBUDGET" like "4x2x6", or one width W for W candidates at depth 1, either
             with "+L" context-lookup nodes and ":exit" for early exit inside verification (lossy); True: the
-            measured default ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
+            bundle's default shape, chosen when it was compiled (``specee.tree.default_shape``; bundles
+            without one run ``runtimes.tree.DEFAULT_TREE``, 1x1x1+4), with a SpecEE bundle compiled with ``--tree``.
     """
     check_threads(threads)
     path = Path(path)
@@ -61,6 +62,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
     if tree is not None and (manifest.specee is None or backend != "onnxruntime" or dense):
         raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
                           f"dense; {path} with these options is not one.")
+    if tree is True and manifest.specee.tree is not None and manifest.specee.tree.default_shape:
+        tree = manifest.specee.tree.default_shape
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     return Engine(bundle, _decoder(bundle, backend, specee, tree, threads, profile_dir, threshold))

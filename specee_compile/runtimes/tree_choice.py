@@ -1,0 +1,98 @@
+"""A bundle's default tree shape, chosen on the machine that compiles it.
+
+Tree speculation's speed-up over the dense bundle is the tokens a target forward emits over
+what that forward costs in dense steps. The first depends on the draft (how often its
+candidates are the target's greedy tokens), the second on the weights and the CPU: verifying
+more nodes costs little more with fp32 weights and much more with 4-bit ones (the kernels
+stop being bound by weight reads). So the compiler measures both for the bundle at hand:
+
+1. the dense step: the bundle's dense decode on held-out prompts, seconds per token;
+2. the verification cost curve: one tree forward of 1, 2, ... nodes
+   (:meth:`TreeDecoder.verification_seconds`, medians);
+3. per candidate shape, tree speculation on the same prompts: tokens per forward (the
+   draft's acceptance; lossless, so independent of the machine) and the draft's seconds per
+   forward;
+
+and predicts each candidate's speed-up as ``tokens_per_forward * dense / (draft +
+verification(nodes))``, ``nodes`` being the shape's largest tree (root, budget, lookup). The
+candidate with the highest prediction becomes the default; every number goes to the
+manifest (``specee.tree.choice``). The measured speed-up of each decode is recorded too,
+but it is not what chooses: a few prompts of wall time on a shared CPU are noisier than the
+medians of the curve.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from specee_compile.runtimes.speculation import TreeShape
+
+# Shapes tried: the draft's top 1, 2 or 4 at depth 1, chains of 2 and a small two-level tree,
+# each with 4 nodes of context lookup, and the lone top-1 without lookup.
+CANDIDATES = ("1x1x1", "1x1x1+4", "2x1x2+4", "4x1x4+4", "1x2x2+4", "2x2x3+4")
+CURVE_SIZES = (1, 2, 3, 4, 5, 8, 16)  # verification cost recorded at these sizes besides the candidates'
+
+
+def nodes(shape: TreeShape) -> int:
+    """The most nodes a tree of ``shape`` verifies: the newest token, the budget and the lookup."""
+    return 1 + shape.budget + shape.lookup
+
+
+MAX_PROMPT_TOKENS = 512  # longer prompts are passed over (prefill time, not what is measured)
+
+
+def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_tokens: int = 64, candidates=CANDIDATES,
+                threads: int | None = None, progress: bool = False) -> dict:
+    """Measure ``candidates`` on ``bundle`` (a SpecEE bundle compiled with ``--tree``) over
+    the first ``count`` of ``prompts`` that fit and return the manifest's ``choice`` record,
+    its ``shape`` the chosen one (None, with a ``reason``, when nothing could be measured)."""
+    from specee_compile.runtimes import load
+
+    tree = load(bundle, threads=threads, verify="none", tree=candidates[0])
+    dense = load(bundle, threads=threads, verify="none", dense=True)
+    shapes = [TreeShape.parse(c).check(tree.backend.max_width) for c in candidates]
+    new_tokens = min(new_tokens, tree.capacity // 2)  # a small bundle's context holds the prompts too
+    room = min(MAX_PROMPT_TOKENS, tree.capacity - new_tokens - max(map(nodes, shapes)))
+    fits = [ids for ids in (tree.encode(p) for p in prompts) if len(ids) <= room][:count]
+    if not fits:
+        return {"shape": None, "reason": f"no prompt fits the bundle's context ({tree.capacity}) with "
+                                         f"{new_tokens} new tokens"}
+    bar = tqdm(total=len(shapes) + 2, desc="choose tree shape", unit="step", disable=not progress)
+    steps = [s for ids in fits for s in dense.generate(ids, max_new_tokens=new_tokens).step_seconds]
+    bar.update()
+    if not steps:
+        bar.close()
+        return {"shape": None, "reason": "the dense decode ended at once (end of text) on every prompt"}
+    dense_step = statistics.median(steps)
+    sizes = sorted({*CURVE_SIZES, *map(nodes, shapes)} & set(range(1, tree.capacity - len(fits[0]) + 1)))
+    curve = tree.decoder.verification_seconds(fits[0], sizes)
+    bar.update()
+    rows = []
+    for shape in shapes:
+        runs = [tree.generate(ids, max_new_tokens=new_tokens, tree=shape) for ids in fits]
+        forwards = sum(len(r.accepted_lengths) for r in runs)
+        bar.update()
+        if not forwards:
+            continue
+        tokens_per_forward = sum(sum(r.accepted_lengths) for r in runs) / forwards
+        draft = sum(r.breakdown.get("draft", 0.0) for r in runs) / forwards
+        verify = float(np.interp(nodes(shape), list(curve), list(curve.values())))
+        measured = sum(r.decode_steps for r in runs) / sum(r.decode_seconds for r in runs)
+        rows.append({"shape": str(shape), "tokens_per_forward": round(tokens_per_forward, 4),
+                     "draft_ms": round(1000 * draft, 4), "verify_ms": round(1000 * verify, 4),
+                     "forward_cost": round((draft + verify) / dense_step, 4),
+                     "predicted_speedup": round(tokens_per_forward * dense_step / (draft + verify), 4),
+                     "measured_speedup": round(measured * dense_step, 4)})
+    bar.close()
+    if not rows:
+        return {"shape": None, "reason": "tree speculation ended at once (end of text) on every prompt"}
+    best = max(rows, key=lambda r: r["predicted_speedup"])
+    return {"shape": best["shape"], "method": "highest predicted speed-up: tokens_per_forward * dense_step_ms / "
+                                              "(draft_ms + verification_ms at the shape's most nodes)",
+            "prompts": len(fits), "new_tokens": new_tokens, "context": len(fits[0]),
+            "dense_step_ms": round(1000 * dense_step, 4),
+            "verification_ms": {str(k): round(1000 * v, 4) for k, v in curve.items()}, "candidates": rows}
