@@ -18,7 +18,7 @@ from specee_compile.runtimes import load
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = 10
+QUESTIONS = 5
 NEW_TOKENS = 64
 
 
