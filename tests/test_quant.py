@@ -7,6 +7,7 @@ import json
 
 import gguf
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -186,12 +187,37 @@ def test_a_gguf_bundle_keeps_every_block_and_computes_the_ggufs_model(tmp_path):
         load(fp32).generate(PROMPT, max_new_tokens=12).token_ids
 
 
+def test_a_tied_head_is_quantized_in_the_step_and_the_tree_graph():
+    """A tied embedding and head (SmolLM2's) is one weight read by a gather and the head product
+    in both graphs; the tree graph's head over every node must not hide it behind a transpose."""
+    from specee_compile.export import export_step, export_tree
+    from specee_compile.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    fired = {}
+    for name, model in (("step", export_step(hf, 32)[0]), ("tree", export_tree(hf, 32))):
+        quantize = QuantizeWeightsPass(QuantSpec("int4"))
+        quantize(model)
+        fired[name] = [r["role"] for r in quantize.report]
+    assert fired["tree"] == fired["step"] and "head" in fired["tree"]
+
+
 def test_quantized_specee_and_tree_bundles_decode_their_own_dense_tokens(tiny_dirs, tiny_llama_calibration, tmp_path):
     out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx", max_context=64,
                                        specee=True, calibration=tiny_llama_calibration, tree=True, quant="int4"),
                          progress=False)
     stored = json.loads((out / "manifest.json").read_text())["quant"]["weights_stored"]
     assert {"step", "draft", "tree", "draft_tree", "segments[0]", "tree_segments[0]"} <= set(stored)
+    for stem in ("segment", "tree_segment"):  # the segments share one copy of each quantized weight
+        where: dict[str, set] = {}
+        for f in (out / "specee").glob(f"{stem}_*.onnx"):
+            for t in onnx.load(f, load_external_data=False).graph.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL and t.name.endswith("_q4"):
+                    where.setdefault(t.name, set()).add(next(e.value for e in t.external_data if e.key == "offset"))
+        assert where and all(len(offsets) == 1 for offsets in where.values()), where
     dense = load(out, dense=True)
     want = dense.generate(PROMPT, max_new_tokens=16).token_ids
     assert load(out, tree="2x2x3+4").generate(PROMPT, max_new_tokens=16).token_ids == want  # lossless

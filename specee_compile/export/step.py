@@ -140,7 +140,9 @@ class TreeStep(DecoderStep):
                               tree=(position_ids, attention_bias))
             presents += [pk, pv]
         z = self.norm(h)
-        return (self.lm_head(z).argmax(-1), z, *presents)
+        # the head over [S, d] (a Gemm on the weight as stored, as in the step) rather than [1, S, d]
+        # (a MatMul on its transpose, which weight quantization would not find)
+        return (self.lm_head(z[0]).argmax(-1)[None], z, *presents)
 
 
 def packed_linear(linears: list[nn.Linear]) -> nn.Linear:

@@ -45,6 +45,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     name: str = "quantize_weights"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
     report: list[dict] = dataclasses.field(default_factory=list)
+    # per source tensor: its blocks and the tensors made from them, so that the graphs cut from
+    # one graph (segments, which share their source tensors) share the quantized ones too
+    _made: dict[int, tuple] = dataclasses.field(default_factory=dict, repr=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fired, self.report = {}, []
@@ -56,17 +59,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             layout = _layout(uses)
             if precision == "fp32" or layout is None:
                 continue
-            rows = w.const_value.numpy().astype(np.float32)
-            rows = rows if layout == "rows" else rows.T
-            blocks, stored = self._blocks(rows, role, precision)
+            key = (id(w.const_value), layout, precision)
+            if key not in self._made:
+                rows = w.const_value.numpy().astype(np.float32)
+                self._made[key] = (w.const_value, *self._blocks(rows if layout == "rows" else rows.T, role, precision),
+                                   {})
+            _, blocks, stored, tensors = self._made[key]
             made: dict[str, ir.Value] = {}
             for node in [u.node for u in uses]:
-                if _rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made):
+                if _rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made, tensors):
                     touched.add(id(node.graph))
             left = len(w.uses())
             if not left and w.name in model.graph.initializers:
                 model.graph.initializers.pop(w.name)
-            self.report.append({"role": role, "shape": list(rows.shape), "stored": stored,
+            k = w.const_value.shape[1 if layout == "rows" else 0]
+            self.report.append({"role": role, "shape": [blocks.shape[0], k], "stored": stored,
                                 **({"fp32_uses_left": left} if left else {})})
             self.fired[stored] = self.fired.get(stored, 0) + 1
         if touched:
@@ -127,16 +134,19 @@ def _layout(uses) -> str | None:
 
 
 def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks, level: int, sums: dict,
-             made: dict) -> bool:
+             made: dict, tensors: dict) -> bool:
     """Replace ``node``'s read of ``w`` by the blocks ``b``; False when this consumer keeps ``w``.
-    ``made`` holds the initializers already made for ``w``, shared by its consumers."""
+    ``made`` holds the initializers already made for ``w`` in this graph, shared by its
+    consumers; ``tensors`` their constant tensors, shared by every graph."""
     graph = node.graph
     n, padded = b.shape
     k = w.const_value.shape[1 if layout == "rows" else 0]  # the blocks pad K up to whole blocks
 
     def const(suffix: str, array_of) -> ir.Value:
         if suffix not in made:
-            made[suffix] = _const(main, w.name + suffix, array_of())
+            if suffix not in tensors:
+                tensors[suffix] = ir.tensor(np.ascontiguousarray(array_of()))
+            made[suffix] = _const(main, w.name + suffix, tensors[suffix])
         return made[suffix]
 
     scales = const("_scales", lambda: b.scales)
@@ -191,13 +201,14 @@ def _nbits_output(nodes: list[ir.Node]) -> ir.Value:
     return next(m for m in nodes if m.op_type == "MatMulNBits").outputs[0]
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def _const(graph: ir.Graph, name: str, constant: np.ndarray | ir.TensorProtocol) -> ir.Value:
     base, i = name, 0
     while name in graph.initializers:
         i += 1
         name = f"{base}_{i}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    tensor = ir.tensor(np.ascontiguousarray(constant)) if isinstance(constant, np.ndarray) else constant
+    value = ir.Value(name=name, const_value=tensor)  # (the tensor takes the value's name when saved)
+    value.shape = ir.Shape(tensor.shape)
+    value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)
     return value
