@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.lower.segments import Segmented, save_segments
 from specee_compile.tokenizer import check_folder, end_of_text_ids
 
+logger = logging.getLogger(__name__)
 GRAPH_FILE = "model.onnx"
 FOLDER = "specee"
 DECODE_FILE = "decode.onnx"
@@ -98,6 +100,13 @@ def _default_tree(config, facts: Facts, tree: Tree, bundle_dir: Path, progress: 
 
     choice = choose_tree(bundle_dir, list(facts.tree_prompts), config.tree_prompts, config.tree_new_tokens,
                          progress=progress)
+    best = max((r["predicted_speedup"] for r in choice.get("candidates", [])), default=None)
+    if best is not None and best < 1.0:
+        logger.warning("tree speculation is predicted slower than the dense bundle on this machine (the best shape, "
+                       "%s, at %.2fx: %.2f tokens per forward against a forward cost of %.2f dense steps); decode "
+                       "without --tree, or calibrate a draft that is right more often.", choice["shape"], best,
+                       *next((r["tokens_per_forward"], r["forward_cost"]) for r in choice["candidates"]
+                             if r["shape"] == choice["shape"]))
     return dataclasses.replace(tree, default_shape=choice["shape"] or "", choice=choice)
 
 
