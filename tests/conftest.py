@@ -69,12 +69,42 @@ def tiny_llama_calibration(tiny_dirs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_specee_bundle(tiny_dirs, tiny_llama_calibration, tmp_path_factory) -> Path:
-    """A tiny Llama SpecEE bundle with the tree graphs and tree segments (capacity 64); tests
-    that change it copy it first."""
+def calibrations(tiny_dirs, tiny_llama_calibration, tmp_path_factory) -> dict[str, Path]:
+    """family -> a quick calibration artifact of that tiny model (the Llama's is tiny_llama_calibration)."""
+    from specee_compile.calibrate import CalibrationSettings, calibrate
+    from specee_compile.testing import TINY_CALIBRATION, write_calibration_jsonl
+
+    path = write_calibration_jsonl(tmp_path_factory.mktemp("calib") / "c.jsonl")
+    settings = CalibrationSettings(calib_file=str(path), **TINY_CALIBRATION)
+    return {family: tiny_llama_calibration if family == "llama" else calibrate(d, settings, progress=False)
+            for family, d in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_dirs, calibrations, tmp_path_factory):
+    """bundle(family, threshold, rule, exit_mode="segments", check="", tree=False) -> a compiled tiny
+    SpecEE bundle (capacity 64), compiled once per session: tests that change a bundle copy it
+    first. Tests take the tree bundle (a superset) where the tree graphs do not matter, so that
+    they share its compile."""
     from specee_compile.compiler import compile as compile_bundle
     from specee_compile.config import CompileConfig
 
-    out = tmp_path_factory.mktemp("specee-tree") / "tiny.onnx"
-    return compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=out, max_context=64, specee=True,
-                                        calibration=tiny_llama_calibration, tree=True), progress=False)
+    built = {}
+
+    def get(family, threshold, rule, exit_mode="segments", check="", tree=False):
+        key = (family, threshold, rule, exit_mode, check, tree)
+        if key not in built:
+            out = tmp_path_factory.mktemp("specee") / f"{family}.onnx"
+            built[key] = compile_bundle(CompileConfig(
+                model=str(tiny_dirs[family]), out=out, max_context=64, specee=True, calibration=calibrations[family],
+                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check, tree=tree), progress=False)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_specee_bundle(bundle) -> Path:
+    """A tiny Llama SpecEE bundle with the tree graphs and tree segments (capacity 64); tests
+    that change it copy it first."""
+    return bundle("llama", 0.3, "full", tree=True)

@@ -18,7 +18,7 @@ from specee_compile.runtimes import load
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = 5
+QUESTIONS = 3
 NEW_TOKENS = 64
 
 

@@ -11,56 +11,31 @@ from pathlib import Path
 import pytest
 
 from specee_compile.bundle import read_manifest
-from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
-from specee_compile.compiler import compile as compile_bundle
+from specee_compile.calibrate import load_calibration
 from specee_compile.config import CompileConfig
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
-from specee_compile.testing import IN_PROCESS, TINY_CALIBRATION, make_tiny_model, write_calibration_jsonl
+from specee_compile.testing import IN_PROCESS, TINY_CALIBRATION, make_tiny_model
 
 PROMPTS = ([1, 40, 41, 42], [1, 7, 8, 9, 10, 11], [1, 200])
 TINY = TINY_CALIBRATION
 
 
-@pytest.fixture(scope="module")
-def calibrations(tiny_dirs, tmp_path_factory):
-    path = write_calibration_jsonl(tmp_path_factory.mktemp("calib") / "c.jsonl")
-    settings = CalibrationSettings(calib_file=str(path), **TINY)
-    return {family: calibrate(d, settings, progress=False) for family, d in tiny_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_dirs, calibrations, tmp_path_factory):
-    """bundle(family, threshold, rule, exit_mode="segments", check="", tree=False) -> a compiled tiny SpecEE bundle,
-    compiled once per module (tests that change a bundle copy it first)."""
-    built = {}
-
-    def get(family, threshold, rule, exit_mode="segments", check="", tree=False):
-        key = (family, threshold, rule, exit_mode, check, tree)
-        if key not in built:
-            out = tmp_path_factory.mktemp("specee") / f"{family}.onnx"
-            built[key] = compile_bundle(CompileConfig(
-                model=str(tiny_dirs[family]), out=out, max_context=64, specee=True, calibration=calibrations[family],
-                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check, tree=tree), progress=False)
-        return built[key]
-
-    return get
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_predictors_that_never_fire_give_the_dense_engines_tokens(bundle, family):
-    out = bundle(family, 0.999999, "full")
-    engine, dense = load(out), load(out, dense=True)
+    out = bundle(family, 0.3, "full", tree=True)
+    engine, dense = load(out, threshold=0.999999), load(out, dense=True)
     for prompt in PROMPTS:
         got = engine.generate(prompt, max_new_tokens=12)
         assert got.token_ids == dense.generate(prompt, max_new_tokens=12).token_ids
         assert set(got.exit_layers) == {2}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("rule", ["draft", "full", "reduced"])
+@pytest.mark.parametrize("family, rule", [  # every rule on two families and every family under "full"
+    ("llama", "full"), ("qwen2", "full"), ("mistral", "full"), ("llama", "draft"), ("mistral", "draft"),
+    ("llama", "reduced"), ("qwen2", "reduced")])
 def test_compiled_exits_equal_the_reference_decoder(bundle, calibrations, family, rule):
-    out = bundle(family, 0.3, rule)
+    out = bundle(family, 0.3, rule, tree=rule == "full")
     engine = load(out)
     target = make_tiny_model(family)
     cal = load_calibration(calibrations[family], target)
@@ -75,7 +50,7 @@ def test_compiled_exits_equal_the_reference_decoder(bundle, calibrations, family
 def test_specee_run_in_one_shared_thread_pool_gives_the_same_tokens_and_exits(bundle):
     """The installed command shares one ONNX Runtime pool across the engine's sessions (a
     process-wide switch, hence a subprocess); the output equals per-session pools'."""
-    out = bundle("llama", 0.3, "full")
+    out = bundle("llama", 0.3, "full", tree=True)
     engine = load(out)
     want = engine.generate("hello world", max_new_tokens=8, chat=False)
     command = Path(sys.executable).with_name("specee-run")
@@ -98,7 +73,7 @@ def test_specee_bundle_manifest_lists_segments_draft_and_schedule(bundle):
 
 
 def test_threshold_is_chosen_at_load_time_without_recompiling(bundle):
-    out = bundle("llama", 0.3, "full")
+    out = bundle("llama", 0.3, "full", tree=True)
     dense = load(out, dense=True)
     never = load(out, threshold=1.0)
     engine = load(out)
@@ -128,7 +103,7 @@ def test_specee_run_takes_a_threshold(bundle, capsys):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_score_teacher_forces_the_engine(bundle, dense):
-    out = bundle("qwen2", 0.3, "full")
+    out = bundle("qwen2", 0.3, "full", tree=True)
     engine = load(out, dense=dense)
     head = make_tiny_model("qwen2").lm_head.weight.detach().numpy()
     for prompt in PROMPTS:
@@ -150,7 +125,7 @@ def test_manifest_describes_every_segment_and_the_draft_and_damage_is_reported(b
     from specee_compile.errors import BundleError
 
     out = tmp_path / "mistral.onnx"
-    shutil.copytree(bundle("mistral", 0.3, "full"), out)  # damaged below
+    shutil.copytree(bundle("mistral", 0.3, "full", tree=True), out)  # damaged below
     manifest = read_manifest(out)
     spec = manifest["specee"]
     for graph in [*spec["segments"], spec["draft"]]:
@@ -178,7 +153,7 @@ def _cache(engine, n):
 def test_graph_mode_gives_the_segments_tokens_exit_layers_and_cache(bundle, calibrations, family, rule):
     import numpy as np
 
-    graph, segments = load(bundle(family, 0.3, rule, "graph")), load(bundle(family, 0.3, rule))
+    graph, segments = load(bundle(family, 0.3, rule, "graph")), load(bundle(family, 0.3, rule, tree=rule == "full"))
     assert type(graph.decoder).__name__ == "GraphExitDecoder"
     target = make_tiny_model(family)
     cal = load_calibration(calibrations[family], target)
@@ -222,7 +197,7 @@ def test_graph_mode_manifest_has_one_decode_graph_with_an_if_per_predictor(bundl
     exits = [n for n in ir.traversal.RecursiveGraphIterator(ir.load(out / spec["decode"]["file"]).graph)
              if n.op_type == "If" and n.name.startswith("exit_or_continue.")]
     assert sorted(int(n.name.split(".")[1]) for n in exits) == spec["predictor_layers"]
-    assert read_manifest(bundle("llama", 0.3, "full"))["specee"]["exit_mode"] == "segments"
+    assert read_manifest(bundle("llama", 0.3, "full", tree=True))["specee"]["exit_mode"] == "segments"
 
 
 def test_graph_mode_tensorrt_ready_graph_passes_the_check_and_gives_the_reference_tokens(bundle, calibrations):

@@ -11,7 +11,7 @@ from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
 from specee_compile.runtimes.propagation import propagated_kv
 from specee_compile.runtimes.tree import DEFAULT_TREE, TokenTree, TreeShape, context_lookup
-from tests.test_specee_engine import PROMPTS, bundle, calibrations  # noqa: F401  (module fixtures)
+from tests.test_specee_engine import PROMPTS
 
 NEW = 16
 SHAPES = ["1", "4", "2x2x4", "3x3x8", "8x4x20", "2x2x3+4", "1+8"]
@@ -70,7 +70,7 @@ def test_an_accepted_path_keeps_the_cache_on_its_rows(bundle, slot):
 
 
 def test_tree_speculation_refuses_what_it_cannot_run(bundle):
-    plain = bundle("llama", 0.3, "full")
+    plain = bundle("llama", 0.3, "draft")
     with pytest.raises(BundleError, match="recompile it with --specee --tree"):
         load(plain, tree=2)
     tree = bundle("llama", 0.3, "full", tree=True)
