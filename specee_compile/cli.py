@@ -154,11 +154,13 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-mode", choices=["segments", "graph"], default=None,
                    help="with --specee: segments (one graph per block of layers, the runtime stops at the first "
                         "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
-    p.add_argument("--tree", nargs="?", const=True, default=False, metavar="SHAPE",
+    p.add_argument("--tree", action="store_true",
                    help="with --specee: also export the tree verification graph for lossless tree speculation "
                         "(specee-run --tree) and, in exit mode segments, its segments with per-node predictors for "
-                        "early exit inside verification (specee-run --tree SHAPE:exit). The bundle's default shape is "
-                        "SHAPE, or without one the candidate measured fastest on this machine")
+                        "early exit inside verification (specee-run --tree SHAPE:exit); the bundle's default shape is "
+                        "the candidate measured fastest on this machine")
+    p.add_argument("--tree-shape", default="", metavar="SHAPE",
+                   help="with --tree: the bundle's default tree shape, without measuring (e.g. 1x1x1+4)")
     p.add_argument("--list-passes", action="store_true",
                    help="print the pass pipeline of every graph family these options emit, and exit")
     p.add_argument("--dump-ir", default=None, metavar="DIR",
@@ -176,8 +178,7 @@ def _compile_main(args) -> int:
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
         specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
-        exit_mode=args.exit_mode or "segments", tree=bool(args.tree),
-        tree_shape="" if args.tree in (True, False) else args.tree, backend=args.backend, precision=args.precision,
+        exit_mode=args.exit_mode or "segments", tree=args.tree, tree_shape=args.tree_shape, backend=args.backend, precision=args.precision,
         check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
         quant_block=args.quant_block, accuracy_level=args.accuracy_level, gguf=args.gguf,
     )
@@ -224,7 +225,7 @@ def compile_main(argv=None) -> int:
         trt = args.check == "trt" or args.backend == "trt" or str(args.out or "").endswith((".plan", ".engine"))
         from specee_compile.quant import QuantSpec
 
-        print(default_plan(args.opt, "trt" if trt else "ort", args.specee, bool(args.tree) and args.specee,
+        print(default_plan(args.opt, "trt" if trt else "ort", args.specee, args.tree and args.specee,
                            args.exit_mode or "segments", quant=QuantSpec(args.quant)).describe())
         return 0
     if not args.model or not args.out:

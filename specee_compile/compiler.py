@@ -18,6 +18,7 @@ Stages hand each other plain data (:class:`Source`, a dict of graphs per family,
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,15 +238,8 @@ def quant_facts(config: CompileConfig, kept: KeptBlocks | None, pass_log: list[d
     facts = {**spec.to_json(), "weights_stored": stored}
     if kept is not None:
         facts["gguf"] = {"file": kept.path.name, "tensors_kept": len(kept.kept),
-                         "formats": _count(kept.kept.values())}
+                         "formats": dict(Counter(kept.kept.values()))}
     return facts
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 def run_passes(config: CompileConfig, plan: PassPlan, graphs: dict[str, ir.Model]

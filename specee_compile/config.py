@@ -151,7 +151,7 @@ class CompileConfig:
             from specee_compile.runtimes.speculation import TreeShape
 
             if not self.tree:
-                raise ConfigError(f"tree_shape {self.tree_shape} is the default of a bundle compiled with --tree; add "
+                raise ConfigError(f"--tree-shape {self.tree_shape} is the default of a bundle compiled with --tree; add "
                                   "--tree or drop the shape.")
             object.__setattr__(self, "tree_shape", str(TreeShape.parse(self.tree_shape).check(TREE_MAX_WIDTH)))
         for name in ("tree_prompts", "tree_new_tokens"):

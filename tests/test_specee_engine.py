@@ -31,9 +31,9 @@ def test_predictors_that_never_fire_give_the_dense_engines_tokens(bundle, family
         assert set(got.exit_layers) == {2}
 
 
-@pytest.mark.parametrize("family, rule", [  # every rule on two families and every family under "full"
+@pytest.mark.parametrize("family, rule", [  # every family under "full", every rule on one family at least
     ("llama", "full"), ("qwen2", "full"), ("mistral", "full"), ("llama", "draft"), ("mistral", "draft"),
-    ("llama", "reduced"), ("qwen2", "reduced")])
+    ("qwen2", "reduced")])
 def test_compiled_exits_equal_the_reference_decoder(bundle, calibrations, family, rule):
     out = bundle(family, 0.3, rule, tree=rule == "full")
     engine = load(out)

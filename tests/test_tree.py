@@ -324,7 +324,7 @@ def test_a_given_tree_shape_is_recorded_without_measuring(tiny_dirs, calibration
 
     out = tmp_path / "b.onnx"
     assert compile_main([str(tiny_dirs["llama"]), "--out", str(out), "--max-context", "64", "--specee", "--tree",
-                         " 2x1x2+3", "--set", f"calibration={calibrations['llama']}"]) == 0
+                         "--tree-shape", " 2x1x2+3", "--set", f"calibration={calibrations['llama']}"]) == 0
     assert "default tree shape: 2x1x2+3 (given)" in capsys.readouterr().err
     tree = read_manifest(out)["specee"]["tree"]
     assert tree["default_shape"] == "2x1x2+3" and tree["choice"] == {"given": "2x1x2+3"}
