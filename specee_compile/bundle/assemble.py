@@ -100,13 +100,12 @@ def _default_tree(config, facts: Facts, tree: Tree, bundle_dir: Path, progress: 
 
     choice = choose_tree(bundle_dir, list(facts.tree_prompts), config.tree_prompts, config.tree_new_tokens,
                          progress=progress)
-    best = max((r["predicted_speedup"] for r in choice.get("candidates", [])), default=None)
-    if best is not None and best < 1.0:
+    chosen = next((r for r in choice.get("candidates", []) if r["shape"] == choice["shape"]), None)
+    if chosen is not None and chosen["predicted_speedup"] < 1.0:
         logger.warning("tree speculation is predicted slower than the dense bundle on this machine (the best shape, "
                        "%s, at %.2fx: %.2f tokens per forward against a forward cost of %.2f dense steps); decode "
-                       "without --tree, or calibrate a draft that is right more often.", choice["shape"], best,
-                       *next((r["tokens_per_forward"], r["forward_cost"]) for r in choice["candidates"]
-                             if r["shape"] == choice["shape"]))
+                       "without --tree, or calibrate a draft that is right more often.", chosen["shape"],
+                       chosen["predicted_speedup"], chosen["tokens_per_forward"], chosen["forward_cost"])
     return dataclasses.replace(tree, default_shape=choice["shape"] or "", choice=choice)
 
 

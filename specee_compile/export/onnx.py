@@ -12,10 +12,10 @@ from torch import nn
 from specee_compile.attention import TRANSLATIONS
 from specee_compile.errors import ExportError
 
-try:
-    from torch.onnx._internal.exporter import _core
+try:  # torch.onnx.export's internals, to reuse its registry (see _registry)
+    from torch.onnx._internal.exporter import _core, _registration
 except ImportError:  # another torch: torch.onnx.export builds its registry every call
-    _core = None
+    _core = _registration = None
 
 OPSET = 18
 
@@ -57,10 +57,6 @@ def _registry(target: str):
     here, a tenth of a tiny model's compile, for each of its three to five graphs) and then
     calls ``_core.export`` with it; this calls that with the cached one. None when this torch
     lacks those internals: the public call then does it all."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-    except ImportError:
-        return None
     if _core is None or not hasattr(_registration.ONNXRegistry, "from_torchlib") or not hasattr(_core, "export"):
         return None
     registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
