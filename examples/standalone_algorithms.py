@@ -41,20 +41,41 @@ def scheduled_layers(schedule: dict, history: list[int]) -> set[int]:
             if 0 <= e + o < schedule["num_layers"] - 1}
 
 
-def propagated_kv(kv: dict[str, np.ndarray], j: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                  eps: float, kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Layer j's key (after RoPE) and value, each [kv_heads, D], for the exit hidden state h [d].
+def rope_rows(kv: dict[str, np.ndarray], j: int, position: int):
+    """cos/sin rows [R/2] of layer j's RoPE table at ``position`` (``{j}.rope``: 0 for
+    ``cos``/``sin``, i for ``cos.{i}``/``sin.{i}``, -1 for none; absent means 0), or (None, None)."""
+    index = int(kv[f"{j}.rope"][0]) if f"{j}.rope" in kv else 0
+    if index < 0:
+        return None, None
+    suffix = "" if index == 0 else f".{index}"
+    return kv[f"cos{suffix}"][position], kv[f"sin{suffix}"][position]
 
-    ``kv`` holds the kv_fill tensors (``{j}.norm``, ``{j}.k``, ``{j}.v``, optional
-    ``{j}.k_bias``/``{j}.v_bias``); ``cos``/``sin`` [D/2] are the RoPE rows of the position.
+
+def _rms(x: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def propagated_kv(kv: dict[str, np.ndarray], j: int, h: np.ndarray, cos: np.ndarray | None,
+                  sin: np.ndarray | None, eps: float, kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer j's key (after its key norm and RoPE) and value, each [kv_heads, D], for the exit
+    hidden state h [d].
+
+    ``kv`` holds the kv_fill tensors (``{j}.norm`` unless the layer has no input norm,
+    ``{j}.k``, ``{j}.v``, optional ``{j}.k_bias``/``{j}.v_bias``, optional ``{j}.k_norm``: [D]
+    per head or [kv_heads * D] over the whole key); ``cos``/``sin`` [R/2] are the RoPE rows of
+    the position (``rope_rows``), rotating the first R dimensions, or None for no RoPE.
     """
-    x = h / np.sqrt(np.mean(h * h) + eps) * kv[f"{j}.norm"]  # layer j's input RMSNorm
+    x = _rms(h, eps) * kv[f"{j}.norm"] if f"{j}.norm" in kv else h  # layer j's input RMSNorm
     k = x @ kv[f"{j}.k"].T + kv.get(f"{j}.k_bias", 0.0)  # [kv_heads * D]
     v = x @ kv[f"{j}.v"].T + kv.get(f"{j}.v_bias", 0.0)
+    if f"{j}.k_norm" in kv:
+        w = kv[f"{j}.k_norm"]
+        k = _rms(k, eps) * w if w.shape[0] == k.shape[0] else _rms(k.reshape(kv_heads, -1), eps) * w
     k = k.reshape(kv_heads, -1)  # [kv_heads, D]
-    half = k.shape[1] // 2
-    k1, k2 = k[:, :half], k[:, half:]
-    k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=1)  # RoPE, rotate-half
+    if cos is not None:
+        half = cos.shape[0]
+        k1, k2, rest = k[:, :half], k[:, half:2 * half], k[:, 2 * half:]
+        k = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin, rest], axis=1)  # RoPE, rotate-half
     return k, v.reshape(kv_heads, -1)
 
 

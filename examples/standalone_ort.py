@@ -44,7 +44,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 # The sibling modules (this script's folder is on sys.path when it runs as a script).
-from standalone_algorithms import HIDDEN, TokenTree, lookup_chain, parse_shape, propagated_kv, scheduled_layers
+from standalone_algorithms import (HIDDEN, TokenTree, lookup_chain, parse_shape, propagated_kv, rope_rows,
+                                   scheduled_layers)
 from standalone_files import listed, read_manifest, read_safetensors, render_chat
 
 # ---- 1. the bundle's files (standalone_files.py: file rules, safetensors, chat template) -----
@@ -219,8 +220,8 @@ class SpecEEDecoder(DenseDecoder):
         """K/V at ``position`` of every layer after ``exit_layer``, computed from h [d], into
         cache row ``row`` (the position unless given: a tree node's row differs)."""
         row = position if row is None else row
-        cos, sin = self.kv_fill["cos"][position], self.kv_fill["sin"][position]  # [D/2]
         for j in range(exit_layer + 1, self.num_layers):
+            cos, sin = rope_rows(self.kv_fill, j, position)  # [R/2] each, or None
             k, v = propagated_kv(self.kv_fill, j, h, cos, sin, self.eps, self.kv_heads)  # [kv_heads, D] each
             self.cache.key(j)[0, :, row, :] = k
             self.cache.value(j)[0, :, row, :] = v

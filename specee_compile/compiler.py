@@ -118,10 +118,7 @@ def resolve_and_load(config: CompileConfig) -> Source:
     model_dir = load.resolve(config.model)
     info = load.inspect(model_dir)
     hf_model, tokenizer = load.load(model_dir)
-    capacity = min(config.max_context, info.max_positions)
-    window = getattr(hf_model.config, "sliding_window", None)
-    if window and getattr(hf_model.config, "use_sliding_window", True):
-        capacity = min(capacity, int(window))
+    capacity = min(config.max_context, info.max_positions)  # sliding windows are masks within it
     return Source(model_dir, info, hf_model, tokenizer, capacity)
 
 
@@ -163,9 +160,9 @@ def _warn_if_slower(chosen: dict, num_layers: int) -> None:
 
 # ---- 3. export --------------------------------------------------------------------------------
 def export(config: CompileConfig, source: Source, calibration):
-    """Every graph family this compile emits, each exported once (``decode`` is the step
-    exported again for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the
-    step's shapes and the K/V-propagation tensors."""
+    """Every graph family this compile emits, each exported once (``decode`` is a copy of the
+    step for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the step's shapes
+    and the K/V-propagation tensors."""
     import specee_compile.export as exporter
 
     target, capacity, hf_model = config.graph_target, source.capacity, source.hf_model
@@ -173,7 +170,7 @@ def export(config: CompileConfig, source: Source, calibration):
     graphs = {"step": step}
     if calibration is None:
         return graphs, shapes, {}
-    graphs["decode"] = exporter.export_step(hf_model, capacity, target)[0]
+    graphs["decode"] = _copy(step)
     graphs["draft"] = exporter.export_draft(calibration.draft, capacity, target)
     if config.tree:
         graphs["tree"] = exporter.export_tree(hf_model, capacity, target)

@@ -99,6 +99,12 @@ EXIT_MODES = ("segments", "graph")  # one graph per block of layers, or one deco
 TARGETS = ("ort", "trt")  # graphs for ONNX Runtime (com.microsoft ops) or standard ONNX (TensorRT)
 
 
+def rope_table(kv: dict, j: int) -> str | None:
+    """The suffix of layer j's RoPE table (``cos{suffix}``), None when the layer has no RoPE."""
+    index = int(kv[f"{j}.rope"][0]) if f"{j}.rope" in kv else 0  # bundles before per-layer tables: one
+    return None if index < 0 else ("" if index == 0 else f".{index}")
+
+
 def io_contract(model: ir.Model) -> dict:
     """A graph's manifest entry: names, dtypes and shapes (symbolic dims as strings) of its
     inputs and outputs."""

@@ -1,7 +1,8 @@
 """Load: resolve MODEL (directory, .gguf file or built-in name) to an fp32 HF model.
 
-Supported are decoder-only causal LMs of the Llama family of layouts (pre-norm decoder
-layers with q/k/v/o projections, RoPE, RMSNorm, gated MLP): Llama, Mistral and Qwen2.
+Supported are decoder-only causal LMs whose layers are RoPE self-attention and a gated MLP with
+RMSNorms (what differs between them is read by ``architecture.Architecture``): Llama, Mistral,
+Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, Granite, SmolLM3 and OLMo 2.
 Everything is validated from config.json and the weight files before any weight is read,
 so bad input fails in well under a second with a message that names the fix.
 """
@@ -23,7 +24,10 @@ from specee_compile.tokenizer import SAFE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "granite", "smollm3",
+                      "olmo2")
+# GGUF architectures transformers dequantizes, of those families (a Gemma 3 GGUF loads as gemma3_text)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 BUILTIN_MODELS = {"smollm2": resources.SMOLLM2_WHEEL}
 # Peak memory of a compile: a fixed part (Python, torch, ONNX Runtime, the exporter) plus a factor
 # of the fp32 weights, fitted to the peaks measured on this machine class (docs/memory.md: tiny
@@ -297,10 +301,11 @@ def _check_gguf(gguf: Path) -> None:
             f"{gguf} is not a readable GGUF file ({e}). Pass a .gguf written by llama.cpp's "
             "converter (downloaded completely), or a Hugging Face model directory."
         ) from e
-    if arch not in SUPPORTED_FAMILIES:
+    if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"{gguf} holds a GGUF model of architecture {arch!r}; specee-compile supports the "
-            f"families {', '.join(SUPPORTED_FAMILIES)}. Choose a GGUF of one of those."
+            f"{gguf} holds a GGUF model of architecture {arch!r}; specee-compile reads GGUFs of the "
+            f"architectures {', '.join(GGUF_ARCHITECTURES)}. Choose a GGUF of one of those, or a "
+            "Hugging Face directory."
         )
     _check_memory(gguf, 4 * params, "from its tensor shapes")
 
@@ -316,7 +321,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except Exception as e:
         raise UnsupportedModelError(
             f"transformers could not read {gguf} ({e}). Supported GGUF architectures are "
-            f"those of the families {', '.join(SUPPORTED_FAMILIES)}."
+            f"{', '.join(GGUF_ARCHITECTURES)}."
         ) from e
     # The dequantized weights are ordinary fp32 tensors; drop the GGUF marker to save them.
     if hasattr(model.config, "quantization_config"):

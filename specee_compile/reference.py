@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specee_compile.architecture import Architecture
+from specee_compile.functional import key_value, layer_step
 from specee_compile.predictor import PredictorBank, candidate_features
-from specee_compile.functional import key_value, layer_step, rope_tables
 from specee_compile.schedule import Schedule
 
 RULES = ("full", "reduced", "draft")
@@ -113,16 +114,17 @@ class ReferenceDecoder:
         self.norm = target.model.norm
         self.head_weight = target.lm_head.weight  # [V, d]
         self.num_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads or self.num_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.cos, self.sin = rope_tables(target.model.rotary_emb, capacity, head_dim)
+        self.arch = Architecture(target)
+        self.kv_heads = self.arch.kv_heads
+        self.specs = self.arch.specs(capacity)
+        self.capacity = capacity
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids=(), force_exit_layer: int | None = None):
         """Greedy SpecEE decoding; ``force_exit_layer`` exits every decode step at that layer."""
         state = self.prefill(prompt)
         result = ReferenceResult([state.token], [len(self.layers) - 1])
-        while len(result.tokens) < max_new_tokens and state.token not in eos_ids and state.n < len(self.cos):
+        while len(result.tokens) < max_new_tokens and state.token not in eos_ids and state.n < self.capacity:
             counts = self.step(state, force_exit_layer)
             result.tokens.append(state.token)
             result.exit_layers.append(state.history[-1])
@@ -137,11 +139,11 @@ class ReferenceDecoder:
         """Dense prefill: caches of every layer, the first token, the draft's cache."""
         n = len(prompt)
         positions = torch.arange(n)
-        h = self.target.model.embed_tokens(torch.tensor([prompt]))
+        h = self.arch.embed(torch.tensor([prompt]))
         state = DecodeState(n=n)
-        empty = torch.zeros(1, self.kv_heads, 0, self.cos.shape[1] * 2)
-        for layer in self.layers:
-            h, k, v = layer_step(layer, h, empty, empty, positions, self.cos, self.sin, self.num_heads, self.kv_heads)
+        empty = torch.zeros(1, self.kv_heads, 0, self.arch.head_dim)
+        for spec in self.specs:
+            h, k, v = layer_step(spec, h, empty, empty, positions)
             state.keys.append(k)
             state.values.append(v)
             state.valid.append(torch.ones(n, dtype=torch.bool))
@@ -164,14 +166,13 @@ class ReferenceDecoder:
             draft_ids, state.draft_cache = self.draft.propose(state.token, state.feature, state.draft_cache, state.n)
             rows = self.head_weight[draft_ids]  # the one gather of the step
         active = self.schedule.active(state.history) if draft_ids is not None else frozenset()
-        h = self.target.model.embed_tokens(torch.tensor([[state.token]]))
+        h = self.arch.embed(torch.tensor([[state.token]]))
         prev_p = None
         emitted = None
         exit_layer = L - 1
-        for i, layer in enumerate(self.layers):
+        for i, spec in enumerate(self.specs):
             key_valid = torch.cat([valid[i], torch.ones(1, dtype=torch.bool)])
-            h, keys[i], values[i] = layer_step(layer, h, keys[i], values[i], pos, self.cos, self.sin,
-                                               self.num_heads, self.kv_heads, key_valid)
+            h, keys[i], values[i] = layer_step(spec, h, keys[i], values[i], pos, key_valid)
             valid[i] = key_valid
             counts.layers += 1
             if i == L - 1:
@@ -199,7 +200,7 @@ class ReferenceDecoder:
             counts.full_heads += 1
         for j in range(exit_layer + 1, L):  # the layers this token skipped
             if self.settings.kv_policy == "propagate":
-                k, v = key_value(self.layers[j], h, pos, self.cos, self.sin, self.kv_heads)
+                k, v = key_value(self.specs[j], h, pos)
                 ok = True
                 counts.kv_projections += 1
             else:

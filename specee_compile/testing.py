@@ -6,25 +6,45 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral")  # the families most tests run on
+# the other supported families, each differing from Llama where its family does (architecture.py)
+MORE_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2")
 TINY_VOCAB = 320
+TINY_WINDOW = 8  # the sliding window of the tiny Gemmas: tests decode past it
 
 
 def tiny_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    import transformers
 
     common = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
-    if family == "mistral":
-        return MistralConfig(**common, sliding_window=128)
-    raise ValueError(family)
+    gemma = dict(head_dim=32, sliding_window=TINY_WINDOW, tie_word_embeddings=True,
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    made = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=TINY_WINDOW),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16, use_sliding_window=False),
+        "gemma2": lambda: transformers.Gemma2Config(**{**common, **gemma}, query_pre_attn_scalar=24,
+                                                    attn_logit_softcapping=20.0, final_logit_softcapping=30.0),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(
+            **{**common, **gemma}, query_pre_attn_scalar=32,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        # two heads of 32 with half of each rotated (Phi-3's partial rotary)
+        "phi3": lambda: transformers.Phi3Config(**{**common, "num_attention_heads": 2, "num_key_value_heads": 1},
+                                                partial_rotary_factor=0.5),
+        "granite": lambda: transformers.GraniteConfig(**common, embedding_multiplier=6.0, residual_multiplier=0.5,
+                                                      attention_multiplier=0.1, logits_scaling=2.0),
+        "smollm3": lambda: transformers.SmolLM3Config(**common, no_rope_layers=[1, 0, 1], use_sliding_window=False),
+        "olmo2": lambda: transformers.Olmo2Config(**common),
+    }
+    if family not in made:
+        raise ValueError(family)
+    return made[family]()
 
 
 def tiny_tokenizer():

@@ -14,9 +14,9 @@ from tests.conftest import FAMILIES, make_tiny_model
 CAPACITY = 32
 
 
-def _run_steps(session, shapes, prompt, continuation):
+def _run_steps(session, shapes, prompt, continuation, capacity: int = CAPACITY):
     """Prefill with ``prompt`` then decode ``continuation`` token by token; return all logits."""
-    cache = [np.zeros((1, shapes.num_kv_heads, CAPACITY, shapes.head_dim), np.float32)
+    cache = [np.zeros((1, shapes.num_kv_heads, capacity, shapes.head_dim), np.float32)
              for _ in range(2 * shapes.num_layers)]
     names = [f"past_key_values.{i}.{k}" for i in range(shapes.num_layers) for k in ("key", "value")]
     logits = []

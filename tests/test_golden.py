@@ -67,7 +67,7 @@ def test_schedule_activates_the_recorded_layers_for_the_exit_history(implementat
 @pytest.mark.parametrize("case", _cases(GOLDEN["propagation"]))
 def test_propagation_gives_the_recorded_keys_and_values(implementation, case):
     kv = {name: np.array(value, np.float32) for name, value in case["kv"].items()}
-    h, cos, sin = (np.array(case[name], np.float32) for name in ("h", "cos", "sin"))
+    h, cos, sin = (None if case[name] is None else np.array(case[name], np.float32) for name in ("h", "cos", "sin"))
     args = (kv, case["j"], h, cos, sin, case["eps"], case["kv_heads"])
     k, v = propagated_kv(np, *args) if implementation == "package" else standalone.propagated_kv(*args)
     np.testing.assert_allclose(k, np.array(case["k"], np.float32), rtol=1e-5, atol=1e-5)

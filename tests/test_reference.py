@@ -69,8 +69,7 @@ def _after_exit_at_0(kv_policy):
     h_in = model.model.embed_tokens(torch.tensor([[state.token]]))
     pos = torch.tensor([state.n])
     with torch.no_grad():
-        h_exit, _, _ = layer_step(model.model.layers[0], h_in, state.keys[0], state.values[0], pos,
-                                  dec.cos, dec.sin, dec.num_heads, dec.kv_heads)
+        h_exit, _, _ = layer_step(dec.specs[0], h_in, state.keys[0], state.values[0], pos)
         dec.step(state, force_exit_layer=0)
     return model, dec, state, h_exit, pos
 
@@ -85,12 +84,9 @@ def test_kv_masking_hides_skipped_positions_from_later_steps():
     with torch.no_grad():
         h = model.model.embed_tokens(torch.tensor([[state.token]]))
         nxt = torch.tensor([state.n])
-        h, _, _ = layer_step(model.model.layers[0], h, state.keys[0], state.values[0], nxt, dec.cos, dec.sin,
-                             dec.num_heads, dec.kv_heads)
-        expected, _, _ = layer_step(model.model.layers[1], h, state.keys[1][:, :, :n], state.values[1][:, :, :n],
-                                    nxt, dec.cos, dec.sin, dec.num_heads, dec.kv_heads)
-        masked, _, _ = layer_step(model.model.layers[1], h, state.keys[1], state.values[1], nxt, dec.cos, dec.sin,
-                                  dec.num_heads, dec.kv_heads,
+        h, _, _ = layer_step(dec.specs[0], h, state.keys[0], state.values[0], nxt)
+        expected, _, _ = layer_step(dec.specs[1], h, state.keys[1][:, :, :n], state.values[1][:, :, :n], nxt)
+        masked, _, _ = layer_step(dec.specs[1], h, state.keys[1], state.values[1], nxt,
                                   key_valid=torch.cat([state.valid[1], torch.tensor([True])]))
     torch.testing.assert_close(masked, expected, atol=1e-6, rtol=0)
 
@@ -101,7 +97,7 @@ def test_kv_propagation_fills_skipped_layers_from_the_exit_hidden_state():
     for j in (1, 2):
         assert state.valid[j].tolist() == [True] * (n + 1)
         with torch.no_grad():
-            k, v = key_value(model.model.layers[j], h_exit, pos, dec.cos, dec.sin, dec.kv_heads)
+            k, v = key_value(dec.specs[j], h_exit, pos)
         torch.testing.assert_close(state.keys[j][:, :, n:], k, atol=1e-6, rtol=0)
         torch.testing.assert_close(state.values[j][:, :, n:], v, atol=1e-6, rtol=0)
 

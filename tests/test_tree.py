@@ -9,7 +9,7 @@ from specee_compile.bundle import read_manifest
 from specee_compile.config import CompileConfig
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes import load
-from specee_compile.runtimes.propagation import propagated_kv
+from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 from specee_compile.runtimes.tree import DEFAULT_TREE, TokenTree, TreeShape, context_lookup
 from tests.test_specee_engine import PROMPTS
 
@@ -250,7 +250,7 @@ def test_tree_exits_emit_each_nodes_choice_at_the_exit_layer(bundle, tiny_dirs, 
         cache = engine._pool[-1].buffers.cache.arrays  # the cache score left: layer 2 of every decoded position is propagated
         for p in range(len(prompt), len(sequence) - 1):
             kv, spec = engine.decoder.backend.kv, engine.decoder.spec
-            k, v = propagated_kv(np, kv, 2, h[p].numpy(), kv["cos"][p], kv["sin"][p], spec.kv_eps, spec.kv_heads)
+            k, v = propagated_kv(np, kv, 2, h[p].numpy(), *rope_rows(kv, 2, p), spec.kv_eps, spec.kv_heads)
             np.testing.assert_allclose(cache[4][0, :, p], k, atol=1e-4)
             np.testing.assert_allclose(cache[5][0, :, p], v, atol=1e-4)
         emitted = 1  # the first token comes from prefill

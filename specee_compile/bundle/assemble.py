@@ -127,7 +127,8 @@ def _manifest(config, facts: Facts, step: Graph, spec: SpecEE | None, engine: di
                   chat_template=bool(getattr(facts.tokenizer, "chat_template", None)))
     return Manifest(
         backend="tensorrt" if config.backend == "trt" else "onnxruntime", graph_target=target, model=model,
-        cache=Cache(capacity=shapes.capacity, update=CACHE_UPDATE[target]), step=step, protocol=PROTOCOL[target],
+        cache=Cache(capacity=shapes.capacity, update=CACHE_UPDATE[target], sliding_windows=shapes.sliding_windows),
+        step=step, protocol=PROTOCOL[target],
         specee=spec, producer=f"specee-compile {__version__}",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         compile=config.to_dict(), passes=facts.pass_log, engine=engine, tensorrt_check=trt_check, quant=facts.quant)

@@ -131,7 +131,11 @@ def check_fields(manifest: dict, path: Path) -> None:
     chat = f.get("model.chat_template", optional=True)
     if chat is not None and not isinstance(chat, bool):
         raise f.fail("model.chat_template", "true or false", chat)
-    f.int("cache.capacity", 1, MAX_CAPACITY)
+    capacity = f.int("cache.capacity", 1, MAX_CAPACITY)
+    windows = f.get("cache.sliding_windows", optional=True)
+    if windows is not None and (not isinstance(windows, list) or len(windows) != layers or not all(
+            w is None or (type(w) is int and 1 <= w <= capacity) for w in windows)):
+        raise f.fail("cache.sliding_windows", f"a list of {layers} windows (integers 1..{capacity} or null)", windows)
     f.graph("graphs.step")
     if "onnx" in manifest["graphs"]["step"]:
         f.file("graphs.step.onnx")
@@ -391,6 +395,17 @@ class Cache:
     layout: str = "[batch, kv_heads, capacity, head_dim]"
     dtype: str = "float32"
     update: str = ""
+    # per layer, the sliding window (the query at position p reads the keys at p - window < t <= p;
+    # null: all) of models that have one; every layer's buffer still holds ``capacity`` positions
+    sliding_windows: tuple[int | None, ...] = ()
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        if not self.sliding_windows:
+            del out["sliding_windows"]
+        else:
+            out["sliding_windows"] = list(self.sliding_windows)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -427,7 +442,7 @@ class Manifest:
         c = d["cache"]
         return cls(backend=d["backend"], graph_target=d.get("graph_target", "ort"), model=model,
                    cache=Cache(capacity=c["capacity"], layout=c.get("layout", ""), dtype=c.get("dtype", "float32"),
-                               update=c.get("update", "")),
+                               update=c.get("update", ""), sliding_windows=tuple(c.get("sliding_windows", ()))),
                    step=Graph.from_json(d["graphs"]["step"]), protocol=d.get("protocol", ""),
                    specee=SpecEE.from_json(d["specee"]) if "specee" in d else None, producer=d.get("producer", ""),
                    created=d.get("created", ""), compile=d.get("compile", {}), passes=d.get("passes", []),
@@ -438,7 +453,7 @@ class Manifest:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION, "producer": self.producer, "created": self.created,
                "backend": self.backend, "graph_target": self.graph_target,
                "model": {**dataclasses.asdict(self.model), "eos_token_ids": list(self.model.eos_token_ids)},
-               "cache": dataclasses.asdict(self.cache), "graphs": {"step": self.step.to_json()},
+               "cache": self.cache.to_json(), "graphs": {"step": self.step.to_json()},
                "protocol": self.protocol, "compile": self.compile, "passes": self.passes}
         for name in ("tensorrt_check", "engine", "quant", "genai"):
             if getattr(self, name) is not None:

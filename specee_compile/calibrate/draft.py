@@ -14,11 +14,13 @@ candidates after an early exit. ``vocab_map[j]`` is the target id of draft logit
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
-from specee_compile.functional import layer_step, rope_tables
+from specee_compile.architecture import Architecture, LayerSpec
+from specee_compile.functional import layer_step
 
 
 class EagleDraft(nn.Module):
@@ -26,12 +28,10 @@ class EagleDraft(nn.Module):
 
     def __init__(self, target: nn.Module, vocab_map: torch.Tensor, capacity: int = 4096):
         super().__init__()
-        cfg = target.config
+        arch = Architecture(target)
         base = target.model
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or d // self.num_heads
+        d = target.config.hidden_size
+        self.num_heads, self.kv_heads, self.head_dim = arch.num_heads, arch.kv_heads, arch.head_dim
         self.embed = base.embed_tokens  # shared and frozen
         self.fc = nn.Linear(2 * d, d)
         with torch.no_grad():  # start as "use the feature": identity on the feature half
@@ -44,9 +44,17 @@ class EagleDraft(nn.Module):
         self.head = nn.Linear(d, len(vocab_map), bias=False)
         with torch.no_grad():
             self.head.weight.copy_(target.lm_head.weight[vocab_map])
-        cos, sin = rope_tables(base.rotary_emb, capacity, self.head_dim)
+        # the last layer's attention, without a window: the draft sees its whole context
+        self.attention = dataclasses.replace(arch.attention[-1], window=None)
+        self.residual_scale = float(getattr(self.layer, "residual_multiplier", 1.0))
+        cos, sin = arch.table(self.attention.rope, capacity)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec(self.layer, self.attention, self.num_heads, self.kv_heads, self.head_dim, self.cos, self.sin,
+                         self.residual_scale)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything but the shared embedding (which is the target's)."""
@@ -63,8 +71,7 @@ class EagleDraft(nn.Module):
             cache = (cache[0].expand(tokens.shape[0], -1, -1, -1), cache[1].expand(tokens.shape[0], -1, -1, -1))
         x = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
         positions = torch.arange(start, start + tokens.shape[1])
-        f, keys, values = layer_step(self.layer, x, cache[0], cache[1], positions, self.cos, self.sin,
-                                     self.num_heads, self.kv_heads)
+        f, keys, values = layer_step(self.spec, x, cache[0], cache[1], positions)
         f = self.norm(f)
         return f, self.head(f), (keys, values)
 
@@ -90,8 +97,7 @@ class EagleDraft(nn.Module):
             first = pos[:, None] - j  # t - j: step i's visible key is at t-j+i
             mask = torch.where(key_step[None, :] == 1, key_pos[None, :] <= first + 1,
                                key_pos[None, :] == first + key_step[None, :])
-            f, keys, values = layer_step(self.layer, x, keys, values, pos, self.cos, self.sin, self.num_heads,
-                                         self.kv_heads, mask=mask)
+            f, keys, values = layer_step(self.spec, x, keys, values, pos, mask=mask)
             f = self.norm(f)
             steps.append((f[0], self.head(f)[0]))
         return steps

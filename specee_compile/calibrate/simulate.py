@@ -127,22 +127,19 @@ def _time(fn, repeats: int = 30) -> float:
 @torch.no_grad()
 def measure_costs(target, draft, bank, context: int = 256) -> CostModel:
     """Time each part at batch 1 in eager PyTorch on this machine, relative to one layer."""
-    from specee_compile.functional import key_value, layer_step, rope_tables
+    from specee_compile.architecture import Architecture
+    from specee_compile.functional import key_value, layer_step
 
     cfg = target.config
-    layer = target.model.layers[0]
-    heads = cfg.num_attention_heads
-    kv_heads = cfg.num_key_value_heads or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    cos, sin = rope_tables(target.model.rotary_emb, context + 8, head_dim)
-    past = torch.randn(1, kv_heads, context, head_dim)
+    spec = Architecture(target).spec(0, context + 8)
+    past = torch.randn(1, spec.kv_heads, context, spec.head_dim)
     h = torch.randn(1, 1, cfg.hidden_size)
     pos = torch.tensor([context])
     w = target.lm_head.weight
     z = torch.randn(cfg.hidden_size)
     reduced = w[draft.vocab_map]
     feats = torch.randn(12)
-    t_layer = _time(lambda: layer_step(layer, h, past, past, pos, cos, sin, heads, kv_heads))
+    t_layer = _time(lambda: layer_step(spec, h, past, past, pos))
     dcache = (past[:, :, :64], past[:, :, :64])
     return CostModel(
         layer=1.0,
@@ -150,6 +147,6 @@ def measure_costs(target, draft, bank, context: int = 256) -> CostModel:
         reduced_head=_time(lambda: (reduced @ z).argmax()) / t_layer,
         draft=_time(lambda: draft.propose(5, z, dcache, 64)) / t_layer,
         predictor=_time(lambda: bank.score(0, feats)) / t_layer,
-        kv_projection=_time(lambda: key_value(layer, h, pos, cos, sin, kv_heads)) / t_layer,
+        kv_projection=_time(lambda: key_value(spec, h, pos)) / t_layer,
         seconds_per_layer=t_layer,
     )

@@ -12,9 +12,22 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from specee_compile.attention import cached_attention  # noqa: F401 (registers torch.ops.specee)
-from specee_compile.contract import (ATTENTION_BIAS, DRAFT_FEATURES, DRAFT_IDS, DRAFT_LOGPROBS, FEATURES, INPUT_IDS,
-                                     KINDS, PAST_LENGTH, POSITION_IDS, past, present)
+from specee_compile.attention import (
+    op_arguments,  # importing it registers torch.ops.specee
+)
+from specee_compile.contract import (
+    ATTENTION_BIAS,
+    DRAFT_FEATURES,
+    DRAFT_IDS,
+    DRAFT_LOGPROBS,
+    FEATURES,
+    INPUT_IDS,
+    KINDS,
+    PAST_LENGTH,
+    POSITION_IDS,
+    past,
+    present,
+)
 from specee_compile.export.onnx import to_onnx
 from specee_compile.export.step import packed_linear
 
@@ -30,12 +43,11 @@ class DraftStep(nn.Module):
     def __init__(self, draft: nn.Module, capacity: int):
         super().__init__()
         self.draft = draft
-        self.qkv_proj = packed_linear([draft.layer.self_attn.q_proj, draft.layer.self_attn.k_proj,
-                                        draft.layer.self_attn.v_proj])
+        attn = draft.layer.self_attn
+        self.qkv_proj = getattr(attn, "qkv_proj", None) or packed_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         cos, sin = rope_tables_like(draft, capacity)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
-        self.scale = float(draft.layer.self_attn.scaling)
 
     def forward(self, input_ids, features, past_sequence_length, past_key, past_value):
         f, pk, pv = self._layer(input_ids, features, past_sequence_length, past_key, past_value)
@@ -48,17 +60,16 @@ class DraftStep(nn.Module):
         d = self.draft
         total = past_sequence_length + input_ids.shape[1]
         x = d.fc(torch.cat([d.embed(input_ids), features], dim=-1))
-        layer = d.layer
-        qkv = self.qkv_proj(layer.input_layernorm(x))
+        spec = d.spec
+        qkv = spec.packed_qkv(spec.input_norm(x), self.qkv_proj)
         args = (qkv, past_key, past_value, (total - 1).to(torch.int32), total.to(torch.int32).reshape(()),
                 self.cos_cache, self.sin_cache)
+        heads = (d.num_heads, d.kv_heads, *op_arguments(spec.attention))
         if tree is None:
-            out, pk, pv = torch.ops.specee.cached_attention(*args, d.num_heads, d.kv_heads, self.scale)
+            out, pk, pv = torch.ops.specee.cached_attention(*args, *heads)
         else:
-            out, pk, pv = torch.ops.specee.tree_attention(*args, *tree, d.num_heads, d.kv_heads, self.scale)
-        x = x + layer.self_attn.o_proj(out)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return d.norm(x), pk, pv
+            out, pk, pv = torch.ops.specee.tree_attention(*args, *tree, *heads)
+        return d.norm(spec.after_mlp(spec.after_attention(x, out))), pk, pv
 
 
 class DraftTreeStep(DraftStep):

@@ -24,12 +24,25 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from specee_compile.attention import cached_attention  # noqa: F401 (registers torch.ops.specee)
-from specee_compile.contract import (ATTENTION_BIAS, FEATURES, INPUT_IDS, KINDS, LOGITS, PAST_LENGTH, POSITION_IDS,
-                                     TOKENS, layer_output, past, present)
+from specee_compile.architecture import Architecture, LayerSpec
+from specee_compile.attention import (
+    op_arguments,  # importing it registers torch.ops.specee
+)
+from specee_compile.contract import (
+    ATTENTION_BIAS,
+    FEATURES,
+    INPUT_IDS,
+    KINDS,
+    LOGITS,
+    PAST_LENGTH,
+    POSITION_IDS,
+    TOKENS,
+    layer_output,
+    past,
+    present,
+)
 from specee_compile.errors import ExportError
 from specee_compile.export.onnx import to_onnx
-from specee_compile.functional import rope_tables
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class StepShapes:
     hidden_size: int
     vocab_size: int
     capacity: int
+    sliding_windows: tuple[int | None, ...] = ()  # per layer, within the capacity; () when no layer has one
 
 
 layer_output_name = layer_output  # the name of decoder layer i's output in every exported graph
@@ -54,67 +68,63 @@ class DecoderStep(nn.Module):
 
     def __init__(self, hf_model: nn.Module, capacity: int):
         super().__init__()
-        base = hf_model.model
-        cfg = hf_model.config
-        self.embed_tokens = base.embed_tokens
-        self.norm = base.norm
+        arch = Architecture(hf_model)
+        self.arch = arch
+        self.norm = arch.base.norm
         self.lm_head = hf_model.lm_head
-        self.num_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.embed_tokens = arch.base.embed_tokens
+        self.num_heads, self.kv_heads, self.head_dim = arch.num_heads, arch.kv_heads, arch.head_dim
         self.capacity = capacity
-        cos, sin = rope_tables(base.rotary_emb, capacity, self.head_dim)
-        self.register_buffer("cos_cache", cos, persistent=False)  # [CAP, D/2]
-        self.register_buffer("sin_cache", sin, persistent=False)
-        self.blocks = nn.ModuleList(
-            StepLayer(layer, self.num_heads, self.kv_heads) for layer in base.layers
-        )
+        for name in arch.table_names:
+            cos, sin = arch.table(name, capacity)
+            self.register_buffer(_table(name, "cos"), cos, persistent=False)  # [CAP, R/2]
+            self.register_buffer(_table(name, "sin"), sin, persistent=False)
+        self.blocks = nn.ModuleList(StepLayer(arch.spec(i, capacity)) for i in range(arch.num_layers))
+
+    def rope(self, block: "StepLayer") -> tuple[torch.Tensor, torch.Tensor]:
+        name = block.spec.attention.rope or self.arch.table_names[0]
+        return getattr(self, _table(name, "cos")), getattr(self, _table(name, "sin"))
 
     def forward(self, input_ids, past_sequence_length, past: list[torch.Tensor]):
         s = input_ids.shape[1]
         total = past_sequence_length + s  # [1]
         seqlens_k = (total - 1).to(torch.int32)  # [B=1]
         total_i32 = total.to(torch.int32).reshape(())
-        h = self.embed_tokens(input_ids)  # [1, S, d]
+        h = self.arch.embed(input_ids)  # [1, S, d]
         presents = []
         for i, block in enumerate(self.blocks):
-            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32,
-                              self.cos_cache, self.sin_cache)
+            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32, *self.rope(block))
             presents += [pk, pv]
         z = self.norm(h)  # [1, S, d]: the draft's input features
-        return (self.lm_head(z[:, -1]), z, *presents)
+        return (self.arch.logits(z[:, -1]), z, *presents)
+
+
+def _table(name: str, kind: str) -> str:
+    return f"{kind}_cache" if name == "default" else f"{kind}_cache_{name}"
 
 
 class StepLayer(nn.Module):
-    """One pre-norm decoder layer around the cached-attention op; its scope is ``blocks.{i}``."""
+    """One decoder layer around the cached-attention op; its scope is ``blocks.{i}``."""
 
-    def __init__(self, layer: nn.Module, num_heads: int, kv_heads: int):
+    def __init__(self, spec: LayerSpec):
         super().__init__()
-        self.layer = layer
-        self.num_heads = num_heads
-        self.kv_heads = kv_heads
-        self.scale = float(layer.self_attn.scaling)
-        self.qkv_proj = packed_linear(
-            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-        )
+        self.spec = spec
+        self.layer = spec.layer
+        attn = spec.layer.self_attn
+        self.qkv_proj = getattr(attn, "qkv_proj", None) or packed_linear([attn.q_proj, attn.k_proj, attn.v_proj])
 
     def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, tree=None):
         """``tree``: (position_ids, attention_bias) when the S tokens are the nodes of a token tree."""
-        attn = self.layer.self_attn
-        x = self.layer.input_layernorm(h)  # [1, S, d]
+        spec = self.spec
+        qkv = spec.packed_qkv(spec.input_norm(h), self.qkv_proj)  # [1, S, (H + 2*KVH)*D]
+        args = (qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache)
         if tree is None:
             out, present_key, present_value = torch.ops.specee.cached_attention(
-                self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, self.num_heads,
-                self.kv_heads, self.scale,
-            )
+                *args, spec.num_heads, spec.kv_heads, *op_arguments(spec.attention))
         else:
             out, present_key, present_value = torch.ops.specee.tree_attention(
-                self.qkv_proj(x), past_key, past_value, seqlens_k, total, cos_cache, sin_cache, *tree,
-                self.num_heads, self.kv_heads, self.scale,
-            )
-        h = h + attn.o_proj(out)
-        h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
-        return h, present_key, present_value
+                *args, *tree, spec.num_heads, spec.kv_heads, *op_arguments(spec.attention))
+        return spec.after_mlp(spec.after_attention(h, out)), present_key, present_value
 
 
 class TreeStep(DecoderStep):
@@ -133,15 +143,16 @@ class TreeStep(DecoderStep):
         total = past_sequence_length + s
         seqlens_k = (total - 1).to(torch.int32)
         total_i32 = total.to(torch.int32).reshape(())
-        h = self.embed_tokens(input_ids)
+        h = self.arch.embed(input_ids)
         presents = []
         for i, block in enumerate(self.blocks):
-            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32, self.cos_cache, self.sin_cache,
+            h, pk, pv = block(h, past[2 * i], past[2 * i + 1], seqlens_k, total_i32, *self.rope(block),
                               tree=(position_ids, attention_bias))
             presents += [pk, pv]
         z = self.norm(h)
         # the head over [S, d] (a Gemm on the weight as stored, as in the step) rather than [1, S, d]
-        # (a MatMul on its transpose, which weight quantization would not find)
+        # (a MatMul on its transpose, which weight quantization would not find); the divisor and the
+        # soft-cap do not move the argmax
         return (self.lm_head(z[0]).argmax(-1)[None], z, *presents)
 
 
@@ -175,12 +186,12 @@ def example_inputs(shapes: StepShapes, seq: int = 3):
 
 def step_shapes(hf_model: nn.Module, capacity: int) -> StepShapes:
     """The static facts of ``hf_model``'s step with a cache of ``capacity`` positions."""
-    cfg = hf_model.config
-    num_heads = cfg.num_attention_heads
+    arch = Architecture(hf_model)
+    windows = tuple(arch.spec(i, capacity).attention.window for i in range(arch.num_layers))
     return StepShapes(
-        num_layers=cfg.num_hidden_layers, num_heads=num_heads, num_kv_heads=cfg.num_key_value_heads or num_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads, hidden_size=cfg.hidden_size,
-        vocab_size=cfg.vocab_size, capacity=capacity,
+        num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.kv_heads, head_dim=arch.head_dim,
+        hidden_size=hf_model.config.hidden_size, vocab_size=hf_model.config.vocab_size, capacity=capacity,
+        sliding_windows=windows if any(windows) else (),
     )
 
 

@@ -23,7 +23,7 @@ are the same whichever way it went:
 
 An exit branch fills the skipped layers' cache at position n (``past_sequence_length``) by
 state propagation, the math of ``runtimes.propagation.propagated_kv``: x = rmsnorm(h_c) * norm_j,
-k = rope(x @ Wk_j.T (+ b)), v = x @ Wv_j.T (+ b), written with ``ScatterElements``.
+k = rope(knorm(x @ Wk_j.T (+ b))), v = x @ Wv_j.T (+ b), written with ``ScatterElements``.
 
 ``rows=True`` (TensorRT-ready graphs, whose attention writes the cache with ScatterElements)
 returns from the branches only the new K/V row ``[1, kv_heads, 1, D]`` of every layer after
@@ -37,8 +37,20 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
-from specee_compile.contract import (FEATURES, GRAPH_EXIT_OUTPUTS, KINDS, LOGITS, PAST, exit_feature, exit_flag,
-                                     exit_token, layer_output, past, present)
+from specee_compile.contract import (
+    FEATURES,
+    GRAPH_EXIT_OUTPUTS,
+    KINDS,
+    LOGITS,
+    PAST,
+    exit_feature,
+    exit_flag,
+    exit_token,
+    layer_output,
+    past,
+    present,
+    rope_table,
+)
 from specee_compile.errors import PassError
 from specee_compile.lower.segments import Segment
 from specee_compile.passes.insert_predictors import name_nodes
@@ -167,26 +179,51 @@ class _Nester:
             t.op("Unsqueeze", [self.available[exit_feature(c)], self.constant("axes_1", [1])]),
             t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))}))))
         h = t.op("Gather", [self.available[layer_output(c)], self.constant("last", -1)], {"axis": 1})  # [1, d]
-        ms = t.op("ReduceMean", [t.op("Mul", [h, h]), self.constant("axes_-1", [-1])], {"keepdims": 1})
-        xhat = t.op("Div", [h, t.op("Sqrt", [t.op("Add", [ms, self.constant("eps", np.float32(self.eps))])])])
+        xhat = self._rms(t, h)
         pos = self.available["past_sequence_length"]  # [1]: the position being decoded
-        cos = t.op("Gather", [self._init("cos"), pos], {"axis": 0})  # [1, D/2]
-        sin = t.op("Gather", [self._init("sin"), pos], {"axis": 0})
+        tables = {}  # suffix -> (cos, sin) rows [1, R/2] of the position
         where = None if self.rows else self._where(t)
         for j in range(c + 1, self.L):
-            x = t.op("Mul", [xhat, self._init(f"{j}.norm")])  # layer j's input RMSNorm, [1, d]
+            x = t.op("Mul", [xhat, self._init(f"{j}.norm")]) if f"{j}.norm" in self.kv else h  # input norm, [1, d]
             k, v = (self._project(t, x, j, kind) for kind in ("k", "v"))  # [1, kvh * D]
             k = t.op("Reshape", [k, self.constant("shape_heads", [kvh, D])])
-            k1 = t.op("Slice", [k, self.constant("zero", [0]), self.constant("half", [D // 2]), self.constant("axes_1", [1])])
-            k2 = t.op("Slice", [k, self.constant("half", [D // 2]), self.constant("full", [D]), self.constant("axes_1", [1])])
-            k = t.op("Concat", [t.op("Sub", [t.op("Mul", [k1, cos]), t.op("Mul", [k2, sin])]),
-                                t.op("Add", [t.op("Mul", [k2, cos]), t.op("Mul", [k1, sin])])], {"axis": 1})
+            if f"{j}.k_norm" in self.kv:
+                per_head = self.kv[f"{j}.k_norm"].shape[0] == D
+                rows = k if per_head else t.op("Reshape", [k, self.constant("shape_row", [1, kvh * D])])
+                k = t.op("Mul", [self._rms(t, rows), self._init(f"{j}.k_norm")])
+                k = k if per_head else t.op("Reshape", [k, self.constant("shape_heads", [kvh, D])])
+            suffix = rope_table(self.kv, j)
+            if suffix is not None:
+                if suffix not in tables:
+                    tables[suffix] = tuple(t.op("Gather", [self._init(f"{kind}{suffix}"), pos], {"axis": 0})
+                                           for kind in ("cos", "sin"))  # [1, R/2]
+                k = self._rotate(t, k, *tables[suffix], self.kv[f"cos{suffix}"].shape[1])
             for kind, new in (("key", k), ("value", v)):
                 row = t.op("Reshape", [new, self.constant("shape_cache_row", [1, kvh, 1, D])])
                 cache = self.available[past(j, kind)]
                 outs[present(j, kind)] = row if self.rows else \
                     t.op("ScatterElements", [cache, where, row], {"axis": 2})
         return name_nodes(t, f"exit_at_{c}"), outs
+
+    def _rms(self, t: ir.tape.Tape, x: ir.Value) -> ir.Value:
+        """x / sqrt(mean(x^2) + eps) over the last axis."""
+        ms = t.op("ReduceMean", [t.op("Mul", [x, x]), self.constant("axes_-1", [-1])], {"keepdims": 1})
+        return t.op("Div", [x, t.op("Sqrt", [t.op("Add", [ms, self.constant("eps", np.float32(self.eps))])])])
+
+    def _rotate(self, t: ir.tape.Tape, k: ir.Value, cos: ir.Value, sin: ir.Value, half: int) -> ir.Value:
+        """RoPE of k [kvh, D] (rotate_half layout) on its first 2 * ``half`` dimensions."""
+        D = self.head_dim
+
+        def part(start: int, end: int) -> ir.Value:
+            return t.op("Slice", [k, self.constant(f"at_{start}", [start]), self.constant(f"at_{end}", [end]),
+                                  self.constant("axes_1", [1])])
+
+        k1, k2 = part(0, half), part(half, 2 * half)
+        parts = [t.op("Sub", [t.op("Mul", [k1, cos]), t.op("Mul", [k2, sin])]),
+                 t.op("Add", [t.op("Mul", [k2, cos]), t.op("Mul", [k1, sin])])]
+        if 2 * half < D:
+            parts.append(part(2 * half, D))
+        return t.op("Concat", parts, {"axis": 1})
 
     def _where(self, t: ir.tape.Tape) -> ir.Value:
         """ScatterElements indices of cache position n: [1, kv_heads, 1, D], all n."""

@@ -57,29 +57,43 @@ def floats(array: np.ndarray) -> list:
 
 
 def propagation_cases() -> list[dict]:
-    """Layer j's K (after RoPE) and V [kv_heads, D] from the exit state h [d]: d = 8,
-    2 KV heads of dimension 4, weights drawn from a seeded generator (4 decimals)."""
+    """Layer j's K (after its key norm and RoPE) and V [kv_heads, D] from the exit state h [d]:
+    d = 8, 2 KV heads of dimension 4, weights drawn from a seeded generator (4 decimals). ``rotated``
+    is how many of the 4 dimensions RoPE turns (0: none), ``k_norm`` the key norm's width (0: none),
+    ``norm`` whether the layer has an input norm."""
     rng = np.random.default_rng(SEED)
     d, kv_heads, head_dim = 8, 2, 4
     cases = []
-    for name, j, position, eps, bias, scale in [("layer-without-biases", 1, 3, 1e-6, False, 1.0),
-                                                ("layer-with-qkv-biases", 2, 17, 1e-5, True, 1.0),
-                                                ("small-state-where-eps-matters", 5, 0, 1e-2, True, 1e-2)]:
+    for name, j, position, eps, bias, scale, rotated, k_norm, norm in [
+            ("layer-without-biases", 1, 3, 1e-6, False, 1.0, 4, 0, True),
+            ("layer-with-qkv-biases", 2, 17, 1e-5, True, 1.0, 4, 0, True),
+            ("small-state-where-eps-matters", 5, 0, 1e-2, True, 1e-2, 4, 0, True),
+            ("key-norm-per-head-half-rotated", 3, 9, 1e-6, False, 1.0, 2, head_dim, True),
+            ("no-input-norm-key-norm-over-the-whole-key", 4, 6, 1e-6, False, 1.0, 4, kv_heads * head_dim, False),
+            ("layer-without-rope", 2, 11, 1e-6, True, 1.0, 0, 0, True)]:
         def draw(*shape):
             return np.round(rng.standard_normal(shape), 4).astype(np.float32)
 
-        kv = {f"{j}.norm": np.round(1.0 + 0.1 * rng.standard_normal(d), 4).astype(np.float32),
-              f"{j}.k": draw(kv_heads * head_dim, d), f"{j}.v": draw(kv_heads * head_dim, d)}
+        def weight(n):
+            return np.round(1.0 + 0.1 * rng.standard_normal(n), 4).astype(np.float32)
+
+        kv = {f"{j}.norm": weight(d)} if norm else {}
+        kv[f"{j}.k"], kv[f"{j}.v"] = draw(kv_heads * head_dim, d), draw(kv_heads * head_dim, d)
         if bias:
             kv[f"{j}.k_bias"], kv[f"{j}.v_bias"] = draw(kv_heads * head_dim), draw(kv_heads * head_dim)
+        if k_norm:
+            kv[f"{j}.k_norm"] = weight(k_norm)
         h = (draw(d) * scale).astype(np.float32)
-        inv_freq = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
-        cos = np.round(np.cos(position * inv_freq), 6).astype(np.float32)  # [D/2]
-        sin = np.round(np.sin(position * inv_freq), 6).astype(np.float32)
+        cos = sin = None
+        if rotated:
+            inv_freq = 1.0 / 10000.0 ** (np.arange(0, rotated, 2) / rotated)
+            cos = np.round(np.cos(position * inv_freq), 6).astype(np.float32)  # [R/2]
+            sin = np.round(np.sin(position * inv_freq), 6).astype(np.float32)
         k, v = propagated_kv(np, kv, j, h, cos, sin, eps, kv_heads)
         cases.append({"name": name, "j": j, "eps": eps, "kv_heads": kv_heads,
-                      "kv": {key: floats(value) for key, value in kv.items()},
-                      "h": floats(h), "cos": floats(cos), "sin": floats(sin), "k": floats(k), "v": floats(v)})
+                      "kv": {key: floats(value) for key, value in kv.items()}, "h": floats(h),
+                      "cos": None if cos is None else floats(cos), "sin": None if sin is None else floats(sin),
+                      "k": floats(k), "v": floats(v)})
     return cases
 
 

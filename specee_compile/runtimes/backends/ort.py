@@ -23,7 +23,7 @@ from specee_compile.bundle.manifest import Graph
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, GRAPH_EXIT_OUTPUTS, INPUT_IDS,
                                      KINDS, LOGITS, PAST, PAST_LENGTH, is_cache, past, present)
 from specee_compile.errors import BundleError
-from specee_compile.runtimes.propagation import propagated_kv
+from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +331,8 @@ class OrtSpecEE(OrtStep):
         h [d], rotated for ``position`` (``row`` unless given: a tree node's position is the
         root's plus its depth)."""
         position = row if position is None else position
-        cos, sin = self.kv["cos"][position], self.kv["sin"][position]
         for j in range(exit_layer + 1, self.bundle.num_layers):
-            k, v = propagated_kv(np, self.kv, j, h, cos, sin, self.spec.kv_eps, self.spec.kv_heads)
+            k, v = propagated_kv(np, self.kv, j, h, *rope_rows(self.kv, j, position), self.spec.kv_eps,
+                                 self.spec.kv_heads)
             buf.cache.arrays[2 * j][0, :, row, :] = k
             buf.cache.arrays[2 * j + 1][0, :, row, :] = v

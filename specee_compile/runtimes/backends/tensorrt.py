@@ -29,7 +29,7 @@ from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, F
                                      PAST_LENGTH, PRESENT, PAST, past, present)
 from specee_compile.errors import BackendError, BundleError, GenerationError
 from specee_compile.lower.tensorrt import unavailable_reason
-from specee_compile.runtimes.propagation import propagated_kv
+from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +255,9 @@ class TrtSpecEE(TrtStep):
         """K/V of the skipped layers at position n from the exit hidden state h [d], on the device."""
         import torch
 
-        cos, sin = self.kv["cos"][n], self.kv["sin"][n]
         for j in range(exit_layer + 1, self.bundle.num_layers):
-            k, v = propagated_kv(torch, self.kv, j, h, cos, sin, self.spec.kv_eps, self.spec.kv_heads)
+            k, v = propagated_kv(torch, self.kv, j, h, *rope_rows(self.kv, j, n), self.spec.kv_eps,
+                                 self.spec.kv_heads)
             buf.caches.cache(j, 0)[0, :, n, :] = k
             buf.caches.cache(j, 1)[0, :, n, :] = v
 
