@@ -160,9 +160,9 @@ def _warn_if_slower(chosen: dict, num_layers: int) -> None:
 
 # ---- 3. export --------------------------------------------------------------------------------
 def export(config: CompileConfig, source: Source, calibration):
-    """Every graph family this compile emits, each exported once (``decode`` is a copy of the
-    step for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the step's shapes
-    and the K/V-propagation tensors."""
+    """Every graph family this compile emits, each exported once (``decode`` is the step
+    exported again for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the
+    step's shapes and the K/V-propagation tensors."""
     import specee_compile.export as exporter
 
     target, capacity, hf_model = config.graph_target, source.capacity, source.hf_model
@@ -170,7 +170,9 @@ def export(config: CompileConfig, source: Source, calibration):
     graphs = {"step": step}
     if calibration is None:
         return graphs, shapes, {}
-    graphs["decode"] = _copy(step)
+    # exported again rather than copied: a deserialized copy's new values can take names its
+    # graph already holds (the nested exit graph then fails ONNX's single-assignment check)
+    graphs["decode"] = exporter.export_step(hf_model, capacity, target)[0]
     graphs["draft"] = exporter.export_draft(calibration.draft, capacity, target)
     if config.tree:
         graphs["tree"] = exporter.export_tree(hf_model, capacity, target)
