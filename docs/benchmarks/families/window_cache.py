@@ -4,8 +4,8 @@ Decode-step cost of sliding-window layers kept as masks inside a full-capacity c
 a SmolLM2-sized Gemma 2 layout (random weights) with windows of 512 on every other layer,
 against the same weights with every layer global: at each context, the median decode step of
 33 generated tokens through the dense bundle, the second of two interleaved passes."""
-import json, sys, time, pathlib, shutil, statistics
-import numpy as np, onnxruntime as ort, torch, transformers
+import json, sys, pathlib, shutil, statistics
+import numpy as np, torch, transformers
 from specee_compile.compiler import compile as cb
 from specee_compile.config import CompileConfig
 from specee_compile.testing import tiny_tokenizer
