@@ -25,7 +25,6 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from specee_compile.architecture import Attention
-from specee_compile.errors import ExportError
 from specee_compile.functional import apply_rope, attend, visible
 
 
@@ -166,13 +165,7 @@ HIDDEN_BIAS = -1e9  # the score bias of a key outside a tree node's window (as t
 
 def _gqa(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, num_heads, kv_heads, scale,
          window, softcap, rotary, position_ids=None, attention_bias=None):
-    if rotary:
-        rotated = cos_cache.shape[-1] if cos_cache.shape is not None else None
-        if isinstance(rotated, int) and rotated % 8:
-            raise ExportError(f"ONNX Runtime's GroupQueryAttention rotates in multiples of 16 dimensions; this "
-                              f"model's RoPE rotates {2 * rotated}. Compile with --check trt (standard ONNX "
-                              "attention) instead.")
-    else:
+    if not rotary:
         cos_cache = sin_cache = position_ids = None
     return GROUP_QUERY_ATTENTION(
         qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, position_ids,

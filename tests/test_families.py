@@ -12,11 +12,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from specee_compile.architecture import Architecture
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
+from specee_compile.errors import ExportError
 from specee_compile.export import export_step, export_tree, kv_fill, rms_eps, step_shapes
 from specee_compile.functional import key_value
 from specee_compile.lower.trt_check import CheckTensorRTPass
@@ -139,8 +141,6 @@ def test_propagated_kv_is_what_the_skipped_layer_would_write(family):
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_a_specee_bundle_decodes_as_transformers_the_reference_decoder_and_dense_greedy(family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model_dir = tmp_path / "model"
     make_tiny_model(family).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
@@ -176,3 +176,24 @@ def test_a_specee_bundle_decodes_as_transformers_the_reference_decoder_and_dense
     want = engine.generate("the lazy dog", max_new_tokens=NEW)
     assert _standalone(out, "the lazy dog", NEW) == {"token_ids": want.token_ids, "exit_layers": want.exit_layers,
                                                      "stop_reason": want.stop_reason}
+
+
+def test_a_rope_groupqueryattention_cannot_rotate_is_refused_before_export_and_compiles_for_tensorrt(tmp_path):
+    """Phi-3 with 16-dimension heads half rotated: ONNX Runtime's kernel turns multiples of 16."""
+    from transformers import Phi3Config
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=320, partial_rotary_factor=0.5, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    with pytest.raises(ExportError, match=r"rotates 8 dimensions.*--check trt"):
+        compile_bundle(CompileConfig(model=str(tmp_path / "model"), out=tmp_path / "b.onnx", max_context=32),
+                       progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing half-written
+    onnx_model, shapes = export_step(model, CAPACITY, "trt")
+    ir.save(onnx_model, tmp_path / "step.onnx")
+    np.testing.assert_allclose(_step_logits(tmp_path / "step.onnx", shapes, CAPACITY), _eager_logits(model),
+                               atol=1e-4, rtol=0)

@@ -195,9 +195,26 @@ def step_shapes(hf_model: nn.Module, capacity: int) -> StepShapes:
     )
 
 
+GQA_ROTARY_MULTIPLE = 16  # GroupQueryAttention's in-kernel RoPE turns a multiple of this many dimensions
+
+
+def check_target(step: DecoderStep, target: str) -> None:
+    """Refuse, before exporting, what the ``target``'s attention op cannot compute."""
+    if target != "ort":
+        return
+    rotated = {2 * getattr(step, _table(block.spec.attention.rope, "cos")).shape[1]
+               for block in step.blocks if block.spec.rotary}
+    odd = sorted(r for r in rotated if r % GQA_ROTARY_MULTIPLE)
+    if odd:
+        raise ExportError(f"this model's RoPE rotates {odd[0]} dimensions of each head; ONNX Runtime's "
+                          f"GroupQueryAttention rotates a multiple of {GQA_ROTARY_MULTIPLE}. Compile TensorRT-ready "
+                          "graphs (--check trt), whose attention is standard ONNX and rotates any number.")
+
+
 def export_step(hf_model: nn.Module, capacity: int, target: str = "ort") -> tuple[ir.Model, StepShapes]:
     """Export the decoder step (``DecoderStep``) to onnx_ir; ``target`` as for :func:`.onnx.to_onnx`."""
     step = DecoderStep(hf_model, capacity)
+    check_target(step, target)
     shapes = step_shapes(hf_model, capacity)
     seq = torch.export.Dim("sequence", min=1, max=capacity)
     dynamic = {"input_ids": {1: seq}, "past_sequence_length": None, "past": [None] * (2 * shapes.num_layers)}
@@ -211,6 +228,7 @@ def export_step(hf_model: nn.Module, capacity: int, target: str = "ort") -> tupl
 def export_tree(hf_model: nn.Module, capacity: int, target: str = "ort") -> ir.Model:
     """Export the tree verification step (``TreeStep``); ``target`` as for ``export_step``."""
     step = TreeStep(hf_model, capacity)
+    check_target(step, target)
     layers = len(step.blocks)
     cache = torch.zeros(1, step.kv_heads, capacity, step.head_dim)
     example = (torch.zeros(1, 3, dtype=torch.int64), torch.full((1,), 2, dtype=torch.int64),
