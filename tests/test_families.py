@@ -57,7 +57,14 @@ def _step_logits(path, shapes, capacity: int) -> np.ndarray:
     return np.stack(_run_steps(session, shapes, PROMPT, CONTINUATION, capacity))
 
 
-@pytest.mark.parametrize("family", MORE_FAMILIES)
+# the families whose attention lowers differently to standard ONNX (windows, soft-caps, two RoPE
+# tables, partial rotation, no RoPE); the others differ outside the attention op, in the same
+# module code both targets export, and their attention is Llama's (tests/test_tensorrt.py)
+TRT_ATTENTION = ("gemma2", "gemma3_text", "phi3", "smollm3")
+STANDALONE = ("gemma3_text", "olmo2", "smollm3")  # every kv_fill variant: key norms, no input norm, no RoPE
+
+
+@pytest.mark.parametrize("family", TRT_ATTENTION)
 def test_tensorrt_ready_step_passes_the_check_and_equals_eager_pytorch_past_the_window(family, tmp_path):
     """The standard-ONNX step (the ONNX Runtime one is the bundle's, tested below)."""
     model = make_tiny_model(family)
@@ -172,6 +179,8 @@ def test_a_specee_bundle_decodes_as_transformers_the_reference_decoder_and_dense
             assert trees.generate(prompt, max_new_tokens=NEW, tree=shape).token_ids == want, shape
     assert type(engine.decoder).__name__ == "GraphExitDecoder"
     assert min(exits) < engine.num_layers - 1  # exits happened, so the skipped layers' K/V was propagated
+    if family not in STANDALONE:
+        return
     # the standalone example (onnxruntime and numpy only) decodes the bundle as the engine does
     want = engine.generate("the lazy dog", max_new_tokens=NEW)
     assert _standalone(out, "the lazy dog", NEW) == {"token_ids": want.token_ids, "exit_layers": want.exit_layers,
