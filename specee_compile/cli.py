@@ -148,6 +148,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--specee", action="store_true",
                    help="build the SpecEE early-exit graphs too (calibrates first, cached)")
     p.add_argument("--calib", default=None, metavar="FILE.jsonl", help="calibration prompts (default: ShareGPT)")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="with --specee: size the calibration's draft text to fit MINUTES on this machine")
     p.add_argument("--exit-rule", choices=["full", "reduced", "draft"], default="full",
                    help="check at an exit: full LM head (paper), the draft's reduced vocabulary, or none")
     p.add_argument("--threshold", type=float, default=0.0, help="predictor threshold (default: calibrated)")
@@ -177,7 +179,7 @@ def _compile_main(args) -> int:
     config = CompileConfig(
         model=args.model, out=args.out, max_context=args.max_context, opt_level=args.opt,
         force=args.force, skip_passes=tuple(args.skip_pass), dump_ir=args.dump_ir,
-        specee=args.specee, calib_file=args.calib, exit_rule=args.exit_rule, threshold=args.threshold,
+        specee=args.specee, calib_file=args.calib, budget=args.budget, exit_rule=args.exit_rule, threshold=args.threshold,
         exit_mode=args.exit_mode or "segments", tree=args.tree, tree_shape=args.tree_shape, backend=args.backend, precision=args.precision,
         check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
         quant_block=args.quant_block, accuracy_level=args.accuracy_level, gguf=args.gguf,
@@ -337,6 +339,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None, metavar="FILE.safetensors",
                    help="use this trained draft instead of training one (this project's draft layout)")
     p.add_argument("--recalibrate", action="store_true", help="ignore a cached calibration and train again")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="size the draft's training text to fit MINUTES on this machine (measured first)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a calibration setting")
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
                    help="then measure quality on the first N MT-Bench questions (teacher-forced sweep)")
@@ -353,8 +357,9 @@ def _calibrate_main(args) -> int:
     from specee_compile.calibrate.report import format_report
     from specee_compile.config import apply_overrides
 
-    settings = apply_overrides(CalibrationSettings(calib_file=args.calib, draft_file=args.draft), args.set,
-                               frozen=("calib_file", "draft_file"))
+    settings = apply_overrides(CalibrationSettings(calib_file=args.calib, draft_file=args.draft,
+                                                   budget_minutes=args.budget), args.set,
+                               frozen=("calib_file", "draft_file", "budget_minutes"))
     out = calibrate(args.model, settings, force=args.recalibrate, progress=not args.quiet)
     print(format_report(out), file=sys.stderr if args.quiet else sys.stdout)
     print(f"calibration: {out}", file=sys.stderr)

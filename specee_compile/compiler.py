@@ -128,7 +128,8 @@ def calibrate(config: CompileConfig, source: Source, progress: bool):
     from specee_compile.calibrate import CalibrationSettings, calibrate as run_calibration, load_calibration
 
     folder = config.calibration or run_calibration(
-        config.model, CalibrationSettings(calib_file=config.calib_file, rule=config.exit_rule), progress=progress)
+        config.model, CalibrationSettings(calib_file=config.calib_file, rule=config.exit_rule,
+                                          budget_minutes=config.budget), progress=progress)
     calibration = load_calibration(folder, source.hf_model)
     calibration.meta["artifact"] = str(folder)
     _warn_if_slower(calibration.meta.get("chosen", {}), source.hf_model.config.num_hidden_layers)

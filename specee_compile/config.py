@@ -36,6 +36,8 @@ class CompileConfig:
             ``step`` family's. The passes that ran are recorded in the manifest.
         specee: also build the SpecEE decode graphs (calibrating first when needed).
         calib_file: calibration JSONL (default ShareGPT).
+        budget: minutes the calibration may take: its draft text is sized to fit, measured on
+            this machine (``None``: the calibration defaults).
         exit_rule: "full" (paper), "reduced" (draft vocabulary) or "draft" (no head product).
         threshold: predictor threshold; 0 takes the calibrated one.
         exit_mode: how a SpecEE decode step exits: "segments" (one graph per block of
@@ -75,6 +77,7 @@ class CompileConfig:
     dump_ir: Path | None = None
     specee: bool = False
     calib_file: str | None = None
+    budget: float | None = None
     exit_rule: str = "full"
     threshold: float = 0.0  # 0: the calibrated threshold
     exit_mode: str = "segments"
@@ -164,6 +167,12 @@ class CompileConfig:
         if self.calib_file is not None and not Path(self.calib_file).is_file():
             kind = "a folder" if Path(self.calib_file).is_dir() else "missing"
             raise ConfigError(f"--calib {self.calib_file} is {kind}; pass a JSONL file that exists.")
+        if self.budget is not None:
+            if not self.specee or self.calibration:
+                raise ConfigError("--budget sizes the calibration, which runs with --specee only (and not with a "
+                                  "given calibration); add --specee or drop --budget.")
+            if not 0 < self.budget < 1e6:
+                raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget}.")
         if self.quant_spec.active and self.graph_target == "trt":
             raise ConfigError(
                 f"--quant {self.quant} is built for ONNX Runtime graphs only (MatMulNBits); TensorRT-ready quantized "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.calibrate import pipeline
 from specee_compile.calibrate.report import format_report
+from specee_compile.calibrate.store import DraftExample
+from specee_compile.calibrate.train import train_draft
 from specee_compile.errors import ConfigError
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from tests.conftest import make_tiny_model
@@ -220,10 +221,10 @@ def test_cache_keys_change_only_on_purpose():
 def test_sequences_too_short_for_every_unrolled_step_are_left_out_of_training():
     """A four-token sequence leaves a 4-step unroll nothing at its last step (a NaN loss if fed)."""
     draft = _tiny_draft()
-    passes = [pipeline._DraftExample(torch.arange(3, 3 + n), torch.randn(n, 64), torch.randn(n, 64),
-                                     torch.arange(4, 4 + n) * 2) for n in (4, 9)]
+    passes = [DraftExample(torch.arange(3, 3 + n), torch.randn(n, 64), torch.randn(n, 64), torch.arange(4, 4 + n) * 2)
+              for n in (4, 9)]
     settings = CalibrationSettings(**{**TINY, "draft_unroll": 4})
-    log = pipeline._train_draft(draft, passes, settings, 1, random.Random(0), False)
+    log = train_draft(draft, passes, settings, progress=False)
     assert all(math.isfinite(e["mean_loss"]) for e in log["epochs"])
 
 

@@ -60,6 +60,11 @@ class EagleDraft(nn.Module):
         """Everything but the shared embedding (which is the target's)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
 
+    def fed_features(self, example, use_exit: torch.Tensor) -> torch.Tensor:
+        """What training feeds at positions 1..n-1 of a ``store.DraftExample``: the previous
+        position's final feature, or its intermediate one where ``use_exit``."""
+        return torch.where(use_exit[:, None], example.exit[:-1], example.final[:-1])
+
     def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.zeros(1, self.kv_heads, 0, self.head_dim)
         return z, z.clone()

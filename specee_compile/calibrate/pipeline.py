@@ -7,8 +7,8 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from specee_compile import load as model_load
 from specee_compile import resources
 from specee_compile.bundle import sha256
-from specee_compile.calibrate import data
+from specee_compile.calibrate import budget, data
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
 from specee_compile.calibrate.predictors import layer_metrics, train_bank
+from specee_compile.calibrate.store import FeatureStore
+from specee_compile.calibrate.train import train_draft
 from specee_compile.predictor import PredictorBank, candidate_features
 from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window, rule_tokens
 from specee_compile.errors import ConfigError, ModelLoadError
@@ -41,7 +43,7 @@ META = "calibration.json"
 
 # Settings added after artifacts were made, with the value that trains as before they existed:
 # at that value they stay out of the cache key, so those artifacts are still found.
-_LATER_SETTINGS = {"draft_unroll": 1}
+_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None}
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class CalibrationSettings:
     history: int = 5
     offsets: tuple[int, ...] = (-2, 0, 2)
     seed: int = 0
+    budget_minutes: float | None = None  # size draft_sequences to fit this many minutes (calibrate/budget.py)
 
     def __post_init__(self):
         DecodeSettings(rule=self.rule)
@@ -75,6 +78,8 @@ class CalibrationSettings:
                      "draft_unroll", "predictor_hidden", "predictor_epochs", "positions_per_sequence"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"calibration setting {name} must be positive, got {getattr(self, name)}.")
+        if self.budget_minutes is not None and not 0 < self.budget_minutes < 1e6:
+            raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget_minutes}.")
         if not 0 < self.target_agreement <= 1:
             raise ConfigError("target_agreement must be in (0, 1].")
         for name, flag, what in (("calib_file", "--calib", "a JSONL file"), ("draft_file", "--draft", "a safetensors file")):
@@ -107,14 +112,18 @@ class Calibration:
     meta: dict
 
 
-def artifact_dir(model_dir: Path, settings: CalibrationSettings) -> Path:
-    weights = sorted(model_dir.glob("*.safetensors"))
+def model_key(model_dir: Path) -> str:
+    """A hash of a model directory's weights."""
     h = hashlib.sha256()
-    for w in weights:
+    for w in sorted(model_dir.glob("*.safetensors")):
         with open(w, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-    return resources.cache_dir() / "calibration" / f"{h.hexdigest()[:16]}-{settings.key()}"
+    return h.hexdigest()[:16]
+
+
+def artifact_dir(model_dir: Path, settings: CalibrationSettings, key: str | None = None) -> Path:
+    return resources.cache_dir() / "calibration" / f"{key or model_key(model_dir)}-{settings.key()}"
 
 
 def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSettings(),
@@ -122,19 +131,28 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     """Calibrate ``model`` (as ``specee-compile`` accepts it) once; return the artifact folder."""
     model_dir = model_load.resolve(model)
     model_load.inspect(model_dir)
-    out = artifact_dir(model_dir, settings)
-    if (out / META).is_file() and not force:
-        if _version(out) == ARTIFACT_VERSION:
-            logger.info("reusing calibration %s", out)
-            return out
-        logger.info("calibration %s was made by another version (%s); calibrating again", out, _version(out))
+    mkey = model_key(model_dir)
+    plan, budget_key = None, f"{mkey}-{settings.key()}"
+    if settings.budget_minutes is not None and budget.remembered(budget_key) and not force:
+        settings = _sized(settings, budget.remembered(budget_key))
+    out = artifact_dir(model_dir, settings, mkey)
+    if _reusable(out, force):
+        return out
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
     clock = _Clock()
     target, tokenizer = model_load.load(model_dir)
     for p in target.parameters():
         p.requires_grad_(False)
     L = target.config.num_hidden_layers
+    if settings.budget_minutes is not None:
+        plan = _plan(target, tokenizer, model_dir, settings, mkey)
+        budget.remember(budget_key, plan, settings.budget_minutes)
+        if progress:
+            print(plan.describe(settings.budget_minutes), file=sys.stderr)
+        settings = _sized(settings, plan.draft_sequences)
+        out = artifact_dir(model_dir, settings, mkey)
+        if _reusable(out, force):
+            return out
 
     sequences = _sequences(target, tokenizer, settings, progress)
     clock.lap("data")
@@ -146,14 +164,14 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         draft = load_draft(Path(settings.draft_file), target)
         train_log = {"supplied": settings.draft_file}
     else:
-        passes = [_DraftExample.of(target_pass(target, ids), exit_lo, rng)
-                  for ids in tqdm(draft_seqs, desc="target passes (draft)", disable=not progress)]
-        vocab_map = reduced_vocabulary(torch.cat([p.next_token for p in passes]), settings.draft_vocab,
-                                       target.config.vocab_size)
+        store = feature_store(mkey, settings, exit_lo)
+        store.fill(target, draft_seqs, exit_lo, settings.seed, progress)
+        examples = store.read(len(draft_seqs))
+        vocab_map = reduced_vocabulary(examples.next_tokens(), settings.draft_vocab, target.config.vocab_size)
         draft = EagleDraft(target, vocab_map)
         clock.lap("target passes (draft)")
-        train_log = _train_draft(draft, passes, settings, exit_lo, rng, progress)
-        del passes
+        checkpoints = out.parent / f".{out.name}.training"
+        train_log = train_draft(draft, examples, settings, checkpoints, progress)
         clock.lap("draft training")
 
     pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
@@ -178,6 +196,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "model_dir": str(model_dir),
         "num_layers": L,
         "settings": dataclasses.asdict(settings),
+        "budget": dataclasses.asdict(plan) if plan else None,
         "schedule": choice["schedule"].to_dict(),
         "threshold": choice["threshold"],
         "rule": settings.rule,
@@ -191,7 +210,44 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "seconds": clock.laps,
     }
     _save(out, draft, bank, meta)
+    if not settings.draft_file:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact holds the trained draft
     return out
+
+
+def feature_store(mkey: str, settings: CalibrationSettings, exit_lo: int) -> FeatureStore:
+    """The store of the target passes over this calibration's text (shared by every
+    calibration of the same model and text, whatever it trains)."""
+    source = sha256(Path(settings.calib_file)) if settings.calib_file else "sharegpt"
+    return FeatureStore.locate(mkey, [source, settings.max_seq_len, settings.generate_tokens], exit_lo, settings.seed)
+
+
+def _reusable(out: Path, force: bool) -> bool:
+    if (out / META).is_file() and not force:
+        if _version(out) == ARTIFACT_VERSION:
+            logger.info("reusing calibration %s", out)
+            return True
+        logger.info("calibration %s was made by another version (%s); calibrating again", out, _version(out))
+    return False
+
+
+def _sized(settings: CalibrationSettings, draft_sequences: int) -> CalibrationSettings:
+    return dataclasses.replace(settings, draft_sequences=draft_sequences, budget_minutes=None)
+
+
+def _plan(target, tokenizer, model_dir: Path, settings: CalibrationSettings, mkey: str) -> budget.Plan:
+    """How many draft conversations fit ``settings.budget_minutes`` (measured here)."""
+    exit_lo = target.config.num_hidden_layers // 2
+    if settings.calib_file:
+        available = len(data.jsonl(settings.calib_file)) - settings.predictor_sequences
+    else:
+        available = len(data.sharegpt(1 << 30)) - settings.predictor_sequences  # 11128 in the shipped file
+
+    def sequences_of(n: int) -> list[list[int]]:
+        return _sequences(target, tokenizer, dataclasses.replace(_sized(settings, n), predictor_sequences=1), False)[:n]
+
+    return budget.fit(settings.budget_minutes, target, sequences_of, feature_store(mkey, settings, exit_lo), settings,
+                      exit_lo, available)
 
 
 def _version(artifact: Path):
@@ -303,24 +359,6 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-@dataclass
-class _DraftExample:
-    """What draft training needs of a target pass, without the [L, S, d] stack of every layer:
-    the final features, one intermediate layer's (chosen at random per position) and the
-    target's next tokens."""
-
-    ids: torch.Tensor  # [S]
-    final: torch.Tensor  # [S, d]
-    exit: torch.Tensor  # [S, d]: z[l_t, t] with l_t uniform in [L/2, L-1)
-    next_token: torch.Tensor  # [S]
-
-    @classmethod
-    def of(cls, p, exit_lo: int, rng: random.Random) -> "_DraftExample":
-        L, S, _ = p.z.shape
-        layers = torch.tensor([rng.randrange(exit_lo, L - 1) for _ in range(S)])
-        return cls(p.ids, p.z[-1].clone(), p.z[layers, torch.arange(S)].clone(), p.next_token)
-
-
 def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
     """Features fed at positions 1..S-1: the previous position's final or intermediate feature."""
     L, S, _ = p.z.shape
@@ -330,48 +368,6 @@ def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
     idx = torch.nonzero(use_exit).flatten()
     prev[idx] = p.z[layers[idx], idx]
     return prev
-
-
-def _train_draft(draft: EagleDraft, passes, settings, exit_lo, rng, progress) -> dict:
-    inverse = torch.full((draft.embed.num_embeddings,), -100, dtype=torch.long)
-    inverse[draft.vocab_map] = torch.arange(len(draft.vocab_map))
-    params = [p for n, p in draft.named_parameters() if not n.startswith("embed.")]
-    opt = torch.optim.AdamW(params, lr=settings.draft_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(settings.seed)
-    steps = settings.draft_epochs * len(passes)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.draft_lr, total_steps=steps, pct_start=0.1)
-    bar = tqdm(total=steps, desc="train draft", disable=not progress)
-    draft.train()
-    log = []
-    for epoch in range(settings.draft_epochs):
-        order = list(range(len(passes)))
-        rng.shuffle(order)
-        total = total_ce = 0.0
-        for k in order:
-            p = passes[k]
-            if p.ids.numel() < max(3, settings.draft_unroll + 1):  # every unrolled step needs a position
-                bar.update()
-                continue
-            use_exit = torch.rand(p.ids.numel() - 1, generator=gen) < settings.exit_feature_rate
-            feats = torch.where(use_exit[:, None], p.exit[:-1], p.final[:-1])  # the previous position's feature
-            ce = reg = 0.0
-            for j, (f_hat, logits) in enumerate(draft.unrolled(p.ids[1:], feats, settings.draft_unroll), start=1):
-                ce = ce + torch.nn.functional.cross_entropy(logits, inverse[p.next_token[j:]], ignore_index=-100)
-                reg = reg + torch.nn.functional.smooth_l1_loss(f_hat, p.final[j:])
-            loss = ce + settings.feature_loss_weight * reg
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            total += loss.item()
-            total_ce += ce.item()
-            bar.update()
-        log.append({"epoch": epoch, "mean_loss": total / max(len(passes), 1),
-                    "mean_token_ce": total_ce / max(len(passes), 1)})
-    bar.close()
-    draft.eval()
-    return {"epochs": log}
 
 
 @torch.no_grad()

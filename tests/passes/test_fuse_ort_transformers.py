@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper
 
 from specee_compile.passes import FuseOrtTransformersPass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 from specee_compile import cli
 from specee_compile.compiler import compile as compile_bundle

@@ -1,10 +1,11 @@
 """One-off: how the draft's hit rate grows with its training text (same recipe as the default
 calibration: 2 epochs, unroll 2, 6144-token vocabulary), on one held-out set."""
-import json, random, sys, time
+import json, sys, time
 import torch
 from specee_compile import load as model_load
-from specee_compile.calibrate.pipeline import (CalibrationSettings, _DraftExample, _draft_metrics, _sequences,
-                                               _train_draft)
+from specee_compile.calibrate.pipeline import CalibrationSettings, _draft_metrics, _sequences
+from specee_compile.calibrate.store import example
+from specee_compile.calibrate.train import train_draft
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
 
@@ -24,10 +25,9 @@ sequences = _sequences(target, tok, CalibrationSettings(draft_sequences=N, predi
 with torch.no_grad():
     held = [target_pass(target, ids) for ids in sequences[N:]]
     own = [target_pass(target, s) for s, _ in json.load(open("/work/runs/sd/eval_seqs.json"))]
-    rng = random.Random(0)
     passes = []
     for i, ids in enumerate(sequences[:N]):
-        passes.append(_DraftExample.of(target_pass(target, ids), exit_lo, rng))
+        passes.append(example(target_pass(target, ids), i, exit_lo, 0))
         if i % 200 == 0:
             print("pass", i, round(time.time() - t0), flush=True)
 print("passes done", round(time.time() - t0), flush=True)
@@ -38,7 +38,7 @@ for n in SIZES:
     vocab = reduced_vocabulary(torch.cat([p.next_token for p in sub]), 6144, target.config.vocab_size)
     draft = EagleDraft(target, vocab)
     t = time.time()
-    _train_draft(draft, sub, CalibrationSettings(), exit_lo, random.Random(0), False)
+    train_draft(draft, sub, CalibrationSettings(), progress=False)
     res[n] = {"train_seconds": time.time() - t, "sharegpt_heldout": _draft_metrics(draft, held, exit_lo),
               "mtbench_own_answers": _draft_metrics(draft, own, exit_lo)}
     print(n, json.dumps(res[n]), flush=True)
