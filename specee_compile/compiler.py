@@ -18,6 +18,7 @@ Stages hand each other plain data (:class:`Source`, a dict of graphs per family,
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,9 +162,9 @@ def _warn_if_slower(chosen: dict, num_layers: int) -> None:
 
 # ---- 3. export --------------------------------------------------------------------------------
 def export(config: CompileConfig, source: Source, calibration):
-    """Every graph family this compile emits, each exported once (``decode`` is the step
-    exported again for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the
-    step's shapes and the K/V-propagation tensors."""
+    """Every graph family this compile emits, each exported once (``decode`` is a copy of the
+    step for the SpecEE passes to rewrite, ``tree_decode`` a copy of ``tree``), the step's
+    shapes and the K/V-propagation tensors."""
     import specee_compile.export as exporter
 
     target, capacity, hf_model = config.graph_target, source.capacity, source.hf_model
@@ -171,9 +172,7 @@ def export(config: CompileConfig, source: Source, calibration):
     graphs = {"step": step}
     if calibration is None:
         return graphs, shapes, {}
-    # exported again rather than copied: a deserialized copy's new values can take names its
-    # graph already holds (the nested exit graph then fails ONNX's single-assignment check)
-    graphs["decode"] = exporter.export_step(hf_model, capacity, target)[0]
+    graphs["decode"] = _copy(step)
     graphs["draft"] = exporter.export_draft(calibration.draft, capacity, target)
     if config.tree:
         graphs["tree"] = exporter.export_tree(hf_model, capacity, target)
@@ -183,8 +182,19 @@ def export(config: CompileConfig, source: Source, calibration):
     return graphs, shapes, exporter.kv_fill(hf_model, capacity)
 
 
+GENERATED_NAME = re.compile(r"val_\d+")
+
+
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
+    """A deep copy. The copy's graph names the values passes add afterwards from a counter
+    started afresh (``val_0``, ``val_1``, ...), which the exporter's own names of that form
+    would collide with; so those are renamed here (``copy_val_N``)."""
+    copy = ir.from_proto(ir.to_proto(model))
+    for node in ir.traversal.RecursiveGraphIterator(copy.graph):
+        for value in node.outputs:
+            if value.name and GENERATED_NAME.fullmatch(value.name):
+                value.name = f"copy_{value.name}"
+    return copy
 
 
 # ---- 4. passes --------------------------------------------------------------------------------

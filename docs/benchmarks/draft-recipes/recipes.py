@@ -91,7 +91,7 @@ def greedy(prompts: list[list[int]], limit, batch: int = 16) -> list[list[int]]:
 
 
 # --- text ---------------------------------------------------------------------------------
-sharegpt = cached_json("sharegpt.json", lambda: _sequences(target, tok, settings, False)[:N])
+sharegpt = cached_json(f"sharegpt-{N}.json", lambda: _sequences(target, tok, settings, False)[:N])
 held = cached_json("held_sharegpt.json", lambda: [
     (_chat_ids(tok, ex.prompt)[: settings.max_seq_len // 2]
      + tok(ex.response, add_special_tokens=False)["input_ids"])[: settings.max_seq_len]
@@ -163,9 +163,8 @@ def score(draft, fusion=False):
 
 def run_arm(arm: str) -> dict:
     text = selfdistilled() if arm == "self" else sharegpt
-    layers = (LOW, mid) if arm == "fusion" else ()
-    store = FeatureStore(RUN / f"store-{'self' if arm == 'self' else 'sharegpt'}{'-fusion' if layers else ''}",
-                         layers)
+    # one store per text; the ShareGPT one keeps the fusion's layers for every arm
+    store = FeatureStore(RUN / "store-self", ()) if arm == "self" else FeatureStore(RUN / "store-sharegpt", (LOW, mid))
     t = time.time()
     store.fill(target, text, exit_lo, 0, progress=False)
     pass_s = time.time() - t
