@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from specee_compile import load as model_load
-from specee_compile import resources
+from specee_compile import drafts, resources
 from specee_compile.bundle import sha256
 from specee_compile.calibrate import budget, data
 from specee_compile.calibrate.collect import target_pass
@@ -43,7 +43,7 @@ META = "calibration.json"
 
 # Settings added after artifacts were made, with the value that trains as before they existed:
 # at that value they stay out of the cache key, so those artifacts are still found.
-_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None}
+_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None, "shipped_draft": True}
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class CalibrationSettings:
     offsets: tuple[int, ...] = (-2, 0, 2)
     seed: int = 0
     budget_minutes: float | None = None  # size draft_sequences to fit this many minutes (calibrate/budget.py)
+    shipped_draft: bool = True  # use the package's draft for this model when there is one (specee_compile.drafts)
 
     def __post_init__(self):
         DecodeSettings(rule=self.rule)
@@ -132,6 +133,8 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     model_dir = model_load.resolve(model)
     model_load.inspect(model_dir)
     mkey = model_key(model_dir)
+    if settings.shipped_draft and not settings.draft_file and (shipped := drafts.find(mkey)):
+        settings = dataclasses.replace(settings, draft_file=str(shipped), budget_minutes=None)
     plan, budget_key = None, f"{mkey}-{settings.key()}"
     if settings.budget_minutes is not None and budget.remembered(budget_key) and not force:
         settings = _sized(settings, budget.remembered(budget_key))

@@ -37,7 +37,7 @@ from specee_compile.resources import mtbench_questions
 
 RUN = Path(sys.argv[1])
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 640
-ARMS = sys.argv[3:] or ["base", "self", "fusion", "noreg3", "epochs4"]
+ARMS = sys.argv[3:] or ["base", "fusion", "noreg3", "self", "epochs4"]
 HELD_SKIP, HELD, OWN = 4000, 48, 24
 LOW = 2
 RUN.mkdir(parents=True, exist_ok=True)
@@ -116,8 +116,9 @@ def selfdistilled():
     """SmolLM2's own greedy answers to the N training prompts (in chunks, so it resumes)."""
     prompts = [prompt_part(s) for s in sharegpt]
     done = []
-    for c in range(0, N, 64):
-        done += cached_json(f"self-{c:05d}.json", lambda: greedy(prompts[c:c + 64], lambda n: settings.max_seq_len))
+    for c in range(0, N, 64):  # N a multiple of 64: every chunk file holds 64 answers
+        done += cached_json(f"self-{c:05d}.json", lambda: greedy(prompts[c:c + 64], lambda n: settings.max_seq_len,
+                                                                 batch=64))
     return done
 
 
