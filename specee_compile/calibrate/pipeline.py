@@ -157,7 +157,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         if _reusable(out, force):
             return out
 
-    sequences = _sequences(target, tokenizer, settings, progress)
+    sequences = calibration_sequences(target, tokenizer, settings, progress)
     clock.lap("data")
     split = min(settings.draft_sequences, max(1, len(sequences) - 2))
     draft_seqs, pred_seqs = sequences[:split], sequences[split:]
@@ -179,7 +179,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
 
     pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
                                                             disable=not progress)]
-    draft_metrics = _draft_metrics(draft, pred_passes, exit_lo)
+    scores = draft_metrics(draft, pred_passes, exit_lo)
     feats, labels, windows = _predictor_data(target, draft, pred_passes, settings, progress)
     clock.lap("predictor data")
     n = feats.shape[1]
@@ -203,7 +203,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "schedule": choice["schedule"].to_dict(),
         "threshold": choice["threshold"],
         "rule": settings.rule,
-        "draft": {"vocab_size": len(draft.vocab_map), "hidden_size": target.config.hidden_size, **draft_metrics,
+        "draft": {"vocab_size": len(draft.vocab_map), "hidden_size": target.config.hidden_size, **scores,
                   "training": train_log},
         "predictors": {"hidden": settings.predictor_hidden, "samples": n, "test_samples": len(test_idx),
                        "per_layer": metrics},
@@ -247,7 +247,7 @@ def _plan(target, tokenizer, model_dir: Path, settings: CalibrationSettings, mke
         available = len(data.sharegpt(1 << 30)) - settings.predictor_sequences  # 11128 in the shipped file
 
     def sequences_of(n: int) -> list[list[int]]:
-        return _sequences(target, tokenizer, dataclasses.replace(_sized(settings, n), predictor_sequences=1), False)[:n]
+        return calibration_sequences(target, tokenizer, dataclasses.replace(_sized(settings, n), predictor_sequences=1), False)[:n]
 
     return budget.fit(settings.budget_minutes, target, sequences_of, feature_store(mkey, settings, exit_lo), settings,
                       exit_lo, available)
@@ -334,10 +334,13 @@ def _save(out: Path, draft: EagleDraft, bank: PredictorBank, meta: dict) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sequences(target, tokenizer, settings: CalibrationSettings, progress: bool) -> list[list[int]]:
-    """Token sequences (chat-formatted prompt + response), truncated to max_seq_len."""
+def calibration_sequences(target, tokenizer, settings: CalibrationSettings, progress: bool,
+                          skip: int = 0) -> list[list[int]]:
+    """Token sequences (chat-formatted prompt + response), truncated to max_seq_len: the
+    text's examples ``skip .. skip + draft_sequences + predictor_sequences``."""
     wanted = settings.draft_sequences + settings.predictor_sequences
-    examples = data.jsonl(settings.calib_file) if settings.calib_file else data.sharegpt(wanted)
+    examples = (data.jsonl(settings.calib_file)[skip:] if settings.calib_file
+                else data.sharegpt(wanted, skip=skip))
     if len(examples) < 3:
         raise ConfigError(f"calibration needs at least 3 examples, got {len(examples)}.")
     out = []
@@ -374,7 +377,7 @@ def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
 
 
 @torch.no_grad()
-def _draft_metrics(draft: EagleDraft, passes, exit_lo: int) -> dict:
+def draft_metrics(draft: EagleDraft, passes, exit_lo: int) -> dict:
     """Top-1 / top-4 hit rate of the target's next token on held-out sequences, fed the
     previous position's final feature ("after a full-depth step") or an intermediate
     layer's ("after an exit", layers L/2 .. L-2); and the top-1 hit rate one step deeper, fed

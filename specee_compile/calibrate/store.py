@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 
 from specee_compile import resources
 from specee_compile.calibrate.collect import target_pass
+from specee_compile.calibrate.train import write_atomic
 
 STORE_VERSION = 1
 SHARD = 32
@@ -98,8 +97,8 @@ class FeatureStore:
         self.root.mkdir(parents=True, exist_ok=True)
         info = self.root / INFO
         if not info.is_file():
-            _write_atomic(info, json.dumps({"version": STORE_VERSION, "shard": SHARD, "exit_lo": exit_lo,
-                                            "seed": seed}) + "\n")
+            write_atomic(info, lambda tmp: Path(tmp).write_text(json.dumps(
+                {"version": STORE_VERSION, "shard": SHARD, "exit_lo": exit_lo, "seed": seed}) + "\n"))
         shards = [i for i in range(-(-len(sequences) // SHARD)) if not self._has(i, sequences)]
         todo = sum(min(SHARD, len(sequences) - i * SHARD) for i in shards)
         bar = tqdm(total=len(sequences), initial=len(sequences) - todo, desc=desc, unit="seq",
@@ -140,14 +139,7 @@ class FeatureStore:
             "next_token": torch.cat([r.next_token for r in rows]).to(torch.int64),
             **{f"z.{i}": torch.cat([r.layers[i] for r in rows]).to(torch.float16) for i in self.layers},
         }
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".shard-", suffix=".partial")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, self.shard(i))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(self.shard(i), lambda tmp: save_file(tensors, tmp))
         self._open.pop(i, None)
 
     def _handle(self, i: int):
@@ -191,10 +183,3 @@ class StoredExamples:
             f, starts = self.store._handle(i)
             out.append(f.get_slice("next_token")[: int(starts[min(SHARD, self.count - i * SHARD)])])
         return torch.cat(out)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from specee_compile.bundle import sha256
+
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
 
@@ -130,8 +132,8 @@ def _save(folder: Path, run: str, step: int, log: dict, draft, names, opt, sched
             "scalars": sorted(f"opt.{i}.{k}" for i, s in state["state"].items() for k, v in s.items() if v.dim() == 0),
             "schedule": sched.state_dict() if sched is not None else None}
     # tensors first, then the JSON that names them: a checkpoint is the pair, and the JSON is written last
-    _replace(folder / CHECKPOINT, lambda tmp: save_file(tensors, tmp))
-    _replace(folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps({**meta, "tensors_sha256": _sha(
+    write_atomic(folder / CHECKPOINT, lambda tmp: save_file(tensors, tmp))
+    write_atomic(folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps({**meta, "tensors_sha256": sha256(
         folder / CHECKPOINT)}) + "\n"))
 
 
@@ -139,7 +141,7 @@ def _load(folder: Path, run: str, draft, names, opt, sched):
     """(step, log) of the checkpoint in ``folder`` if it belongs to ``run``; else None."""
     try:
         meta = json.loads((folder / STATE).read_text())
-        if meta.get("run") != run or meta.get("tensors_sha256") != _sha(folder / CHECKPOINT):
+        if meta.get("run") != run or meta.get("tensors_sha256") != sha256(folder / CHECKPOINT):
             return None
         tensors = load_file(folder / CHECKPOINT)
     except (OSError, ValueError):
@@ -161,7 +163,7 @@ def _load(folder: Path, run: str, draft, names, opt, sched):
     return meta["step"], meta["log"]
 
 
-def _replace(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -170,11 +172,3 @@ def _replace(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -30,7 +30,7 @@ from specee_compile import load as model_load
 from specee_compile.calibrate import data
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
-from specee_compile.calibrate.pipeline import CalibrationSettings, _chat_ids, _draft_metrics, _sequences
+from specee_compile.calibrate.pipeline import CalibrationSettings, _chat_ids, draft_metrics, calibration_sequences
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft
 from specee_compile.resources import mtbench_questions
@@ -91,7 +91,7 @@ def greedy(prompts: list[list[int]], limit, batch: int = 16) -> list[list[int]]:
 
 
 # --- text ---------------------------------------------------------------------------------
-sharegpt = cached_json(f"sharegpt-{N}.json", lambda: _sequences(target, tok, settings, False)[:N])
+sharegpt = cached_json(f"sharegpt-{N}.json", lambda: calibration_sequences(target, tok, settings, False)[:N])
 held = cached_json("held_sharegpt.json", lambda: [
     (_chat_ids(tok, ex.prompt)[: settings.max_seq_len // 2]
      + tok(ex.response, add_special_tokens=False)["input_ids"])[: settings.max_seq_len]
@@ -147,7 +147,7 @@ class FusionDraft(EagleDraft):
 @torch.no_grad()
 def fused_passes(draft: FusionDraft, passes):
     """Held-out passes whose every layer's feature is the fused input the draft reads after
-    leaving at that layer, so ``_draft_metrics`` scores the fusion draft unchanged."""
+    leaving at that layer, so ``draft_metrics`` scores the fusion draft unchanged."""
     out = []
     for p in passes:
         lo, mi = p.z[LOW], p.z[mid]
@@ -157,8 +157,8 @@ def fused_passes(draft: FusionDraft, passes):
 
 
 def score(draft, fusion=False):
-    """_draft_metrics on both held-out sets (the fusion draft reads held-out features fused already)."""
-    return {name: _draft_metrics(draft, fused_passes(draft, passes) if fusion else passes, exit_lo)
+    """draft_metrics on both held-out sets (the fusion draft reads held-out features fused already)."""
+    return {name: draft_metrics(draft, fused_passes(draft, passes) if fusion else passes, exit_lo)
             for name, passes in held_passes.items()}
 
 

@@ -3,7 +3,7 @@ calibration: 2 epochs, unroll 2, 6144-token vocabulary), on one held-out set."""
 import json, sys, time
 import torch
 from specee_compile import load as model_load
-from specee_compile.calibrate.pipeline import CalibrationSettings, _draft_metrics, _sequences
+from specee_compile.calibrate.pipeline import CalibrationSettings, draft_metrics, calibration_sequences
 from specee_compile.calibrate.store import example
 from specee_compile.calibrate.train import train_draft
 from specee_compile.calibrate.collect import target_pass
@@ -21,7 +21,7 @@ exit_lo = L // 2
 
 N = max(SIZES)
 # the calibration's own sequences: the first N ShareGPT conversations, then the HELD after them
-sequences = _sequences(target, tok, CalibrationSettings(draft_sequences=N, predictor_sequences=HELD), False)
+sequences = calibration_sequences(target, tok, CalibrationSettings(draft_sequences=N, predictor_sequences=HELD), False)
 with torch.no_grad():
     held = [target_pass(target, ids) for ids in sequences[N:]]
     own = [target_pass(target, s) for s, _ in json.load(open("/work/runs/sd/eval_seqs.json"))]
@@ -39,7 +39,7 @@ for n in SIZES:
     draft = EagleDraft(target, vocab)
     t = time.time()
     train_draft(draft, sub, CalibrationSettings(), progress=False)
-    res[n] = {"train_seconds": time.time() - t, "sharegpt_heldout": _draft_metrics(draft, held, exit_lo),
-              "mtbench_own_answers": _draft_metrics(draft, own, exit_lo)}
+    res[n] = {"train_seconds": time.time() - t, "sharegpt_heldout": draft_metrics(draft, held, exit_lo),
+              "mtbench_own_answers": draft_metrics(draft, own, exit_lo)}
     print(n, json.dumps(res[n]), flush=True)
     json.dump(res, open("/work/runs/scale/scale.json", "w"), indent=1)

