@@ -50,3 +50,8 @@ class PredictorBank(nn.Module):
         """Exit probability at ``layer`` for features [..., 12]."""
         h = torch.relu(features @ self.w1[layer] + self.b1[layer])
         return torch.sigmoid(h @ self.w2[layer] + self.b2[layer])
+
+    def score_layers(self, layers: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Exit probabilities [A] of features [A, 12], row k scored by layer ``layers[k]``'s MLP."""
+        h = torch.relu(torch.bmm(features[:, None, :], self.w1[layers])[:, 0] + self.b1[layers])
+        return torch.sigmoid((h * self.w2[layers]).sum(-1) + self.b2[layers])

@@ -84,19 +84,29 @@ def exit_decision(z, rows, draft_ids, prev_p, bank, layer, settings, head_weight
     ``head_token``, when given, is the rule's head argmax already known for this z (the
     calibration replay precomputes them); the counts still charge the head product.
     """
-    counts = StepCounts(predictors=1)
     feats, p = candidate_features(z, rows, prev_p)
     if bank.score(layer, feats).item() <= settings.threshold:
-        return None, p, counts
+        return None, p, StepCounts(predictors=1)
+    token, counts = exit_rule(z, draft_ids, settings, head_weight, vocab_map, head_token, logits=feats[:4])
+    counts.predictors = 1
+    return token, p, counts
+
+
+def exit_rule(z, draft_ids, settings, head_weight, vocab_map, head_token=None, logits=None):
+    """The exit rule once the predictor fired: (token or None, counts of heads run). The draft
+    rule emits the best candidate by ``logits`` (z . rows, computed here when not given)."""
+    counts = StepCounts()
     if settings.rule == "draft":
-        return int(draft_ids[feats[:4].argmax()]), p, counts
+        if logits is None:
+            logits = head_weight[draft_ids] @ z
+        return int(draft_ids[logits.argmax()]), counts
     if settings.rule == "full":
         counts.full_heads = 1
         token = head_token if head_token is not None else int((head_weight @ z).argmax())
     else:
         counts.reduced_heads = 1
         token = head_token if head_token is not None else int(vocab_map[(head_weight[vocab_map] @ z).argmax()])
-    return (token if token in draft_ids.tolist() else None), p, counts
+    return (token if token in draft_ids.tolist() else None), counts
 
 
 class ReferenceDecoder:

@@ -254,3 +254,51 @@ def test_a_shipped_draft_for_the_models_weights_is_used_unless_declined(tiny_dir
     declined = dataclasses.replace(seeded, shipped_draft=False)
     meta = json.loads((calibrate(tiny_dirs["llama"], declined, progress=False) / pipeline.META).read_text())
     assert "epochs" in meta["draft"]["training"]
+
+
+@pytest.mark.parametrize("rule", ["full", "reduced", "draft"])
+def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
+    """The calibration's replay scores a position's active layers in one batch; every exit,
+    emitted token and count must be what ``reference.exit_decision`` gives layer by layer."""
+    from specee_compile.calibrate.collect import target_pass
+    from specee_compile.calibrate.simulate import replay_window, rule_tokens
+    from specee_compile.predictor import PredictorBank
+    from specee_compile.reference import DecodeSettings, exit_decision
+    from specee_compile.schedule import Schedule
+
+    torch.manual_seed(0)
+    target = make_tiny_model("llama")
+    draft = _tiny_draft()
+    p = target_pass(target, torch.randint(1, 300, (40,)).tolist())
+    L = p.z.shape[0]
+    bank = PredictorBank(L, 16)
+    with torch.no_grad():
+        bank.b2.copy_(torch.tensor([0.25, 0.15, 0.0]))  # some layers fire, others not
+    schedule = Schedule(L, (0, 1), 2, (-1, 0, 1), online=True)
+    settings = DecodeSettings(rule=rule, threshold=0.55)
+    lo = 10
+    heads = rule_tokens(target, draft, p.z[:, lo:], rule)
+    got = replay_window(target, draft, bank, schedule, settings, p, lo, head_tokens=heads)
+
+    w, history, exits, fired = target.lm_head.weight, [], [], 0
+    _, _, cache = draft(p.ids[None, 1:lo], p.z[-1, : lo - 1][None], None, 1)
+    feature = p.z[-1, lo - 1]
+    for t in range(lo, p.ids.numel()):
+        ids, cache = draft.propose(int(p.ids[t]), feature, cache, t)
+        prev, exit_layer, predictors = None, L - 1, 0
+        for layer in sorted(schedule.active(history)):
+            token, prev, c = exit_decision(p.z[layer, t], w[ids], ids, prev, bank, layer, settings, w, draft.vocab_map)
+            predictors += 1
+            fired += c.full_heads + c.reduced_heads
+            if token is not None:
+                exit_layer = layer
+                break
+        exits.append((exit_layer, token if exit_layer < L - 1 else int(p.next_token[t]), predictors))
+        feature = p.z[exit_layer, t]
+        history.append(exit_layer)
+    assert [(e, tok, s.predictors) for e, tok, s in zip(got.exit_layers, got.emitted, got.steps)] == exits
+    full_depth = sum(e == L - 1 for e in got.exit_layers)  # these steps ran the head once more
+    assert sum(s.full_heads + s.reduced_heads for s in got.steps) == fired + full_depth
+    # predictors fired somewhere (the draft rule then exits; the random model's head argmax is
+    # rarely a draft candidate, so the other rules mostly go on), and some steps ran to the end
+    assert (full_depth < len(got.exit_layers) if rule == "draft" else fired > 0) and full_depth > 0

@@ -59,3 +59,26 @@ def test_standalone_example_reproduces_the_engine_on_smollm2(smollm2_bundle):
         assert proc.returncode == 0, proc.stderr[-2000:]
         got = json.loads(proc.stdout)
         assert (got["token_ids"], got["stop_reason"]) == (want.token_ids, want.stop_reason)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "specee_compile" / "drafts" / "smollm2"
+
+
+@pytest.mark.skipif(not (SHIPPED / "draft.safetensors").is_file(), reason="no SmolLM2 draft is shipped yet")
+def test_shipped_draft_is_found_for_smollm2_and_scores_as_recorded():
+    from specee_compile import drafts
+    from specee_compile import load as model_load
+    from specee_compile.calibrate.collect import target_pass
+    from specee_compile.calibrate.pipeline import draft_metrics, load_draft, model_key
+    from specee_compile.drafts.train import OWN_ANSWERS, SLICE
+
+    model_dir = resolve("smollm2")
+    assert drafts.find(model_key(model_dir)) == SHIPPED / drafts.WEIGHTS
+    record = drafts.record(SHIPPED)
+    target, _ = model_load.load(model_dir)
+    draft = load_draft(SHIPPED / drafts.WEIGHTS, target)
+    answers = json.loads((SHIPPED / OWN_ANSWERS).read_text())[:SLICE]
+    got = draft_metrics(draft, [target_pass(target, ids) for ids in answers], target.config.num_hidden_layers // 2)
+    want = record["stages"][-1]["held_out"]["own_answers_slice"]
+    for name in ("top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit"):
+        assert got[name] == pytest.approx(want[name], abs=0.01), name  # other CPUs may break a few ties otherwise

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specee_compile.reference import DecodeSettings, StepCounts, exit_decision
+from specee_compile.reference import DecodeSettings, StepCounts, exit_rule
 from specee_compile.schedule import Schedule
 
 
@@ -41,18 +41,22 @@ def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z,
         ids, draft_cache = draft.propose(int(tokens_in[t]), feature, draft_cache, start_position + t)
         rows = w[ids]
         counts = StepCounts()
-        prev_p = None
         emitted, exit_layer = None, L - 1
-        for layer in sorted(schedule.active(history)):
+        active = sorted(schedule.active(history))
+        fired = _fired(bank, active, z[:, t], rows, settings.threshold) if active else []
+        for k, layer in enumerate(active):  # the reference decoder's order: first layer whose exit holds
+            if not fired[k]:
+                continue
             known = int(head_tokens[layer, t]) if head_tokens is not None else None
-            token, prev_p, c = exit_decision(z[layer, t], rows, ids, prev_p, bank, layer, settings, w,
-                                             draft.vocab_map, known)
-            counts.predictors += c.predictors
+            token, c = exit_rule(z[layer, t], ids, settings, w, draft.vocab_map, known)
             counts.full_heads += c.full_heads
             counts.reduced_heads += c.reduced_heads
             if token is not None:
                 emitted, exit_layer = token, layer
+                counts.predictors = k + 1
                 break
+        else:
+            counts.predictors = len(active)
         if emitted is None:
             emitted = int(dense_next[t])
             counts.full_heads += 1
@@ -66,6 +70,18 @@ def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z,
         out.steps.append(counts)
         out.draft_hits.append(int(dense_next[t]) in ids.tolist())
     return out
+
+
+def _fired(bank, active: list[int], z_t: torch.Tensor, rows: torch.Tensor, threshold: float) -> list[bool]:
+    """Whether each active layer's predictor fires at this position, all layers at once (what
+    ``reference.exit_decision`` computes one layer at a time: ``dp`` is the change from the
+    previous active layer's probabilities)."""
+    idx = torch.tensor(active)
+    logits = z_t[idx] @ rows.T  # [A, 4]
+    p = logits.softmax(-1)
+    dp = torch.cat([p[:1], p[1:] - p[:-1]])
+    feats = torch.cat([logits, p, dp], dim=-1)  # [A, 12]
+    return (bank.score_layers(idx, feats) > threshold).tolist()
 
 
 def replay_window(target, draft, bank, schedule, settings, p, lo: int, end: int | None = None,

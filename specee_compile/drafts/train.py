@@ -127,18 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def own_answers(folder: Path, target, tokenizer) -> list[list[int]]:
-    """The held-out own answers (made once, then read from the folder)."""
+def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[int]]:
+    """The held-out own answers: made once (greedy, batches of left-padded prompts), then
+    read from the folder."""
     path = folder / OWN_ANSWERS
     if path.is_file():
         return json.loads(path.read_text())
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}], "the model", ModelLoadError, "")
+               for q in resources.mtbench_questions(OWN_QUESTIONS)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs = []
-    for q in resources.mtbench_questions(OWN_QUESTIONS):
-        prompt = chat_ids(tokenizer, [{"role": "user", "content": q}], "the model", ModelLoadError, "")
+    for k in range(0, len(prompts), batch):
+        group = prompts[k:k + batch]
+        width = max(len(x) for x in group)
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in group])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in group])
         with torch.no_grad():
-            gen = target.generate(torch.tensor([prompt]), max_new_tokens=OWN_TOKENS, do_sample=False,
-                                  pad_token_id=tokenizer.eos_token_id)
-        seqs.append(gen[0].tolist())
+            gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=OWN_TOKENS, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for x, row in zip(group, gen[:, width:].tolist()):
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            seqs.append(x + row)
     path.write_text(json.dumps(seqs) + "\n")
     return seqs
 
