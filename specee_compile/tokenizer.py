@@ -41,6 +41,7 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cl
 _SETTINGS = {"model_max_length": int, "clean_up_tokenization_spaces": bool, "split_special_tokens": bool,
              "padding_side": str, "truncation_side": str}
 CHAT_DEADLINE_SECONDS = 10.0
+CHAT_SECONDS_EACH = 0.05  # the deadline's growth per further conversation rendered in the same child
 CHAT_MEMORY_BYTES = 1 << 30  # what rendering a chat template may allocate beyond the process's own size
 MAX_CHAT_TEXT = 16 << 20  # bytes of rendered text
 # Special tokens that end a text or a turn by the conventions of the supported families' tokenizers.
@@ -171,11 +172,21 @@ def chat_ids(tokenizer, messages: list[dict], what: str, error: type[Exception] 
         ``error`` (GenerationError): the template fails to render, renders to nothing or to
             more than MAX_CHAT_TEXT bytes, runs out of time or memory; the message ends with ``fix``.
     """
+    return chat_ids_many(tokenizer, [messages], what, error, fix)[0]
+
+
+def chat_ids_many(tokenizer, conversations: list[list[dict]], what: str, error: type[Exception] = GenerationError,
+                  fix: str = NO_CHAT) -> list[list[int]]:
+    """``chat_ids`` of many conversations, rendered in one child process: forking a process
+    that holds a model costs a tenth of a second or more, once per call. The deadline grows
+    by CHAT_SECONDS_EACH per conversation; MAX_CHAT_TEXT bounds the call's whole text."""
+    deadline = CHAT_DEADLINE_SECONDS + CHAT_SECONDS_EACH * (len(conversations) - 1)
     try:
-        text = _render_isolated(tokenizer, list(messages)) if hasattr(os, "fork") else _render_here(tokenizer,
-                                                                                                    list(messages))
+        conversations = [list(m) for m in conversations]
+        texts = (_render_isolated(tokenizer, conversations, deadline) if hasattr(os, "fork")
+                 else _render_here(tokenizer, conversations, deadline))
     except TimeoutError as e:
-        raise error(f"the chat template of {what} ran for more than {CHAT_DEADLINE_SECONDS:.0f} s and was stopped; "
+        raise error(f"the chat template of {what} ran for more than {deadline:.0f} s and was stopped; "
                     f"it is broken or hostile. {fix}.") from e
     except _TemplateFailed as e:
         raise error(f"the chat template of {what} failed to render ({_clip(str(e))}). {fix}, or check the "
@@ -183,12 +194,15 @@ def chat_ids(tokenizer, messages: list[dict], what: str, error: type[Exception] 
     except Exception as e:  # jinja2's TemplateError, raise_exception(), TypeError from odd messages, ...
         raise error(f"the chat template of {what} failed to render ({type(e).__name__}: {_clip(str(e))}). "
                     f"{fix}, or check the messages' roles and contents.") from e
-    if not isinstance(text, str) or not text:
-        raise error(f"the chat template of {what} rendered to nothing. {fix}.")
-    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if not ids:
-        raise error(f"the chat template of {what} rendered to nothing. {fix}.")
-    return ids
+    out = []
+    for text in texts:
+        if not isinstance(text, str) or not text:
+            raise error(f"the chat template of {what} rendered to nothing. {fix}.")
+        ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        if not ids:
+            raise error(f"the chat template of {what} rendered to nothing. {fix}.")
+        out.append(ids)
+    return out
 
 
 def _clip(text: str, limit: int = 300) -> str:
@@ -199,31 +213,38 @@ class _TemplateFailed(Exception):
     """Rendering failed in the child process; the message is the child's exception, as text."""
 
 
-def _render_here(tokenizer, messages: list[dict]) -> str:
-    with _deadline(CHAT_DEADLINE_SECONDS):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _render_here(tokenizer, conversations: list[list[dict]], seconds: float) -> list[str]:
+    with _deadline(seconds):
+        return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
 
 
-def _render_isolated(tokenizer, messages: list[dict]) -> str:
-    """Render in a forked child with a memory limit and a deadline; return its text."""
+def _render_isolated(tokenizer, conversations: list[list[dict]], seconds: float) -> list[str]:
+    """Render in a forked child with a memory limit and a deadline; return the texts."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: render, write "T<text>" or "E<error>", and leave without returning
+    if pid == 0:  # the child: render, write "T<texts as JSON>" or "E<error>", and leave without returning
         try:
             os.close(read_fd)
             _limit_memory(CHAT_MEMORY_BYTES)
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                data = b"T" + str(text).encode("utf-8", "surrogatepass")[:MAX_CHAT_TEXT + 1]
+                texts, size = [], 0
+                for messages in conversations:
+                    texts.append(str(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                   tokenize=False)))
+                    size += len(texts[-1])
+                    if size > MAX_CHAT_TEXT:
+                        raise _TemplateFailed(f"it rendered more than {MAX_CHAT_TEXT >> 20} MiB of text")
+                data = b"T" + json.dumps(texts).encode("utf-8", "surrogatepass")
             except BaseException as e:  # everything, MemoryError and signals included, goes back as text
-                data = b"E" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")[:2000]
+                message = str(e) if isinstance(e, _TemplateFailed) else f"{type(e).__name__}: {e}"
+                data = b"E" + message.encode("utf-8", "replace")[:2000]
             with os.fdopen(write_fd, "wb") as out:
                 out.write(data)
         finally:
             os._exit(0)
     os.close(write_fd)
     try:
-        data = _read_until(read_fd, time.monotonic() + CHAT_DEADLINE_SECONDS)
+        data = _read_until(read_fd, time.monotonic() + seconds)
     finally:
         os.close(read_fd)
         with contextlib.suppress(ProcessLookupError):
@@ -233,9 +254,7 @@ def _render_isolated(tokenizer, messages: list[dict]) -> str:
         raise _TemplateFailed(data[1:].decode("utf-8", "replace"))
     if not data.startswith(b"T"):
         raise _TemplateFailed("the rendering process died without an answer (out of memory?)")
-    if len(data) - 1 > MAX_CHAT_TEXT:
-        raise _TemplateFailed(f"it rendered more than {MAX_CHAT_TEXT >> 20} MiB of text")
-    return data[1:].decode("utf-8", "surrogatepass")
+    return json.loads(data[1:].decode("utf-8", "surrogatepass"))
 
 
 def _read_until(fd: int, deadline: float) -> bytes:

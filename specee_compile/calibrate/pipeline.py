@@ -32,12 +32,13 @@ from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_w
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings
 from specee_compile.schedule import Schedule
-from specee_compile.tokenizer import chat_ids
+from specee_compile.tokenizer import chat_ids_many
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_VERSION = 3  # 2: the draft normalizes before its head; 3: trained without the future-position leak
 WEIGHTS = "calibration.safetensors"
+CHAT_BATCH = 64  # prompts rendered per chat-template process
 META = "calibration.json"
 
 
@@ -343,9 +344,13 @@ def calibration_sequences(target, tokenizer, settings: CalibrationSettings, prog
                 else data.sharegpt(wanted, skip=skip))
     if len(examples) < 3:
         raise ConfigError(f"calibration needs at least 3 examples, got {len(examples)}.")
+    examples = examples[:wanted]
+    prompts = []
+    for k in range(0, len(examples), CHAT_BATCH):  # one template process per batch of prompts
+        prompts += _chat_ids(tokenizer, [ex.prompt for ex in examples[k:k + CHAT_BATCH]])
     out = []
-    for ex in tqdm(examples[:wanted], desc="tokenize", disable=not progress):
-        prompt = _chat_ids(tokenizer, ex.prompt)[: settings.max_seq_len // 2]
+    for ex, prompt in zip(tqdm(examples, desc="tokenize", disable=not progress), prompts):
+        prompt = prompt[: settings.max_seq_len // 2]
         if ex.response is not None:
             reply = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
             ids = prompt + reply
@@ -358,11 +363,13 @@ def calibration_sequences(target, tokenizer, settings: CalibrationSettings, prog
     return out
 
 
-def _chat_ids(tokenizer, text: str) -> list[int]:
+def _chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text as a user turn in the model's chat template (plain tokens without one)."""
     if getattr(tokenizer, "chat_template", None):
-        return chat_ids(tokenizer, [{"role": "user", "content": text}], "the model", ModelLoadError,
-                        "Fix the model's chat template, or calibrate from a JSONL file whose examples have responses")
-    return list(tokenizer(text)["input_ids"])
+        return chat_ids_many(tokenizer, [[{"role": "user", "content": t}] for t in texts], "the model",
+                             ModelLoadError, "Fix the model's chat template, or calibrate from a JSONL file whose "
+                             "examples have responses")
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
 def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):

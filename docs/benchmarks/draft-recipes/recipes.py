@@ -93,11 +93,11 @@ def greedy(prompts: list[list[int]], limit, batch: int = 16) -> list[list[int]]:
 # --- text ---------------------------------------------------------------------------------
 sharegpt = cached_json(f"sharegpt-{N}.json", lambda: calibration_sequences(target, tok, settings, False)[:N])
 held = cached_json("held_sharegpt.json", lambda: [
-    (_chat_ids(tok, ex.prompt)[: settings.max_seq_len // 2]
+    (_chat_ids(tok, [ex.prompt])[0][: settings.max_seq_len // 2]
      + tok(ex.response, add_special_tokens=False)["input_ids"])[: settings.max_seq_len]
     for ex in data.sharegpt(HELD, skip=HELD_SKIP)])
 own = cached_json("held_own_answers.json", lambda: greedy(
-    [_chat_ids(tok, q) for q in mtbench_questions(OWN)], lambda n: n + 128, batch=8))
+    _chat_ids(tok, mtbench_questions(OWN)), lambda n: n + 128, batch=8))
 say("text ready", len(sharegpt), len(held), len(own))
 held_passes = {"sharegpt": [target_pass(target, s) for s in held], "own_answers": [target_pass(target, s) for s in own]}
 say("held-out passes")
