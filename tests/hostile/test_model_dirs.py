@@ -96,6 +96,17 @@ def test_broken_or_hostile_chat_template_raises_generation_error(templated, temp
     assert engine.generate("hello", max_new_tokens=2, chat=False).token_ids  # plain text still works
 
 
+def test_many_conversations_render_in_one_process_as_each_alone(templated):
+    from specee_compile.tokenizer import chat_ids, chat_ids_many
+
+    engine = load(templated("{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}"
+                            "{% if messages[0].content == 'bad' %}{{ 1 / 0 }}{% endif %}"))
+    talks = [[{"role": "user", "content": t}] for t in ("hello", "the quick fox", "x")]
+    assert chat_ids_many(engine.tokenizer, talks, "t") == [chat_ids(engine.tokenizer, m, "t") for m in talks]
+    with pytest.raises(GenerationError, match="ZeroDivisionError"):
+        chat_ids_many(engine.tokenizer, [*talks, [{"role": "user", "content": "bad"}]], "t")
+
+
 def test_runaway_chat_template_is_stopped_at_the_deadline(templated, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "CHAT_DEADLINE_SECONDS", 0.5)
     engine = load(templated("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"))
