@@ -136,6 +136,9 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     mkey = model_key(model_dir)
     if settings.shipped_draft and not settings.draft_file and (shipped := drafts.find(mkey)):
         settings = dataclasses.replace(settings, draft_file=str(shipped), budget_minutes=None)
+        if progress:
+            print(f"draft: the one shipped for this model ({shipped.parent.name}); --set shipped_draft=false "
+                  "trains one instead", file=sys.stderr)
     plan, budget_key = None, f"{mkey}-{settings.key()}"
     if settings.budget_minutes is not None and budget.remembered(budget_key) and not force:
         settings = _sized(settings, budget.remembered(budget_key))

@@ -13,7 +13,8 @@ def format_report(artifact: Path) -> str:
     d, c, cost = meta["draft"], meta["chosen"], meta["cost_model"]
     lines = [
         f"calibration of {meta['model_dir']} ({meta['num_layers']} layers), seconds: {meta.get('seconds')}",
-        f"draft: vocabulary {d['vocab_size']} ({d['target_tokens_in_vocab']:.1%} of target tokens inside), "
+        f"draft: {_draft_source(d.get('training', {}), meta.get('budget'))}, vocabulary {d['vocab_size']} "
+        f"({d['target_tokens_in_vocab']:.1%} of target tokens inside), "
         f"top-1/top-4 hit of the target's next token after a full-depth step "
         f"{d['top1_after_full']:.1%}/{d['top4_after_full']:.1%}, after an exit "
         f"{d['top1_after_exit']:.1%}/{d['top4_after_exit']:.1%} ({d['positions']} held-out positions)"
@@ -42,6 +43,14 @@ def format_report(artifact: Path) -> str:
         lines.append(f"  N={row['top_n']:>2} t={row['threshold']:.2f}: {row['agreement']:.2%}, "
                      f"{row['relative_cost']:.1%}, {row['mean_layers']:.2f} layers")
     return "\n".join(lines)
+
+
+def _draft_source(training: dict, budget: dict | None) -> str:
+    if "supplied" in training:
+        return f"given ({training['supplied']})"
+    epochs = len(training.get("epochs", []))
+    sized = f", sized by a {budget['predicted_minutes']:.0f}-minute plan" if budget else ""
+    return f"trained here ({epochs} epochs{sized})"
 
 
 def evaluate_and_report(model, artifact: Path, questions: int, free: int, new_tokens: int,
