@@ -236,21 +236,21 @@ def test_sequences_too_short_for_the_predictors_are_a_clear_error(tiny_dirs, cal
 
 def test_a_shipped_draft_for_the_models_weights_is_used_unless_declined(tiny_dirs, settings, tmp_path, monkeypatch):
     from specee_compile import drafts
-    from specee_compile.calibrate.pipeline import model_key, save_draft
+    from specee_compile.calibrate.pipeline import save_draft
 
     target = make_tiny_model("llama")
     trained = load_calibration(calibrate(tiny_dirs["llama"], settings, progress=False), target)
     folder = tmp_path / "shipped" / "tiny"
     folder.mkdir(parents=True)
     save_draft(trained.draft, folder / drafts.WEIGHTS)
-    (folder / drafts.RECORD).write_text(json.dumps({"model_key": model_key(tiny_dirs["llama"])}))
+    (folder / drafts.RECORD).write_text(json.dumps({"weights_key": drafts.weights_key(tiny_dirs["llama"])}))
     (tmp_path / "shipped" / "other").mkdir()
-    (tmp_path / "shipped" / "other" / drafts.RECORD).write_text(json.dumps({"model_key": "0" * 16}))
+    (tmp_path / "shipped" / "other" / drafts.RECORD).write_text(json.dumps({"weights_key": "0" * 16}))
     monkeypatch.setattr(drafts, "ROOT", tmp_path / "shipped")
     seeded = dataclasses.replace(settings, seed=5)  # not the artifact above
     meta = json.loads((calibrate(tiny_dirs["llama"], seeded, progress=False) / pipeline.META).read_text())
     assert meta["draft"]["training"] == {"supplied": str(folder / drafts.WEIGHTS)}
-    assert drafts.find(model_key(tiny_dirs["qwen2"])) is None
+    assert drafts.find(tiny_dirs["qwen2"]) is None
     declined = dataclasses.replace(seeded, shipped_draft=False)
     meta = json.loads((calibrate(tiny_dirs["llama"], declined, progress=False) / pipeline.META).read_text())
     assert "epochs" in meta["draft"]["training"]

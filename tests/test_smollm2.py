@@ -69,11 +69,11 @@ def test_shipped_draft_is_found_for_smollm2_and_scores_as_recorded():
     from specee_compile import drafts
     from specee_compile import load as model_load
     from specee_compile.calibrate.collect import target_pass
-    from specee_compile.calibrate.pipeline import draft_metrics, load_draft, model_key
+    from specee_compile.calibrate.pipeline import draft_metrics, load_draft
     from specee_compile.drafts.train import OWN_ANSWERS, SLICE
 
     model_dir = resolve("smollm2")
-    assert drafts.find(model_key(model_dir)) == SHIPPED / drafts.WEIGHTS
+    assert drafts.find(model_dir) == SHIPPED / drafts.WEIGHTS
     record = drafts.record(SHIPPED)
     target, _ = model_load.load(model_dir)
     draft = load_draft(SHIPPED / drafts.WEIGHTS, target)

@@ -134,7 +134,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     model_dir = model_load.resolve(model)
     model_load.inspect(model_dir)
     mkey = model_key(model_dir)
-    if settings.shipped_draft and not settings.draft_file and (shipped := drafts.find(mkey)):
+    if settings.shipped_draft and not settings.draft_file and (shipped := drafts.find(model_dir)):
         settings = dataclasses.replace(settings, draft_file=str(shipped), budget_minutes=None)
         if progress:
             print(f"draft: the one shipped for this model ({shipped.parent.name}); --set shipped_draft=false "

