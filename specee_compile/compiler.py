@@ -96,7 +96,7 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         source = resolve_and_load(config)
         calibration = None
         if config.specee:
-            stage("calibrate (cached)")
+            stage("calibrate")
             calibration = calibrate(config, source, progress)
         stage("export (torch.export + ONNX)")
         graphs, shapes, kv_fill = export(config, source, calibration)
