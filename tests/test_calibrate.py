@@ -302,3 +302,30 @@ def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
     # predictors fired somewhere (the draft rule then exits; the random model's head argmax is
     # rarely a draft candidate, so the other rules mostly go on), and some steps ran to the end
     assert (full_depth < len(got.exit_layers) if rule == "draft" else fired > 0) and full_depth > 0
+
+
+def test_a_schedule_sweep_replayed_in_lockstep_equals_one_replay_per_policy():
+    """The schedule search replays its policies over a window as one batch of draft steps;
+    every policy's exits, tokens, counts and draft hits must be what its own replay gives."""
+    from specee_compile.calibrate.collect import target_pass
+    from specee_compile.calibrate.simulate import replay_window, replay_window_many, rule_tokens
+    from specee_compile.predictor import PredictorBank
+    from specee_compile.reference import DecodeSettings
+    from specee_compile.schedule import Schedule
+
+    torch.manual_seed(0)
+    target = make_tiny_model("llama")
+    draft = _tiny_draft()
+    p = target_pass(target, torch.randint(1, 300, (48,)).tolist())
+    L = p.z.shape[0]
+    bank = PredictorBank(L, 16)
+    with torch.no_grad():
+        bank.b2.copy_(torch.tensor([0.25, 0.15, 0.0]))
+    lo = 12
+    heads = rule_tokens(target, draft, p.z[:, lo:], "draft")
+    policies = [(Schedule(L, layers, 2, (-1, 0, 1), online=True), DecodeSettings(rule="draft", threshold=t))
+                for layers in ((0, 1), (0,), tuple(range(L - 1))) for t in (0.5, 0.55)]
+    together = replay_window_many(target, draft, bank, policies, p, lo, head_tokens=heads)
+    alone = [replay_window(target, draft, bank, s, d, p, lo, head_tokens=heads) for s, d in policies]
+    assert together == alone
+    assert len({tuple(r.exit_layers) for r in alone}) > 1  # the policies took different paths

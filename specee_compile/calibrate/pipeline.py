@@ -28,7 +28,8 @@ from specee_compile.calibrate.predictors import layer_metrics, train_bank
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft
 from specee_compile.predictor import PredictorBank, candidate_features
-from specee_compile.calibrate.simulate import CostModel, measure_costs, replay_window, rule_tokens
+from specee_compile.calibrate.simulate import (CostModel, measure_costs, replay_window, replay_window_many,
+                                              rule_tokens)
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings
 from specee_compile.schedule import Schedule
@@ -469,13 +470,14 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
     sweep = []
     best = None
     dense = costs.dense_cost(L)
-    combos = [(n, t) for n in candidates for t in (0.5, 0.8)]
-    for n, threshold in tqdm(combos, desc="schedule search", disable=not progress):
-        schedule = Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True)
-        runs = _replay_all(target, draft, bank, schedule, DecodeSettings(rule=settings.rule, threshold=threshold),
-                           windows)
-        row = _summarize(runs, windows, costs, dense)
-        row.update(top_n=n, threshold=threshold)
+    combos = [(Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True),
+               DecodeSettings(rule=settings.rule, threshold=threshold), n)
+              for n in candidates for threshold in (0.5, 0.8)]
+    per_window = [replay_window_many(target, draft, bank, [c[:2] for c in combos], p, lo, head_tokens=heads)
+                  for p, lo, heads in tqdm(windows, desc="schedule search", disable=not progress)]
+    for i, (schedule, decode, n) in enumerate(combos):
+        row = _summarize([runs[i] for runs in per_window], windows, costs, dense)
+        row.update(top_n=n, threshold=decode.threshold)
         sweep.append(row)
         ok = row["agreement"] >= settings.target_agreement
         key = (ok, -row["relative_cost"] if ok else row["agreement"])

@@ -32,44 +32,58 @@ def replay(target, draft, bank, schedule: Schedule, settings: DecodeSettings, z,
 
     ``head_tokens`` [L, N], if given, holds the exit rule's head argmax at every layer and
     position (precomputed once, so a sweep does not repeat the head products)."""
+    return replay_many(target, draft, bank, [(schedule, settings)], z, tokens_in, dense_next, feature_before,
+                       draft_cache, start_position, head_tokens)[0]
+
+
+@torch.no_grad()
+def replay_many(target, draft, bank, policies: list[tuple[Schedule, DecodeSettings]], z, tokens_in, dense_next,
+                feature_before, draft_cache, start_position: int, head_tokens=None) -> list[Replay]:
+    """``replay`` of several (schedule, settings) policies over the same positions in lockstep.
+    Teacher forcing feeds every policy the same tokens, so their draft steps run as one batch
+    (the policies differ only in the features their exits feed the draft)."""
     L = z.shape[0]
     w = target.lm_head.weight
-    out = Replay()
-    feature = feature_before
-    history: list[int] = []
+    outs = [Replay() for _ in policies]
+    histories: list[list[int]] = [[] for _ in policies]
+    features = feature_before.expand(len(policies), -1)
+    cache = tuple(c.expand(len(policies), -1, -1, -1) for c in draft_cache)
     for t in range(z.shape[1]):
-        ids, draft_cache = draft.propose(int(tokens_in[t]), feature, draft_cache, start_position + t)
-        rows = w[ids]
-        counts = StepCounts()
-        emitted, exit_layer = None, L - 1
-        active = sorted(schedule.active(history))
-        fired = _fired(bank, active, z[:, t], rows, settings.threshold) if active else []
-        for k, layer in enumerate(active):  # the reference decoder's order: first layer whose exit holds
-            if not fired[k]:
-                continue
-            known = int(head_tokens[layer, t]) if head_tokens is not None else None
-            token, c = exit_rule(z[layer, t], ids, settings, w, draft.vocab_map, known)
-            counts.full_heads += c.full_heads
-            counts.reduced_heads += c.reduced_heads
-            if token is not None:
-                emitted, exit_layer = token, layer
-                counts.predictors = k + 1
-                break
-        else:
-            counts.predictors = len(active)
-        if emitted is None:
-            emitted = int(dense_next[t])
-            counts.full_heads += 1
-        counts.layers = exit_layer + 1
-        if settings.kv_policy == "propagate":
-            counts.kv_projections = L - 1 - exit_layer
-        feature = z[exit_layer, t]
-        history.append(exit_layer)
-        out.emitted.append(emitted)
-        out.exit_layers.append(exit_layer)
-        out.steps.append(counts)
-        out.draft_hits.append(int(dense_next[t]) in ids.tolist())
-    return out
+        proposals, cache = draft.propose_rows(int(tokens_in[t]), features, cache, start_position + t)
+        exits = []
+        for (schedule, settings), ids, history, out in zip(policies, proposals, histories, outs):
+            rows = w[ids]
+            counts = StepCounts()
+            emitted, exit_layer = None, L - 1
+            active = sorted(schedule.active(history))
+            fired = _fired(bank, active, z[:, t], rows, settings.threshold) if active else []
+            for k, layer in enumerate(active):  # the reference decoder's order: first layer whose exit holds
+                if not fired[k]:
+                    continue
+                known = int(head_tokens[layer, t]) if head_tokens is not None else None
+                token, c = exit_rule(z[layer, t], ids, settings, w, draft.vocab_map, known)
+                counts.full_heads += c.full_heads
+                counts.reduced_heads += c.reduced_heads
+                if token is not None:
+                    emitted, exit_layer = token, layer
+                    counts.predictors = k + 1
+                    break
+            else:
+                counts.predictors = len(active)
+            if emitted is None:
+                emitted = int(dense_next[t])
+                counts.full_heads += 1
+            counts.layers = exit_layer + 1
+            if settings.kv_policy == "propagate":
+                counts.kv_projections = L - 1 - exit_layer
+            exits.append(exit_layer)
+            history.append(exit_layer)
+            out.emitted.append(emitted)
+            out.exit_layers.append(exit_layer)
+            out.steps.append(counts)
+            out.draft_hits.append(int(dense_next[t]) in ids.tolist())
+        features = z[torch.tensor(exits), t]
+    return outs
 
 
 def _fired(bank, active: list[int], z_t: torch.Tensor, rows: torch.Tensor, threshold: float) -> list[bool]:
@@ -89,10 +103,16 @@ def replay_window(target, draft, bank, schedule, settings, p, lo: int, end: int 
     """Replay the decode steps at positions lo..end-1 of a dense pass ``p`` (collect.TargetPass);
     positions before ``lo`` are the prompt, run through the draft as its prefill.
     ``head_tokens`` [L, end-lo] are the rule's precomputed head argmaxes, if known."""
+    return replay_window_many(target, draft, bank, [(schedule, settings)], p, lo, end, head_tokens)[0]
+
+
+def replay_window_many(target, draft, bank, policies, p, lo: int, end: int | None = None,
+                       head_tokens=None) -> list[Replay]:
+    """``replay_window`` for several (schedule, settings) policies at once (``replay_many``)."""
     end = p.ids.numel() if end is None else end
     _, _, cache = draft(p.ids[None, 1:lo], p.z[-1, : lo - 1][None], None, 1)
-    return replay(target, draft, bank, schedule, settings, p.z[:, lo:end], p.ids[lo:end], p.next_token[lo:end],
-                  p.z[-1, lo - 1], cache, lo, head_tokens)
+    return replay_many(target, draft, bank, policies, p.z[:, lo:end], p.ids[lo:end], p.next_token[lo:end],
+                       p.z[-1, lo - 1], cache, lo, head_tokens)
 
 
 @torch.no_grad()
