@@ -397,6 +397,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for every system")
     p.add_argument("--no-transformers", action="store_true", help="leave out transformers eager (the slowest)")
     p.add_argument("--no-genai", action="store_true", help="leave out ONNX Runtime GenAI")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="leave out llama.cpp (run with --quantized on a GGUF model when llama-cpp-python is installed)")
     p.add_argument("--quantized", action="append", default=[], metavar="PATH",
                    help="a dense bundle compiled with --quant to measure next to the fp32 one (repeatable); adds "
                         "ONNX Runtime GenAI's own int4 build of the model")
@@ -436,8 +438,8 @@ def _bench_main(args) -> int:
     settings = BenchSettings(
         model=args.model, out=Path(args.out), bundles=tuple(args.bundle), configs=tuple(args.config),
         prompts=args.prompts, limit=args.limit, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-        threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai, sweep=sweep,
-        sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
+        threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai,
+        llama_cpp=not args.no_llama_cpp, sweep=sweep, sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
         quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
         reference=args.reference, tree_shapes=shapes, quantized=tuple(args.quantized))
     run(settings, progress=not args.quiet)

@@ -82,3 +82,21 @@ def test_shipped_draft_is_found_for_smollm2_and_scores_as_recorded():
     want = record["stages"][-1]["held_out"]["own_answers_slice"]
     for name in ("top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit"):
         assert got[name] == pytest.approx(want[name], abs=0.01), name  # other CPUs may break a few ties otherwise
+
+
+def test_llama_cpp_row_decodes_the_same_gguf_greedily(smollm2_bundle):
+    """specee-bench's llama.cpp system (an optional extra, not installed in CI) runs the very GGUF
+    the built-in model comes from: it stops at the token budget, and its first greedy tokens
+    are the fp32 bundle's (both compute the same weights; llama.cpp's int8 activations may
+    part from it later)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra: pip install -e '.[llama]'")
+    from specee_compile.bench.systems import llama_cpp_system
+    from specee_compile.load import gguf_source
+
+    engine = load(smollm2_bundle, threads=2)
+    ids = engine.encode(resources.mtbench_questions(1)[0])
+    llama = llama_cpp_system(gguf_source("smollm2"), 2, 24, engine.eos_token_ids, 512)
+    run = llama.generate(ids)
+    want = engine.generate(ids, max_new_tokens=24).token_ids
+    assert len(run.token_ids) == len(want) == 24 and run.decode_tps > 0
+    assert run.token_ids[:4] == want[:4]

@@ -20,9 +20,12 @@ def write(report: dict, out: Path) -> None:
 
 def markdown(r: dict) -> str:
     systems = r["systems"]
-    has_hf = "transformers" in systems
-    has_genai = any(s["kind"] == "genai" for s in systems.values())
-    has_int4 = any(s["kind"] == "genai-int4" for s in systems.values())
+    # the × columns: each baseline in the run, with the row key holding the ratio against it
+    against = [(title, key) for title, kind, key in (("transformers", "transformers", "speedup_vs_transformers"),
+                                                     ("GenAI", "genai", "speedup_vs_genai"),
+                                                     ("GenAI int4", "genai-int4", "speedup_vs_genai_int4"),
+                                                     ("llama.cpp", "llama-cpp", "speedup_vs_llama_cpp"))
+               if any(s["kind"] == kind for s in systems.values())]
     lines = [f"# specee-bench report: {r['model']['source']}", "",
              f"`{r['command']}`", "",
              f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "
@@ -35,16 +38,13 @@ def markdown(r: dict) -> str:
              "the systems run interleaved prompt by prompt in a rotating order. Ratios are medians over prompts of "
              "per-prompt ratios between systems timed in this run.", "",
              "## Speed", "",
-             "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |" + (" × transformers |" if has_hf else "")
-             + (" × GenAI |" if has_genai else "") + (" × GenAI int4 |" if has_int4 else ""),
-             "|---|---|---|---|---|" + ("---|" if has_hf else "") + ("---|" if has_genai else "")
-             + ("---|" if has_int4 else "")]
+             "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |"
+             + "".join(f" × {title} |" for title, _ in against),
+             "|---|---|---|---|---|" + "---|" * len(against)]
     for name, s in systems.items():
         lines.append(f"| {name} | {s['decode_tps_median']:.1f} | {s['decode_tps_q1']:.1f}–{s['decode_tps_q3']:.1f} | "
                      f"{s['ttft_ms_median']:.0f} | {_x(s['speedup_vs_dense'])} |"
-                     + (f" {_x(s['speedup_vs_transformers'])} |" if has_hf else "")
-                     + (f" {_x(s['speedup_vs_genai'])} |" if has_genai else "")
-                     + (f" {_x(s['speedup_vs_genai_int4'])} |" if has_int4 else ""))
+                     + "".join(f" {_x(s[key])} |" for _, key in against))
     lines += ["", "## Quality against dense greedy (the dense bundle's tokens)", "",
               "Exact match and first divergence: free-running outputs of the timed runs. Teacher-forced agreement: "
               "fed the dense prefix, the share of positions where the system emits the dense token. Perplexity: "

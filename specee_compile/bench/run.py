@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from specee_compile import load as model_load
 from specee_compile import resources
 from specee_compile.bench import measure
-from specee_compile.bench.systems import KINDS, System, bundle_system, genai_system, transformers_system
+from specee_compile.bench.systems import (KINDS, System, bundle_system, genai_system, llama_cpp_system,
+                                          transformers_system)
 from specee_compile.bundle import read_manifest
 from specee_compile.calibrate import CalibrationSettings, calibrate, data
 from specee_compile.calibrate.pipeline import META
@@ -44,11 +45,12 @@ SHAREGPT_HELD_OUT = 1000  # ShareGPT records from here on are never seen by cali
 MAX_PROMPT_TOKENS = 512
 # --quick: enough of everything to exercise every code path in a couple of minutes
 QUICK = dict(limit=2, new_tokens=16, warmup=1, repeats=1, sweep_prompts=2, ppl_samples=2, profile_prompts=1,
-             genai=False)
+             genai=False, llama_cpp=False)
 QUICK_SWEEP = (0.5, 0.9)
 QUICK_CALIBRATION = dict(draft_sequences=12, predictor_sequences=6, max_seq_len=128, draft_epochs=1,
                          predictor_epochs=5, positions_per_sequence=32, draft_vocab=2048)
-PACKAGES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy")
+PACKAGES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai",
+            "llama-cpp-python", "numpy")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class BenchSettings:
     tree_shapes: tuple = ()  # tree speculation with trees of these shapes (TreeShape), with every SpecEE bundle made with --tree
     tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
     quantized: tuple[str, ...] = ()  # dense bundles compiled with --quant, measured next to the fp32 one
+    llama_cpp: bool = True  # with --quantized and a GGUF model: llama.cpp on that GGUF (if llama-cpp-python is there)
 
     def resolved(self) -> "BenchSettings":
         """Apply --quick's presets and check every field."""
@@ -167,6 +170,11 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         if s.quantized:
             genai = genai_system(model_dir, out / "genai-model-int4", s.threads, s.new_tokens, eos, "int4")
             systems.append(genai)
+    gguf = model_load.gguf_source(s.model)
+    if s.quantized and s.llama_cpp and gguf is not None:
+        llama = llama_cpp_system(gguf, s.threads, s.new_tokens, eos, s.max_context + s.new_tokens)
+        if llama is not None:
+            systems.append(llama)
 
     prompts = _prompts(s, dense_engine)
     for ids in tqdm(prompts[: s.warmup], desc="warm-up", disable=not progress):
@@ -200,6 +208,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             row["speedup_vs_genai"] = measure.paired_ratio(r, runs[genai_name])
         if "ort-genai-int4" in runs:
             row["speedup_vs_genai_int4"] = measure.paired_ratio(r, runs["ort-genai-int4"])
+        if "llama-cpp" in runs:
+            row["speedup_vs_llama_cpp"] = measure.paired_ratio(r, runs["llama-cpp"])
         if system.kind == "tree":
             row.update(measure.tree(r), **measure.time_shares(r), forward_cost=measure.forward_cost(r, runs["dense"]))
             if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles

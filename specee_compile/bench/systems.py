@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -28,7 +29,8 @@ KINDS = {"transformers": "Hugging Face transformers, eager, greedy generate",
          "tree": "lossless tree speculation with a SpecEE bundle's draft (ONNX Runtime)",
          "quantized": "this compiler's dense bundle with quantized weights (--quant; ONNX Runtime)",
          "genai": "ONNX Runtime GenAI, fp32 CPU build of the same model",
-         "genai-int4": "ONNX Runtime GenAI, int4 CPU build of the same model (its builder's defaults)"}
+         "genai-int4": "ONNX Runtime GenAI, int4 CPU build of the same model (its builder's defaults)",
+         "llama-cpp": "llama.cpp (llama-cpp-python) on the model's own GGUF file"}
 
 
 @dataclass
@@ -134,6 +136,37 @@ def genai_system(model_dir: Path, folder: Path, threads: int | None, new_tokens:
     if precision == "fp32":
         return System("ort-genai", "genai", generate)
     return System(f"ort-genai-{precision}", f"genai-{precision}", generate)
+
+
+def llama_cpp_system(gguf: Path, threads: int | None, new_tokens: int, eos_ids, context: int) -> System | None:
+    """llama.cpp on the GGUF file itself (batch-1 greedy, the same prompt ids), or None when
+    llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        logger.warning("llama-cpp-python is not installed; leaving llama.cpp out (pip install "
+                       "'specee-compile[llama]', a source build of a few minutes)")
+        return None
+    threads = threads or os.cpu_count()
+    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                            n_batch=512, verbose=False)
+
+    def generate(ids: list[int]) -> Run:
+        model.reset()
+        out = []
+        start = time.perf_counter()
+        first = None
+        for token in model.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                    reset=True):
+            if first is None:
+                first = time.perf_counter()
+            out.append(int(token))
+            if len(out) == new_tokens or token in eos_ids:
+                break
+        end = time.perf_counter()
+        return _run(out, eos_ids, start, first or end, end)
+
+    return System("llama-cpp", "llama-cpp", generate, settings={"gguf": str(gguf), "llama_cpp": llama_cpp.__version__})
 
 
 def _run(generated: list[int], eos_ids, start: float, first: float, end: float) -> Run:
