@@ -256,24 +256,32 @@ def test_a_shipped_draft_for_the_models_weights_is_used_unless_declined(tiny_dir
     assert "epochs" in meta["draft"]["training"]
 
 
-@pytest.mark.parametrize("rule", ["full", "reduced", "draft"])
-def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
-    """The calibration's replay scores a position's active layers in one batch; every exit,
-    emitted token and count must be what ``reference.exit_decision`` gives layer by layer."""
+def _replay_setup(tokens: int):
+    """A tiny Llama, a tiny draft, a dense pass over ``tokens`` random ids and a predictor bank
+    biased so that some layers fire and others do not."""
     from specee_compile.calibrate.collect import target_pass
-    from specee_compile.calibrate.simulate import replay_window, rule_tokens
     from specee_compile.predictor import PredictorBank
-    from specee_compile.reference import DecodeSettings, exit_decision
-    from specee_compile.schedule import Schedule
 
     torch.manual_seed(0)
     target = make_tiny_model("llama")
     draft = _tiny_draft()
-    p = target_pass(target, torch.randint(1, 300, (40,)).tolist())
-    L = p.z.shape[0]
-    bank = PredictorBank(L, 16)
+    p = target_pass(target, torch.randint(1, 300, (tokens,)).tolist())
+    bank = PredictorBank(p.z.shape[0], 16)
     with torch.no_grad():
         bank.b2.copy_(torch.tensor([0.25, 0.15, 0.0]))  # some layers fire, others not
+    return target, draft, p, bank
+
+
+@pytest.mark.parametrize("rule", ["full", "reduced", "draft"])
+def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
+    """The calibration's replay scores a position's active layers in one batch; every exit,
+    emitted token and count must be what ``reference.exit_decision`` gives layer by layer."""
+    from specee_compile.calibrate.simulate import replay_window, rule_tokens
+    from specee_compile.reference import DecodeSettings, exit_decision
+    from specee_compile.schedule import Schedule
+
+    target, draft, p, bank = _replay_setup(40)
+    L = p.z.shape[0]
     schedule = Schedule(L, (0, 1), 2, (-1, 0, 1), online=True)
     settings = DecodeSettings(rule=rule, threshold=0.55)
     lo = 10
@@ -307,20 +315,12 @@ def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
 def test_a_schedule_sweep_replayed_in_lockstep_equals_one_replay_per_policy():
     """The schedule search replays its policies over a window as one batch of draft steps;
     every policy's exits, tokens, counts and draft hits must be what its own replay gives."""
-    from specee_compile.calibrate.collect import target_pass
     from specee_compile.calibrate.simulate import replay_window, replay_window_many, rule_tokens
-    from specee_compile.predictor import PredictorBank
     from specee_compile.reference import DecodeSettings
     from specee_compile.schedule import Schedule
 
-    torch.manual_seed(0)
-    target = make_tiny_model("llama")
-    draft = _tiny_draft()
-    p = target_pass(target, torch.randint(1, 300, (48,)).tolist())
+    target, draft, p, bank = _replay_setup(48)
     L = p.z.shape[0]
-    bank = PredictorBank(L, 16)
-    with torch.no_grad():
-        bank.b2.copy_(torch.tensor([0.25, 0.15, 0.0]))
     lo = 12
     heads = rule_tokens(target, draft, p.z[:, lo:], "draft")
     policies = [(Schedule(L, layers, 2, (-1, 0, 1), online=True), DecodeSettings(rule="draft", threshold=t))

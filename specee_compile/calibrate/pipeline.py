@@ -141,8 +141,9 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
             print(f"draft: the one shipped for this model ({shipped.parent.name}); --set shipped_draft=false "
                   "trains one instead", file=sys.stderr)
     plan, budget_key = None, f"{mkey}-{settings.key()}"
-    if settings.budget_minutes is not None and budget.remembered(budget_key) and not force:
-        settings = _sized(settings, budget.remembered(budget_key))
+    remembered = budget.remembered(budget_key) if settings.budget_minutes is not None and not force else None
+    if remembered:
+        settings = _sized(settings, remembered)
     out = artifact_dir(model_dir, settings, mkey)
     if _reusable(out, force):
         return out
