@@ -144,8 +144,9 @@ def exit_weights(config: CompileConfig, calibration, num_layers: int) -> ExitWei
     reach = max(0, -min(schedule.offsets, default=0))
     lo = max(0, min(schedule.offline_layers, default=0) - reach)
     predictors = {k: v.detach().numpy() for k, v in calibration.bank.state_dict().items()}
-    return ExitWeights(tuple(range(lo, num_layers - 1)), config.exit_rule, predictors,
-                       calibration.draft.vocab_map.numpy())
+    draft = calibration.draft
+    fusion = None if draft.fusion is None else (draft.fusion, draft.fuse.weight.detach().numpy())
+    return ExitWeights(tuple(range(lo, num_layers - 1)), config.exit_rule, predictors, draft.vocab_map.numpy(), fusion)
 
 
 def _warn_if_slower(chosen: dict, num_layers: int) -> None:

@@ -116,6 +116,7 @@ class ReferenceDecoder:
                  settings: DecodeSettings = DecodeSettings(), capacity: int = 4096):
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
+        self._fused = set(draft.fusion) if draft is not None and draft.fusion is not None else set()
         self.bank = bank
         self.schedule = schedule
         self.settings = settings
@@ -152,16 +153,22 @@ class ReferenceDecoder:
         h = self.arch.embed(torch.tensor([prompt]))
         state = DecodeState(n=n)
         empty = torch.zeros(1, self.kv_heads, 0, self.arch.head_dim)
-        for spec in self.specs:
+        normed = {}  # the layers the draft's input reads, normed: [n, d]
+        for i, spec in enumerate(self.specs):
             h, k, v = layer_step(spec, h, empty, empty, positions)
             state.keys.append(k)
             state.values.append(v)
             state.valid.append(torch.ones(n, dtype=torch.bool))
-        features = self.norm(h)[0]  # [n, d]
+            if i in self._fused:
+                normed[i] = self.norm(h)[0]
+        normed[len(self.specs) - 1] = features = self.norm(h)[0]  # [n, d]
         state.token = int((self.head_weight @ features[-1]).argmax())
         state.feature = features[-1]
-        if self.draft is not None and n > 1:
-            _, _, state.draft_cache = self.draft(torch.tensor([prompt[1:]]), features[None, :-1], None, 1)
+        if self.draft is not None:
+            handed = self.draft.handed(normed, len(self.specs) - 1)  # [n, d]
+            state.feature = handed[-1]
+            if n > 1:
+                _, _, state.draft_cache = self.draft(torch.tensor([prompt[1:]]), handed[None, :-1], None, 1)
         return state
 
     @torch.no_grad()
@@ -180,11 +187,14 @@ class ReferenceDecoder:
         prev_p = None
         emitted = None
         exit_layer = L - 1
+        normed = {}
         for i, spec in enumerate(self.specs):
             key_valid = torch.cat([valid[i], torch.ones(1, dtype=torch.bool)])
             h, keys[i], values[i] = layer_step(spec, h, keys[i], values[i], pos, key_valid)
             valid[i] = key_valid
             counts.layers += 1
+            if i in self._fused:
+                normed[i] = self.norm(h[0, -1])
             if i == L - 1:
                 break
             if force_exit_layer is not None:
@@ -220,7 +230,9 @@ class ReferenceDecoder:
             keys[j] = torch.cat([keys[j], k], dim=2)
             values[j] = torch.cat([values[j], v], dim=2)
             valid[j] = torch.cat([valid[j], torch.tensor([ok])])
-        state.token, state.feature = emitted, z
+        normed[exit_layer] = z
+        state.token = emitted
+        state.feature = self.draft.handed(normed, exit_layer) if self.draft is not None else z
         state.history.append(exit_layer)
         state.n += 1
         return counts

@@ -11,7 +11,7 @@ import torch
 
 from specee_compile.calibrate import CalibrationSettings
 from specee_compile.calibrate.collect import target_pass
-from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+from specee_compile.calibrate.draft import EagleDraft, fusion_layers, reduced_vocabulary
 from specee_compile.calibrate.store import SHARD, FeatureStore, example
 from specee_compile.calibrate.train import CHECKPOINT, train_draft
 from specee_compile.testing import TINY_VOCAB, make_tiny_model
@@ -150,3 +150,41 @@ def test_a_budget_too_small_is_refused_with_the_budget_that_fits(tiny_dirs, tmp_
     with pytest.raises(ConfigError, match=r"fits \d+ draft conversations.*give --budget"):
         calibrate(tiny_dirs["llama"], CalibrationSettings(budget_minutes=1e-4, calib_file=str(calib)),
                   progress=False)
+
+
+def test_a_fusion_draft_starts_as_its_warm_start_and_trains_on_the_stored_layers(target, tmp_path):
+    seqs = sequences(8)
+    layers = fusion_layers(target.config.num_hidden_layers)
+    store = FeatureStore(tmp_path / "store", layers)
+    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
+    examples = store.read(len(seqs))
+    plain = _draft(target, examples)
+    fused = EagleDraft(target, plain.vocab_map, fusion=True)
+    fused.load_state_dict(plain.state_dict(), strict=False)
+    assert fused.fusion == layers == (0, 1)
+    ex, use_exit = examples[0], torch.arange(len(seqs[0]) - 1) % 2 == 0
+    torch.testing.assert_close(fused.fed_features(ex, use_exit), plain.fed_features(ex, use_exit))
+    start = fused.fuse.weight.detach().clone()
+    log = train_draft(fused, examples, SETTINGS, progress=False)
+    assert all(torch.isfinite(torch.tensor(e["mean_loss"])) for e in log["epochs"])
+    assert not torch.equal(fused.fuse.weight, start), "the fusion layer must learn"
+
+
+def test_a_fusion_draft_proposes_step_by_step_what_it_computes_batched(target):
+    seq = sequences(1, seed=5)[0]
+    p = target_pass(target, seq)
+    draft = EagleDraft(target, torch.arange(TINY_VOCAB), fusion=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        draft.fuse.weight.normal_(0, 0.2)  # not the identity start: every slot counts
+    L = target.config.num_hidden_layers
+    exits = torch.tensor([(L - 1 if t % 3 else 1) for t in range(len(seq) - 1)])  # some positions left at layer 1
+    with torch.no_grad():
+        feats = draft.inputs(p.z[:, :-1], exits)
+        _, logits, _ = draft(torch.tensor([seq[1:]]), feats[None], None, 1)
+        cache = None
+        for t in range(1, len(seq)):
+            z = p.z[:, t - 1:t]
+            one = draft.inputs(z, exits[t - 1:t])  # the feature a step that left at that layer hands over
+            ids, cache = draft.propose(seq[t], one[0], cache, t)
+            assert ids.tolist() == draft.vocab_map[logits[0, t - 1].topk(4).indices].tolist(), t

@@ -146,7 +146,7 @@ def _save_specee(facts: Facts, lowered, bundle_dir: Path) -> SpecEE:
     decode = save_graph(graphs["decode"], folder, DECODE_FILE, prefix) if "segments" not in graphs else None
     draft = save_graph(graphs["draft"], folder, "draft.onnx", prefix)
     draft = Draft(**vars(draft), vocab_size=int(len(cal.draft.vocab_map)), kv_heads=cal.draft.kv_heads,
-                  head_dim=cal.draft.head_dim)
+                  head_dim=cal.draft.head_dim, fusion_layers=tuple(cal.draft.fusion or ()))
     save_file(lowered.kv_fill, folder / "kv_fill.safetensors")
     tree = None
     if "tree" in graphs:

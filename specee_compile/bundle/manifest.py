@@ -167,6 +167,8 @@ def _check_specee(f: _Fields, layers: int, vocab: int) -> None:
     f.int("specee.draft.vocab_size", 1, vocab)
     f.int("specee.draft.kv_heads", 1, MAX_SIZE)
     f.int("specee.draft.head_dim", 1, MAX_SIZE)
+    if "fusion_layers" in f.get("specee.draft"):
+        f.ints("specee.draft.fusion_layers", 0, layers - 1, 2, distinct=False)
     f.file("specee.kv_fill.file")
     f.number("specee.kv_fill.eps", 0.0, 1.0, lo_open=True)
     if mode == "segments":
@@ -291,15 +293,18 @@ class Draft(Graph):
     vocab_size: int  # the draft's reduced vocabulary
     kv_heads: int
     head_dim: int
+    # a fusion draft's low and middle layers: the target graphs' features are its fused input
+    # (informational: runtimes feed the graphs' features as they are)
+    fusion_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, d: dict) -> "Draft":
         return cls(**cls.fields_from_json(d), vocab_size=d["vocab_size"], kv_heads=d["kv_heads"],
-                   head_dim=d["head_dim"])
+                   head_dim=d["head_dim"], fusion_layers=tuple(d.get("fusion_layers", ())))
 
     def to_json(self) -> dict:
         return {**super().to_json(), "vocab_size": self.vocab_size, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim}
+                "head_dim": self.head_dim, **({"fusion_layers": list(self.fusion_layers)} if self.fusion_layers else {})}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,14 @@ target: the final norm applied to the output
 of the layer the previous token left from (its exit layer, or the last layer). Training
 mixes full-depth and intermediate-layer features so the draft keeps proposing good
 candidates after an early exit. ``vocab_map[j]`` is the target id of draft logit j.
+
+With ``fusion`` (EAGLE-3's multi-layer input) the feature a target forward hands the draft
+is ``fuse([z_low, z_mid, z_l])`` [3d -> d] instead of ``z_l``, where ``z_i`` is layer i's
+normed output, ``(low, mid) = fusion_layers(L)`` and l the layer the token left from; a
+slot whose layer is deeper than l reads ``z_l``. ``fuse`` starts as "take ``z_l``", so a
+draft trained without fusion is its warm start. The target graphs compute the fused
+feature themselves (passes/fuse_draft_input.py); the draft's graph and its deeper steps,
+which read its own predicted feature, are the same either way.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from specee_compile.functional import layer_step
 class EagleDraft(nn.Module):
     """One-layer draft over the target's embedding, with its own KV cache at inference."""
 
-    def __init__(self, target: nn.Module, vocab_map: torch.Tensor, capacity: int = 4096):
+    def __init__(self, target: nn.Module, vocab_map: torch.Tensor, capacity: int = 4096, fusion: bool = False):
         super().__init__()
         arch = Architecture(target)
         base = target.model
@@ -46,6 +54,12 @@ class EagleDraft(nn.Module):
             self.head.weight.copy_(target.lm_head.weight[vocab_map])
         # the last layer's attention, without a window: the draft sees its whole context
         self.attention = dataclasses.replace(arch.attention[-1], window=None)
+        self.fusion = fusion_layers(arch.num_layers) if fusion else None
+        if fusion:
+            self.fuse = nn.Linear(3 * d, d, bias=False)
+            with torch.no_grad():  # start as "the exit (or last) layer's feature"
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, 2 * d:].copy_(torch.eye(d))
         self.residual_scale = float(getattr(self.layer, "residual_multiplier", 1.0))
         cos, sin = arch.table(self.attention.rope, capacity)
         self.register_buffer("cos", cos, persistent=False)
@@ -62,8 +76,31 @@ class EagleDraft(nn.Module):
 
     def fed_features(self, example, use_exit: torch.Tensor) -> torch.Tensor:
         """What training feeds at positions 1..n-1 of a ``store.DraftExample``: the previous
-        position's final feature, or its intermediate one where ``use_exit``."""
-        return torch.where(use_exit[:, None], example.exit[:-1], example.final[:-1])
+        position's final feature, or its intermediate one where ``use_exit`` (fused with the
+        store's low and middle layers when the draft fuses; the store's exits are at L/2 or deeper)."""
+        top = torch.where(use_exit[:, None], example.exit[:-1], example.final[:-1])
+        if self.fusion is None:
+            return top
+        low, mid = (example.layers[i][:-1] for i in self.fusion)
+        return self.fuse(torch.cat([low, mid, top], dim=-1))
+
+    def inputs(self, z: torch.Tensor, layer) -> torch.Tensor:
+        """The feature a target forward hands the draft: ``z`` [L, N, d] holds every layer's
+        normed output at N positions, ``layer`` (int, or [N]) the layer each left from -> [N, d]."""
+        L, N, _ = z.shape
+        layer = torch.as_tensor(layer, dtype=torch.long).expand(N)
+        rows = torch.arange(N)
+        if self.fusion is None:
+            return z[layer, rows]
+        low, mid = (torch.minimum(torch.full_like(layer, i), layer) for i in self.fusion)
+        return self.fuse(torch.cat([z[low, rows], z[mid, rows], z[layer, rows]], dim=-1))
+
+    def handed(self, normed: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+        """``inputs`` for one step that left at ``layer``: ``normed`` maps layers to their normed
+        outputs [..., d] (``layer`` and the fusion layers shallower than it)."""
+        if self.fusion is None:
+            return normed[layer]
+        return self.fuse(torch.cat([normed[min(i, layer)] for i in (*self.fusion, layer)], dim=-1))
 
     def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.zeros(1, self.kv_heads, 0, self.head_dim)
@@ -120,6 +157,12 @@ class EagleDraft(nn.Module):
         tokens = torch.full((features.shape[0], 1), token, dtype=torch.long)
         _, logits, cache = self(tokens, features[:, None], cache, position)
         return self.vocab_map[logits[:, -1].topk(k).indices], cache
+
+
+def fusion_layers(num_layers: int) -> tuple[int, int]:
+    """The low and middle layers a fusion draft reads: (2, L/2) as EAGLE-3, kept below L/2 in small models."""
+    mid = num_layers // 2
+    return min(2, max(mid - 1, 0)), mid
 
 
 def reduced_vocabulary(target_tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:

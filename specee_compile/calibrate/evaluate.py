@@ -81,7 +81,7 @@ def _bounds(target, cal: Calibration, costs: CostModel, windows) -> dict:
         dense = p.next_token[lo:-1]
         correct = argmax == dense[None, :]
         first = correct.float().argmax(0)  # the last layer is always correct
-        _, logits, _ = cal.draft(p.ids[None, 1:-1], p.z[-1, :-2][None], None, 1)
+        _, logits, _ = cal.draft(p.ids[None, 1:-1], cal.draft.inputs(p.z[:, :-2], L - 1)[None], None, 1)
         top = cal.draft.vocab_map[logits[0].topk(4).indices][lo - 1:]  # candidates at positions lo..
         hit = (top == dense[:, None]).any(-1)
         ideal += first.tolist()

@@ -23,7 +23,7 @@ from specee_compile import drafts, resources
 from specee_compile.bundle import sha256
 from specee_compile.calibrate import budget, data
 from specee_compile.calibrate.collect import target_pass
-from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+from specee_compile.calibrate.draft import EagleDraft, fusion_layers, reduced_vocabulary
 from specee_compile.calibrate.predictors import layer_metrics, train_bank
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft
@@ -45,7 +45,7 @@ META = "calibration.json"
 
 # Settings added after artifacts were made, with the value that trains as before they existed:
 # at that value they stay out of the cache key, so those artifacts are still found.
-_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None, "shipped_draft": True}
+_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None, "shipped_draft": True, "draft_fusion": False}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class CalibrationSettings:
     seed: int = 0
     budget_minutes: float | None = None  # size draft_sequences to fit this many minutes (calibrate/budget.py)
     shipped_draft: bool = True  # use the package's draft for this model when there is one (specee_compile.drafts)
+    draft_fusion: bool = False  # EAGLE-3's multi-layer draft input (calibrate/draft.py)
 
     def __post_init__(self):
         DecodeSettings(rule=self.rule)
@@ -173,11 +174,11 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         draft = load_draft(Path(settings.draft_file), target)
         train_log = {"supplied": settings.draft_file}
     else:
-        store = feature_store(mkey, settings, exit_lo)
+        store = feature_store(mkey, settings, exit_lo, L)
         store.fill(target, draft_seqs, exit_lo, settings.seed, progress)
         examples = store.read(len(draft_seqs))
         vocab_map = reduced_vocabulary(examples.next_tokens(), settings.draft_vocab, target.config.vocab_size)
-        draft = EagleDraft(target, vocab_map)
+        draft = EagleDraft(target, vocab_map, fusion=settings.draft_fusion)
         clock.lap("target passes (draft)")
         checkpoints = out.parent / f".{out.name}.training"
         train_log = train_draft(draft, examples, settings, checkpoints, progress)
@@ -224,11 +225,13 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
     return out
 
 
-def feature_store(mkey: str, settings: CalibrationSettings, exit_lo: int) -> FeatureStore:
+def feature_store(mkey: str, settings: CalibrationSettings, exit_lo: int, num_layers: int) -> FeatureStore:
     """The store of the target passes over this calibration's text (shared by every
-    calibration of the same model and text, whatever it trains)."""
+    calibration of the same model and text, whatever it trains; a fusion draft's also keeps
+    the layers it fuses)."""
     source = sha256(Path(settings.calib_file)) if settings.calib_file else "sharegpt"
-    return FeatureStore.locate(mkey, [source, settings.max_seq_len, settings.generate_tokens], exit_lo, settings.seed)
+    return FeatureStore.locate(mkey, [source, settings.max_seq_len, settings.generate_tokens], exit_lo, settings.seed,
+                               fusion_layers(num_layers) if settings.draft_fusion else ())
 
 
 def _reusable(out: Path, force: bool) -> bool:
@@ -255,7 +258,8 @@ def _plan(target, tokenizer, model_dir: Path, settings: CalibrationSettings, mke
     def sequences_of(n: int) -> list[list[int]]:
         return calibration_sequences(target, tokenizer, dataclasses.replace(_sized(settings, n), predictor_sequences=1), False)[:n]
 
-    return budget.fit(settings.budget_minutes, target, sequences_of, feature_store(mkey, settings, exit_lo), settings,
+    return budget.fit(settings.budget_minutes, target, sequences_of,
+                      feature_store(mkey, settings, exit_lo, target.config.num_hidden_layers), settings,
                       exit_lo, available)
 
 
@@ -289,7 +293,7 @@ def load_calibration(path: Path, target) -> Calibration:
     if meta.get("artifact_version") != ARTIFACT_VERSION:
         raise ModelLoadError(f"calibration artifact {path} has version {meta.get('artifact_version')}; "
                              f"this specee-compile reads version {ARTIFACT_VERSION}. Recalibrate.")
-    draft = EagleDraft(target, tensors["draft.vocab_map"])
+    draft = EagleDraft(target, tensors["draft.vocab_map"], fusion="draft.fuse.weight" in tensors)
     draft.load_state_dict({k[len("draft."):]: v for k, v in tensors.items() if k.startswith("draft.")}, strict=False)
     draft.eval()
     bank = PredictorBank(meta["num_layers"], meta["predictors"]["hidden"])
@@ -312,7 +316,7 @@ def load_draft(path: Path, target) -> EagleDraft:
     tensors = {k[len("draft."):] if k.startswith("draft.") else k: v for k, v in tensors.items()}
     if "vocab_map" not in tensors or "head.weight" not in tensors:
         raise ConfigError(f"draft file {path} has no 'vocab_map'/'head.weight'; it is not a specee-compile draft.")
-    draft = EagleDraft(target, tensors["vocab_map"])
+    draft = EagleDraft(target, tensors["vocab_map"], fusion="fuse.weight" in tensors)
     try:
         missing, unexpected = draft.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -377,15 +381,12 @@ def _chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
-def _draft_inputs(p, exit_lo: int, rate: float, gen: torch.Generator):
+def _draft_inputs(draft: EagleDraft, p, exit_lo: int, rate: float, gen: torch.Generator):
     """Features fed at positions 1..S-1: the previous position's final or intermediate feature."""
     L, S, _ = p.z.shape
-    prev = p.z[-1, :-1].clone()  # [S-1, d]
     use_exit = torch.rand(S - 1, generator=gen) < rate
     layers = torch.randint(exit_lo, L - 1, (S - 1,), generator=gen)
-    idx = torch.nonzero(use_exit).flatten()
-    prev[idx] = p.z[layers[idx], idx]
-    return prev
+    return draft.inputs(p.z[:, :-1], torch.where(use_exit, layers, L - 1))
 
 
 @torch.no_grad()
@@ -402,13 +403,13 @@ def draft_metrics(draft: EagleDraft, passes, exit_lo: int) -> dict:
             continue
         target = p.next_token[1:]
         for kind, rate in (("full", 0.0), ("exit", 1.0)):
-            feats = _draft_inputs(p, exit_lo, rate, gen)
+            feats = _draft_inputs(draft, p, exit_lo, rate, gen)
             _, logits, _ = draft(p.ids[None, 1:], feats[None], None, 1)
             top = draft.vocab_map[logits[0].topk(4).indices]  # [S-1, 4]
             hits[kind][0] += (top[:, 0] == target).sum().item()
             hits[kind][1] += (top == target[:, None]).any(-1).sum().item()
         total += target.numel()
-        (_, first), (_, second) = draft.unrolled(p.ids[1:], p.z[-1, :-1], 2)
+        (_, first), (_, second) = draft.unrolled(p.ids[1:], draft.inputs(p.z[:, :-1], p.z.shape[0] - 1), 2)
         # depth 2 where depth 1 drafted the target's token and the text goes on with it
         reached = (draft.vocab_map[first[:-1].argmax(-1)] == target[:-1]) & (p.ids[2:] == target[:-1])
         deep_hits += (reached & (draft.vocab_map[second.argmax(-1)] == target[1:])).sum().item()
@@ -433,7 +434,7 @@ def _predictor_data(target, draft, passes, settings, progress):
         if S < 8:
             continue
         lo = max(1, S - settings.positions_per_sequence)
-        _, logits, _ = draft(p.ids[None, 1:], p.z[-1, :-1][None], None, 1)
+        _, logits, _ = draft(p.ids[None, 1:], draft.inputs(p.z[:, :-1], p.z.shape[0] - 1)[None], None, 1)
         ids = draft.vocab_map[logits[0].topk(4).indices][lo - 1:]  # candidates at positions lo..S-1
         z = p.z[:, lo:]  # [L, N, d]
         rows = w[ids]  # [N, 4, d]

@@ -82,7 +82,7 @@ def replay_many(target, draft, bank, policies: list[tuple[Schedule, DecodeSettin
             out.exit_layers.append(exit_layer)
             out.steps.append(counts)
             out.draft_hits.append(int(dense_next[t]) in ids.tolist())
-        features = z[torch.tensor(exits), t]
+        features = draft.inputs(z[:, t, None].expand(-1, len(exits), -1), torch.tensor(exits))
     return outs
 
 
@@ -110,9 +110,10 @@ def replay_window_many(target, draft, bank, policies, p, lo: int, end: int | Non
                        head_tokens=None) -> list[Replay]:
     """``replay_window`` for several (schedule, settings) policies at once (``replay_many``)."""
     end = p.ids.numel() if end is None else end
-    _, _, cache = draft(p.ids[None, 1:lo], p.z[-1, : lo - 1][None], None, 1)
+    L = p.z.shape[0]
+    _, _, cache = draft(p.ids[None, 1:lo], draft.inputs(p.z[:, : lo - 1], L - 1)[None], None, 1)
     return replay_many(target, draft, bank, policies, p.z[:, lo:end], p.ids[lo:end], p.next_token[lo:end],
-                       p.z[-1, lo - 1], cache, lo, head_tokens)
+                       draft.inputs(p.z[:, lo - 1:lo], L - 1)[0], cache, lo, head_tokens)
 
 
 @torch.no_grad()

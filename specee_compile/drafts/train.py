@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from specee_compile import drafts, resources
 from specee_compile import load as model_load
 from specee_compile.calibrate import data
 from specee_compile.calibrate.collect import target_pass
-from specee_compile.calibrate.draft import EagleDraft, reduced_vocabulary
+from specee_compile.calibrate.draft import EagleDraft, fusion_layers, reduced_vocabulary
 from specee_compile.calibrate.pipeline import (CalibrationSettings, calibration_sequences, draft_metrics, load_draft,
                                                model_key)
 from specee_compile.calibrate.store import FeatureStore
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--unroll", type=int, default=2)
     p.add_argument("--vocab", type=int, default=6144, help="draft vocabulary of a new draft")
+    p.add_argument("--fusion", action="store_true",
+                   help="EAGLE-3's multi-layer input (a draft without it is the warm start; a fused draft stays fused)")
     args = p.parse_args(argv)
     a, b = (int(x) for x in args.conversations.split(":"))
     out = Path(args.out) if args.out else drafts.ROOT / Path(str(args.model)).name
@@ -71,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     L = target.config.num_hidden_layers
     exit_lo = L // 2
     settings = CalibrationSettings(draft_sequences=b - a, predictor_sequences=1, draft_epochs=args.epochs,
-                                   draft_lr=args.lr, draft_unroll=args.unroll, draft_vocab=args.vocab)
+                                   draft_lr=args.lr, draft_unroll=args.unroll, draft_vocab=args.vocab,
+                                   draft_fusion=args.fusion)
+    if not args.fusion and (out / drafts.WEIGHTS).is_file():
+        with safe_open(out / drafts.WEIGHTS, "pt") as f:
+            if "fuse.weight" in f.keys():
+                raise SystemExit(f"the draft in {out} fuses several layers' features; train it further with --fusion.")
     usable = len(data.sharegpt(1 << 30))
     if b > usable - HELD_SHAREGPT:
         raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
     store = FeatureStore.locate(mkey, ["sharegpt", a, settings.max_seq_len, settings.generate_tokens], exit_lo,
-                                settings.seed)
+                                settings.seed, fusion_layers(L) if args.fusion else ())
     t = time.time()
     store.fill(target, seqs, exit_lo, settings.seed, True, desc=f"target passes {a}:{b}")
     pass_seconds = time.time() - t
@@ -91,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     wkey = drafts.weights_key(model_dir)
     if previous.is_file() and drafts.record(out).get("weights_key") == wkey:
         draft = load_draft(previous, target).float()
+        if args.fusion and draft.fusion is None:  # the fused draft starts as this one
+            fused = EagleDraft(target, draft.vocab_map, fusion=True)
+            fused.load_state_dict(draft.state_dict(), strict=False)
+            draft = fused
     else:
-        draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size))
-    checkpoints = resources.cache_dir() / "drafts" / f"{mkey}-{a}-{b}-{previous.is_file()}"
+        draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size),
+                           fusion=args.fusion)
+    checkpoints = resources.cache_dir() / "drafts" / f"{mkey}-{a}-{b}-{previous.is_file()}{'-fusion' * args.fusion}"
     t = time.time()
     log = train_draft(draft, examples, settings, checkpoints, True)
     train_seconds = time.time() - t

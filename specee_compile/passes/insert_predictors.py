@@ -129,15 +129,15 @@ class InsertPredictorsPass(ir.passes.InPlacePass):
 
 def normalized_last(t: ir.tape.Tape, dec, i: int) -> ir.Value:
     """The last position of layer i's output, RMS-normalized without the norm weight: [1, d]."""
-    return _rms_normalized(t, dec, t.op("Gather", [dec.layer_outputs[i], constant(t, np.array(-1, np.int64))], {"axis": 1}))
+    return rms_normalized(t, dec, t.op("Gather", [dec.layer_outputs[i], constant(t, np.array(-1, np.int64))], {"axis": 1}))
 
 
 def normalized_nodes(t: ir.tape.Tape, dec, i: int) -> ir.Value:
     """Every position of layer i's output [1, S, d], RMS-normalized without the norm weight, as [S, 1, d]."""
-    return _rms_normalized(t, dec, t.op("Transpose", [dec.layer_outputs[i]], {"perm": [1, 0, 2]}))
+    return rms_normalized(t, dec, t.op("Transpose", [dec.layer_outputs[i]], {"perm": [1, 0, 2]}))
 
 
-def _rms_normalized(t: ir.tape.Tape, dec, h: ir.Value) -> ir.Value:
+def rms_normalized(t: ir.tape.Tape, dec, h: ir.Value) -> ir.Value:
     ms = t.op("ReduceMean", [t.op("Mul", [h, h]), constant(t, np.array([-1], np.int64))], {"keepdims": 1})
     inv = t.op("Reciprocal", [t.op("Sqrt", [t.op("Add", [ms, constant(t, np.float32(dec.norm_eps))])])])
     return t.op("Mul", [h, inv])

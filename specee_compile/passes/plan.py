@@ -11,6 +11,10 @@
     tree_segments  each graph cut from ``tree_decode``      fuse_ort_transformers
     draft_tree     the draft over a token tree              (none)
 
+With a fusion draft (EAGLE-3's multi-layer input) the step, decode, tree and tree_decode
+graphs also end their "specee" phase with ``fuse_draft_input``: their features become the
+draft's fused input.
+
 With ``--quant`` every family whose graphs the bundle holds (all but ``decode`` and
 ``tree_decode``, which are cut first) ends with ``quantize_weights`` (phase "quantize").
 
@@ -31,6 +35,7 @@ import onnx_ir as ir
 from specee_compile.contract import FAMILIES
 from specee_compile.errors import PassError
 from specee_compile.passes.fuse_draft_gathers import FuseDraftGathersPass
+from specee_compile.passes.fuse_draft_input import FuseDraftInputPass
 from specee_compile.passes.fuse_ort_transformers import FuseOrtTransformersPass
 from specee_compile.passes.insert_early_exit import InsertEarlyExitPass
 from specee_compile.passes.insert_predictors import InsertPredictorsPass
@@ -47,6 +52,7 @@ class ExitWeights:
     rule: str
     predictors: dict[str, np.ndarray]  # w1 [L, 12, H], b1 [L, H], w2 [L, H], b2 [L]
     vocab_map: np.ndarray | None
+    fusion: tuple[tuple[int, int], np.ndarray] | None = None  # a fusion draft's (low, mid) layers and fuse weight
 
 
 class PassPlan:
@@ -132,6 +138,11 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
             if exit_mode == "segments":  # early exit inside tree verification
                 plan.update(tree_decode=specee_pipeline(exits, per_node=True), tree_segments=fusions())
             plan["draft_tree"] = Pipeline()
+        if exits is not None and exits.fusion is not None:
+            layers, weight = exits.fusion
+            for family in ("step", "decode", "tree", "tree_decode"):
+                if family in plan:
+                    plan[family].append("specee", FuseDraftInputPass(layers, weight, per_node=family == "tree_decode"))
     if quant is not None and quant.active:
         for family, pipeline in plan.items():
             if family not in ("decode", "tree_decode"):

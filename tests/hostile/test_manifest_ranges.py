@@ -40,6 +40,8 @@ CASES = {
     "schedule-of-another-model": (lambda m: m["specee"]["schedule"].update(num_layers=30), "specee.schedule.num_layers"),
     "huge-history": (lambda m: m["specee"]["schedule"].update(history=10**9), "specee.schedule.history"),
     "draft-vocab-past-model": (lambda m: m["specee"]["draft"].update(vocab_size=10**6), "specee.draft.vocab_size"),
+    "fusion-layer-past-model": (lambda m: m["specee"]["draft"].update(fusion_layers=[2, 99]),
+                                "specee.draft.fusion_layers"),
     "negative-eps": (lambda m: m["specee"]["kv_fill"].update(eps=-1), "specee.kv_fill.eps"),
     "tree-width-zero": (lambda m: m["specee"]["tree"].update(max_width=0), "specee.tree.max_width"),
     "tree-segments-empty": (lambda m: m["specee"]["tree"].update(segments=[]), "specee.tree.segments"),
