@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/specee-run out/smollm2.onnx --prompt "$(PROMPT)" --max-new-tokens 96
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	$(BIN)/specee-bench smollm2 --out bench-results --force --sweep 0.5,0.6,0.7,0.8,0.9 --tree 4,1+4,4+4,2x2x3+4,1+4:exit

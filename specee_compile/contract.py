@@ -19,13 +19,15 @@ DRAFT_IDS = "draft_ids"  # int64 [K]: the draft's candidate target ids (an outpu
 ACTIVE_LAYERS = "active_layers"  # bool [L]: the predictors that run this step
 EXIT_THRESHOLD = "exit_threshold"  # float32 [1]: the score a predictor must exceed
 FEATURES = "features"  # float32 [1, S, d]: final-normed hidden states (the draft takes them as input)
+# with a fusion draft, ``features`` is the draft's fused input and this output the final-normed states
+NORMED_FEATURES = "normed_features"
 
 # ---- graph outputs ----------------------------------------------------------------------------
 LOGITS = "logits"  # float32 [1, V]: the last position's
 TOKENS = "tokens"  # int64 [1, S]: the tree graph's greedy token per node
 DRAFT_LOGPROBS = "draft_logprobs"  # float32 [S, K]: the tree draft's
 DRAFT_FEATURES = "draft_features"  # float32 [1, S, d]: the tree draft's estimate of the target features
-GRAPH_EXIT_OUTPUTS = ("token", "feature", "exit_layer")  # exit mode "graph": the decode graph's results
+GRAPH_EXIT_OUTPUTS = ("token", "feature", "exit_layer", "normed_feature")  # exit mode "graph": the decode graph's results
 
 # ---- the KV cache -----------------------------------------------------------------------------
 PAST = "past_key_values."
@@ -70,6 +72,10 @@ def exit_token(layer: int) -> str:
 
 def exit_feature(layer: int) -> str:
     return f"exit_feature.{layer}"  # float32 [1, d] ([S, d]): the exit layer's normed hidden state
+
+
+def normed_exit_feature(layer: int) -> str:
+    return f"normed_{exit_feature(layer)}"  # with a fusion draft: the normed state (exit_feature is the draft's input)
 
 
 # ---- node metadata ----------------------------------------------------------------------------

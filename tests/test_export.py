@@ -24,9 +24,9 @@ def _run_steps(session, shapes, prompt, continuation, capacity: int = CAPACITY):
     for chunk in [prompt] + [[t] for t in continuation]:
         feeds = {"input_ids": np.array([chunk], np.int64), "past_sequence_length": np.array([past], np.int64)}
         feeds.update(zip(names, cache))
-        out = session.run(None, feeds)
+        out = session.run(["logits", *(n.replace("past_key_values.", "present.") for n in names)], feeds)
         logits.append(out[0][0])
-        cache = out[2:]
+        cache = out[1:]
         past += len(chunk)
     return logits
 

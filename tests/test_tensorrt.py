@@ -286,7 +286,9 @@ def test_specee_tensorrt_bundle_has_an_engine_per_segment_and_the_draft_built_af
         assert (out / seg["onnx"]).is_file()
     # segments run decode steps only: the token and the hidden states at the cuts are fixed at one position
     assert spec["segments"][0]["profile"] == {"input_ids": [[1, 1]] * 3}
-    assert spec["segments"][1]["profile"] == {"layers.0.output": [[1, 1, 64]] * 3}
+    # (and the fusion draft's low layer, normed, which the exit after layer 1 fuses)
+    assert spec["segments"][1]["profile"] == {"layers.0.output": [[1, 1, 64]] * 3,
+                                              "specee.fuse.normed.0": [[1, 1, 64]] * 3}
     assert spec["draft"]["file"] == "specee/draft.plan" and spec["draft"]["onnx"] == "specee/draft.onnx"
     assert spec["draft"]["profile"] == {"input_ids": [[1, 1], [1, 1], [1, CAPACITY]],
                                         "features": [[1, 1, 64], [1, 1, 64], [1, CAPACITY, 64]]}

@@ -74,7 +74,7 @@ class CalibrationSettings:
     seed: int = 0
     budget_minutes: float | None = None  # size draft_sequences to fit this many minutes (calibrate/budget.py)
     shipped_draft: bool = True  # use the package's draft for this model when there is one (specee_compile.drafts)
-    draft_fusion: bool = False  # EAGLE-3's multi-layer draft input (calibrate/draft.py)
+    draft_fusion: bool = True  # EAGLE-3's multi-layer draft input (calibrate/draft.py; docs/benchmarks/draft-recipes)
 
     def __post_init__(self):
         DecodeSettings(rule=self.rule)

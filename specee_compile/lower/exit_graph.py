@@ -17,8 +17,10 @@ layer and the ``present.{j}.key|value`` of every layer after the cut, so the gra
 are the same whichever way it went:
 
     token       int64   [1]                 the emitted token
-    feature     float32 [1, 1, d]           exit_feature.{c}, or the final-normed state
+    feature     float32 [1, 1, d]           exit_feature.{c}, or the full-depth features
     exit_layer  int64   [1]                 c, or L-1 when no predictor exited
+    normed_feature float32 [1, 1, d]        the normed state the token came from (``feature``,
+                                            unless the draft fuses: passes/fuse_draft_input.py)
     present.{i}.key|value                   every layer's cache with position n written
 
 An exit branch fills the skipped layers' cache at position n (``past_sequence_length``) by
@@ -42,11 +44,13 @@ from specee_compile.contract import (
     GRAPH_EXIT_OUTPUTS,
     KINDS,
     LOGITS,
+    NORMED_FEATURES,
     PAST,
     exit_feature,
     exit_flag,
     exit_token,
     layer_output,
+    normed_exit_feature,
     past,
     present,
     rope_table,
@@ -125,8 +129,9 @@ class _Nester:
             token = t.op("ArgMax", [self.available[LOGITS]], {"axis": -1, "keepdims": 0})  # [1]
             feature = t.op("Identity", [self.available[FEATURES]])  # [1, 1, d]
             layer = t.op("Constant", [], {"value": ir.tensor(np.array([self.L - 1], np.int64))})
+            normed = t.op("Identity", [self.available.get(NORMED_FEATURES, self.available[FEATURES])])
             nodes += name_nodes(t, "full_depth")
-            return nodes, {**outs, **dict(zip(OUTPUTS, (token, feature, layer)))}
+            return nodes, {**outs, **dict(zip(OUTPUTS, (token, feature, layer, normed)))}
         c = seg.exit_layer
         names = [*OUTPUTS, *(present(j, kind) for j in range(c + 1, self.L) for kind in KINDS)]
         then_nodes, then_outs = self._exit_branch(c)
@@ -177,7 +182,9 @@ class _Nester:
         outs = dict(zip(OUTPUTS, (
             t.op("Identity", [self.available[exit_token(c)]]),
             t.op("Unsqueeze", [self.available[exit_feature(c)], self.constant("axes_1", [1])]),
-            t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))}))))
+            t.op("Constant", [], {"value": ir.tensor(np.array([c], np.int64))}),
+            t.op("Unsqueeze", [self.available.get(normed_exit_feature(c), self.available[exit_feature(c)]),
+                               self.constant("axes_1", [1])]))))
         h = t.op("Gather", [self.available[layer_output(c)], self.constant("last", -1)], {"axis": 1})  # [1, d]
         xhat = self._rms(t, h)
         pos = self.available["past_sequence_length"]  # [1]: the position being decoded

@@ -10,6 +10,9 @@ feature outputs as before:
     features  = partial + features @ W_top                            (the full-depth feature)
     exit_feature.{i} = rows(partial) + exit_feature.{i} @ W_top       (i >= mid)
 
+The normed states stay outputs too, as ``normed_features`` and ``normed_exit_feature.{i}``:
+what a token's distribution came from, which scoring reads (a runtime may leave them unbound).
+
 ``W_low | W_mid | W_top`` are the draft's ``fuse`` weight (d x 3d) split by input slot. An exit
 shallower than a slot's layer reads its own feature in that slot (its matrix is added to
 ``W_top``). ``rows`` is the last position ([1, d]), or every node ([S, d]) with ``per_node``
@@ -26,7 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from specee_compile.contract import FEATURES, SEGMENT, exit_feature
+from specee_compile.contract import FEATURES, NORMED_FEATURES, SEGMENT, exit_feature, normed_exit_feature
 from specee_compile.passes.analysis import find_decoder
 from specee_compile.passes.conditions import Broken, Unmet, graph_output_names
 from specee_compile.passes.insert_predictors import constant, rms_normalized
@@ -51,8 +54,8 @@ class FuseDraftInputPass(ir.passes.InPlacePass):
             raise Unmet(f"{self.name}: no fusion weights; it runs with a fusion draft's (calibrate.draft).")
         d = dec.norm_weight.shape[0]
         if tuple(self.weight.shape) != (d, 3 * d):
-            raise Unmet(f"{self.name}: the fusion weight is {tuple(self.weight.shape)}, the model needs ({d}, {3 * d}); "
-                        "it belongs to a draft of another model.")
+            raise Unmet(f"{self.name}: the fusion weight is {tuple(self.weight.shape)}, the model needs "
+                        f"({d}, {3 * d}); it belongs to a draft of another model.")
         if not all(0 <= j < dec.num_layers for j in self.layers):
             raise Unmet(f"{self.name}: layers {self.layers} are not all among the graph's {dec.num_layers}.")
         if FEATURES not in graph_output_names(model):
@@ -77,9 +80,13 @@ class FuseDraftInputPass(ir.passes.InPlacePass):
         low, mid = self.layers
         normed = {j: tape.op("Mul", [rms_normalized(tape, dec, dec.layer_outputs[j]), dec.norm_weight])
                   for j in sorted({low, mid})}
+        for j, v in normed.items():
+            v.name = f"{PREFIX}normed.{j}"  # may cross a cut (segments): a stable name for the manifest
         partial = tape.op("Add", [tape.op("MatMul", [normed[low], mats["low"]]),
                                   tape.op("MatMul", [normed[mid], mats["mid"]])])  # [1, S, d]
-        self._replace(graph, FEATURES, lambda top: tape.op("Add", [partial, tape.op("MatMul", [top, mats["top"]])]))
+        partial.name = f"{PREFIX}partial"
+        self._replace(graph, FEATURES, NORMED_FEATURES,
+                      lambda top: tape.op("Add", [partial, tape.op("MatMul", [top, mats["top"]])]))
         exits = sorted(int(v.name[len(EXIT_FEATURE):]) for v in graph.outputs
                        if (v.name or "").startswith(EXIT_FEATURE))
         for i in exits:
@@ -92,7 +99,7 @@ class FuseDraftInputPass(ir.passes.InPlacePass):
                          for k, j in (("low", low), ("mid", mid)) if k not in deeper]
             else:
                 own, known = mats["top"], [self._rows(tape, partial, d)]
-            self._replace(graph, exit_feature(i),
+            self._replace(graph, exit_feature(i), normed_exit_feature(i),
                           lambda top: _sum(tape, [*known, tape.op("MatMul", [top, own])]))
             for new in tape.nodes[start:]:
                 new.metadata_props[SEGMENT] = str(i)
@@ -107,14 +114,15 @@ class FuseDraftInputPass(ir.passes.InPlacePass):
         return tape.op("Gather", [v, constant(tape, np.array(-1, np.int64))], {"axis": 1})
 
     @staticmethod
-    def _replace(graph: ir.Graph, name: str, fused) -> None:
-        """Graph output ``name`` becomes ``fused(old)``; the old value keeps feeding its other uses."""
+    def _replace(graph: ir.Graph, name: str, normed: str, fused) -> None:
+        """Graph output ``name`` becomes ``fused(old)``; the old value is output ``normed`` next to it."""
         k = next(k for k, v in enumerate(graph.outputs) if v.name == name)
         old = graph.outputs[k]
-        old.name = f"{name}.unfused"
+        old.name = normed
         new = fused(old)
         new.name = name
         graph.outputs[k] = new
+        graph.outputs.insert(k + 1, old)
 
 
 def _sum(tape: ir.tape.Tape, values: list[ir.Value]) -> ir.Value:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from specee_compile.contract import FEATURES, LOGITS, exit_feature, exit_flag, exit_token, layer_output
+from specee_compile.contract import (FEATURES, LOGITS, NORMED_FEATURES, exit_feature, exit_flag, exit_token,
+                                     layer_output, normed_exit_feature)
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes.engine import Forward, teacher_force
 from specee_compile.schedule import Schedule
@@ -46,6 +47,7 @@ class Request:
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per part (SpecEE)
     history: list[int] = field(default_factory=list)  # exit layer of every decode step
     feature: object = None  # [1, 1, d]: the feature the draft is fed next
+    normed: object = None  # [.., d]: the normed state the last token came from (feature, unless the draft fuses)
     draft_len: int = 0  # rows of the draft's cache in use
     extra: dict = field(default_factory=dict)  # a decoder's further fields (tree speculation)
 
@@ -150,6 +152,7 @@ class SegmentedDecoder:
         token = self.backend.prefill(request.buffers, ids)
         features = self.backend.prompt_features(request.buffers)  # [1, S, d]
         request.history, request.feature, request.draft_len = [], features[:, -1:], 0
+        request.normed = self.backend.feature(request.buffers)
         if len(ids) > 1:
             self.draft(request, ids[1:], features[:, :-1])
         return token
@@ -160,7 +163,7 @@ class SegmentedDecoder:
         return draft_ids
 
     def feature(self, request: Request) -> np.ndarray:
-        f = request.feature[0, -1]
+        f = request.normed.reshape(-1, request.normed.shape[-1])[-1]
         return f.float().cpu().numpy() if hasattr(f, "cpu") else f.copy()
 
     def step(self, request: Request, token: int, n: int) -> Forward:
@@ -176,6 +179,7 @@ class SegmentedDecoder:
             if exit_at is not None and active[exit_at] and bool(backend.array(outs[exit_flag(exit_at)])[0]):
                 result = int(backend.array(outs[exit_token(exit_at)])[0])
                 request.feature = backend.array(outs[exit_feature(exit_at)])[:, None, :]
+                request.normed = backend.array(outs.get(normed_exit_feature(exit_at), outs[exit_feature(exit_at)]))
                 clock = lap(request.breakdown, "segments", clock)
                 backend.propagate(buf, backend.array(outs[layer_output(exit_at)])[0, -1], exit_at, n)
                 lap(request.breakdown, "kv_propagation", clock)
@@ -183,6 +187,7 @@ class SegmentedDecoder:
                 return Forward([result], exit_at)
         result = int(backend.array(values[LOGITS])[0].argmax())
         request.feature = backend.array(values[FEATURES])[:, -1:]
+        request.normed = backend.array(values.get(NORMED_FEATURES, values[FEATURES]))[:, -1:]
         lap(request.breakdown, "segments", clock)
         request.history.append(self.num_layers - 1)
         return Forward([result], self.num_layers - 1)
@@ -202,7 +207,7 @@ class GraphExitDecoder(SegmentedDecoder):
         clock = lap(request.breakdown, "draft", clock)
         values = self.backend.step_values(request.buffers, token, n, draft_ids,
                                           self.active_layers(request.history), self._threshold)
-        result, exit_layer, request.feature = self.backend.run_decode_graph(request.buffers, values)
+        result, exit_layer, request.feature, request.normed = self.backend.run_decode_graph(request.buffers, values)
         lap(request.breakdown, "segments", clock)  # the one decode graph, K/V propagation included
         request.history.append(exit_layer)
         return Forward([result], exit_layer)

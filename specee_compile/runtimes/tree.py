@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specee_compile.contract import (ACTIVE_LAYERS, ATTENTION_BIAS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, INPUT_IDS,
-                                     PAST_LENGTH, POSITION_IDS, TOKENS, exit_feature, exit_flag, exit_token,
-                                     layer_output)
+                                     NORMED_FEATURES, PAST_LENGTH, POSITION_IDS, TOKENS, exit_feature, exit_flag,
+                                     exit_token, layer_output, normed_exit_feature)
 from specee_compile.errors import BundleError, ConfigError
 from specee_compile.runtimes.decoders import Request, SegmentedDecoder, lap
 from specee_compile.runtimes.engine import Forward
@@ -112,7 +112,7 @@ class TreeDecoder(SegmentedDecoder):
         Each position is predicted once. Lossless shapes predict the dense tokens; with
         ``:exit`` this measures what early exit inside verification changes."""
         predicted, exits = [self.prefill(request, ids)], [self.num_layers - 1]
-        features = [request.feature[0, -1].copy()]
+        features = [self.backend.feature(request.buffers)]  # the normed states the predictions came from
         while len(predicted) < len(continuation):
             k = len(predicted)
             request.context[-1] = continuation[k - 1]  # fed the reference's token, not the prediction
@@ -122,7 +122,7 @@ class TreeDecoder(SegmentedDecoder):
             self._commit(request, emitted[:count], producers, feats)
             predicted += emitted[:count]
             exits += [layer] * count
-            features += [feats[0, p].copy() for p in producers[:count]]
+            features += [request.buffers.tree_normed[0, p].copy() for p in producers[:count]]
         return predicted, exits, features
 
     def _tree_step(self, request: TreeRequest, token: int, n: int):
@@ -294,6 +294,9 @@ class TreeDecoder(SegmentedDecoder):
             hidden = outs[layer_output(exit_at)].numpy()[0]
             for node in (0, *path):
                 backend.propagate(request.buffers, hidden[node], exit_at, n + node, positions[0, node])
+            normed = outs.get(normed_exit_feature(exit_at), outs[exit_feature(exit_at)])
+            request.buffers.tree_normed = normed.numpy()[None]
             return path, tokens, outs[exit_feature(exit_at)].numpy()[None], exit_at
         tokens = values[TOKENS].numpy()[0]
+        request.buffers.tree_normed = values.get(NORMED_FEATURES, values[FEATURES]).numpy()
         return tree.accepted(tokens), tokens, values[FEATURES].numpy(), self.num_layers - 1

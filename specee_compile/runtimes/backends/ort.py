@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from specee_compile.bundle.manifest import Graph
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, GRAPH_EXIT_OUTPUTS, INPUT_IDS,
-                                     KINDS, LOGITS, PAST, PAST_LENGTH, is_cache, past, present)
+                                     KINDS, NORMED_FEATURES, LOGITS, PAST, PAST_LENGTH, is_cache, past, present)
 from specee_compile.errors import BundleError
 from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
@@ -199,11 +199,13 @@ class OrtBuffers:
         self.binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
         # decode steps write the [1, 1, d] features into one preallocated buffer
         self.step_features = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, bundle.hidden_size), np.float32))
+        self.step_normed = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, bundle.hidden_size), np.float32))
         self.token = np.zeros((1, 1), np.int64)
         self.past_len = np.zeros((1,), np.int64)
         self.token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
         self.past_len_value = ort.OrtValue.ortvalue_from_numpy(self.past_len)
         self.last_features = self.step_features
+        self.last_normed = self.step_features  # the normed states (features, unless the draft fuses)
         self.extra: dict = {}  # bindings of the other graphs, made by the backend that runs them
 
 
@@ -221,6 +223,8 @@ class OrtStep:
         check_cache_shapes(self.session, bundle.file(graph.file, "graphs.step.file"), bundle.num_layers,
                            list(bundle.cache_shape), "'model.num_kv_heads', 'cache.capacity', 'model.head_dim'",
                            bundle.vocab_size)
+        # a fusion draft's step graph: features is the draft's input, the normed states a second output
+        self.normed = NORMED_FEATURES in {o.name for o in self.session.get_outputs()}
 
     def sessions(self) -> list[ort.InferenceSession]:
         return self.graphs.opened
@@ -233,8 +237,13 @@ class OrtStep:
         b.bind_cpu_input(INPUT_IDS, np.asarray([ids], dtype=np.int64))
         b.bind_cpu_input(PAST_LENGTH, np.zeros((1,), np.int64))
         b.bind_output(FEATURES)  # [1, S, d], allocated by ORT for this shape
+        if self.normed:
+            b.bind_output(NORMED_FEATURES)
         self.session.run_with_iobinding(b)
-        buf.last_features = b.get_outputs()[-1]  # bound last, so listed last
+        outs = b.get_outputs()  # in first-bind order: these were bound last
+        buf.last_features = buf.last_normed = outs[-1]
+        if self.normed:
+            buf.last_features = outs[-2]
         return int(buf.logits[0].argmax())
 
     def prompt_features(self, buf: OrtBuffers) -> np.ndarray:
@@ -248,13 +257,17 @@ class OrtStep:
         b.bind_ortvalue_input(INPUT_IDS, buf.token_value)
         b.bind_ortvalue_input(PAST_LENGTH, buf.past_len_value)
         b.bind_ortvalue_output(FEATURES, buf.step_features)
+        if self.normed:
+            b.bind_ortvalue_output(NORMED_FEATURES, buf.step_normed)
         self.session.run_with_iobinding(b)
-        buf.last_features = buf.step_features
+        buf.last_features = buf.last_normed = buf.step_features
+        if self.normed:
+            buf.last_normed = buf.step_normed
         return int(buf.logits[0].argmax())
 
     def feature(self, buf: OrtBuffers) -> np.ndarray:
         """[d]: the final-normed hidden state the last prediction came from."""
-        return buf.last_features.numpy()[0, -1].copy()
+        return buf.last_normed.numpy()[0, -1].copy()
 
 
 class OrtSpecEE(OrtStep):
@@ -291,7 +304,8 @@ class OrtSpecEE(OrtStep):
                                 for s, layers in zip(self.segments, self.spec.segment_layers)]
         if self.spec.exit_mode == "graph" and self.segments:  # the decode graph's results land in fixed buffers
             buf.out = {"token": np.zeros(1, np.int64), "exit_layer": np.zeros(1, np.int64),
-                       "feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32)}
+                       "feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32),
+                       "normed_feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32)}
             for name in GRAPH_EXIT_OUTPUTS:
                 buf.segment_bindings[0].bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf.out[name]))
         return buf
@@ -318,13 +332,14 @@ class OrtSpecEE(OrtStep):
         inputs, outputs = self.segment_io[k]
         return run_bound(self.segments[k], buf.segment_bindings[k], inputs, outputs, values)
 
-    def run_decode_graph(self, buf: OrtBuffers, values: dict) -> tuple[int, int, np.ndarray]:
-        """Exit mode "graph": the one decode graph; its token, exit layer and next feature."""
+    def run_decode_graph(self, buf: OrtBuffers, values: dict) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """Exit mode "graph": the one decode graph; its token, exit layer, next feature and normed state."""
         b = buf.segment_bindings[0]
         for name in self.segment_io[0][0]:
             b.bind_cpu_input(name, values[name])
         self.segments[0].run_with_iobinding(b)
-        return int(buf.out["token"][0]), int(buf.out["exit_layer"][0]), buf.out["feature"].copy()
+        return (int(buf.out["token"][0]), int(buf.out["exit_layer"][0]), buf.out["feature"].copy(),
+                buf.out["normed_feature"].copy())
 
     def propagate(self, buf: OrtBuffers, h: np.ndarray, exit_layer: int, row: int, position: int | None = None):
         """K/V of the layers after ``exit_layer`` at cache row ``row`` from the exit hidden state

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from specee_compile.contract import (ATTENTION_BIAS, DRAFT_FEATURES, DRAFT_IDS, DRAFT_LOGPROBS, FEATURES, INPUT_IDS,
-                                     PAST_LENGTH, POSITION_IDS, TOKENS)
+                                     NORMED_FEATURES, PAST_LENGTH, POSITION_IDS, TOKENS)
 from specee_compile.errors import BundleError
 from specee_compile.runtimes.backends.ort import OrtBuffers, OrtSpecEE, io_names, run_bound
 
@@ -26,6 +26,7 @@ class OrtTree(OrtSpecEE):
                               "--specee --tree.")
         self.max_width = tree.max_width
         self.tree = self.graphs.open(tree, "specee.tree.file")
+        self.tree_normed = NORMED_FEATURES in {o.name for o in self.tree.get_outputs()}  # a fusion draft's
         self.draft_tree = self.graphs.open(tree.draft, "specee.tree.draft.file")
         self.segment_specs = tree.segments  # the tree step with per-node exits (merged mapping)
         self.tree_segment_layers = [g.layers for g in self.segment_specs]
@@ -69,7 +70,7 @@ class OrtTree(OrtSpecEE):
 
     def verify(self, buf: OrtBuffers, tokens: list[int], n: int, positions: np.ndarray, bias: np.ndarray):
         """One target forward over a token tree rooted at position n; its nodes' greedy tokens
-        [S] and features [1, S, d]."""
+        [S] and features [1, S, d] (their normed states stay in ``buf.tree_normed``)."""
         b = buf.tree_binding
         b.bind_cpu_input(INPUT_IDS, np.array([tokens], np.int64))
         b.bind_cpu_input(PAST_LENGTH, np.array([n], np.int64))
@@ -77,9 +78,15 @@ class OrtTree(OrtSpecEE):
         b.bind_cpu_input(ATTENTION_BIAS, bias)
         b.bind_output(TOKENS)  # rebound each run: their shapes change with the tree's size
         b.bind_output(FEATURES)
+        if self.tree_normed:
+            b.bind_output(NORMED_FEATURES)
         self.tree.run_with_iobinding(b)
         out = b.get_outputs()  # the presents, then tokens and features (bound after them)
-        return out[-2].numpy()[0], out[-1].numpy()
+        if self.tree_normed:
+            buf.tree_normed = out[-1].numpy()
+            return out[-3].numpy()[0], out[-2].numpy()
+        buf.tree_normed = out[-1].numpy()
+        return out[-2].numpy()[0], buf.tree_normed
 
     def run_tree_segment(self, buf: OrtBuffers, k: int, values: dict) -> dict:
         if buf.tree_segment_bindings is None:

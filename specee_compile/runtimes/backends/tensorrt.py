@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, INPUT_IDS, KINDS, LOGITS,
-                                     PAST_LENGTH, PRESENT, PAST, past, present)
+                                     NORMED_FEATURES, PAST_LENGTH, PRESENT, PAST, past, present)
 from specee_compile.errors import BackendError, BundleError, GenerationError
 from specee_compile.lower.tensorrt import unavailable_reason
 from specee_compile.runtimes.propagation import propagated_kv, rope_rows
@@ -79,7 +79,8 @@ class TrtBuffers:
         self.step_features = torch.zeros((1, 1, bundle.hidden_size), dtype=torch.float32, device=device)
         self.token = torch.zeros((1, 1), dtype=torch.int64, device=device)
         self.past_len = torch.zeros((1,), dtype=torch.int64, device=device)
-        self.last_features = self.step_features
+        self.last_features = self.last_normed = self.step_features
+        self.step_normed = torch.zeros_like(self.step_features)
         self.context.set_tensor_address(LOGITS, self.logits.data_ptr())
 
 
@@ -100,6 +101,8 @@ class TrtStep:
                 f"--out NAME.onnx{specee} --check trt for the same graphs in an ONNX Runtime bundle."
             )
         self.engine = self.open(graph, bundle.cache_shape)
+        # a fusion draft's step graph: features is the draft's input, the normed states a second output
+        self.normed = NORMED_FEATURES in {o["name"] for o in graph["outputs"]}
 
     def open(self, graph: dict, cache_shape: tuple):
         """Deserialize ``graph['file']`` and check its tensors against the manifest's I/O."""
@@ -121,7 +124,7 @@ class TrtStep:
         tokens = torch.tensor([ids], dtype=torch.int64, device=self.device)
         buf.past_len.zero_()
         features = torch.empty((1, len(ids), self.bundle.hidden_size), dtype=torch.float32, device=self.device)
-        self._step(buf, tokens, features)
+        self._step(buf, tokens, features, torch.empty_like(features))
         return int(buf.logits[0].argmax())
 
     def prompt_features(self, buf: TrtBuffers):
@@ -130,24 +133,27 @@ class TrtStep:
     def decode(self, buf: TrtBuffers, token: int, past_len: int) -> int:
         buf.token.fill_(token)
         buf.past_len.fill_(past_len)
-        self._step(buf, buf.token, buf.step_features)
+        self._step(buf, buf.token, buf.step_features, buf.step_normed)
         return int(buf.logits[0].argmax())
 
     def feature(self, buf: TrtBuffers) -> np.ndarray:
-        return buf.last_features[0, -1].float().cpu().numpy()
+        return buf.last_normed[0, -1].float().cpu().numpy()
 
-    def _step(self, buf: TrtBuffers, tokens, features) -> None:
+    def _step(self, buf: TrtBuffers, tokens, features, normed) -> None:
         """Run the engine once: past = the current cache set, present = the other; then swap."""
         ctx = buf.context
         ctx.set_input_shape(INPUT_IDS, tuple(tokens.shape))
         ctx.set_tensor_address(INPUT_IDS, tokens.data_ptr())
         ctx.set_tensor_address(PAST_LENGTH, buf.past_len.data_ptr())
         ctx.set_tensor_address(FEATURES, features.data_ptr())
+        if self.normed:
+            ctx.set_tensor_address(NORMED_FEATURES, normed.data_ptr())
         layers = range(self.bundle.num_layers)
         buf.caches.bind(ctx, layers)
         self.execute(ctx, "a step")
         buf.caches.swap(layers)
         buf.last_features = features
+        buf.last_normed = normed if self.normed else features
 
     def execute(self, context, what: str) -> None:
         """Enqueue a run on torch's current stream, which orders it with the torch copies around it."""
