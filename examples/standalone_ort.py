@@ -159,7 +159,7 @@ class SpecEEDecoder(DenseDecoder):
         self.kv_heads = m["num_kv_heads"]
         self.threshold = np.array([spec["threshold"]], np.float32)
         self.history: list[int] = []  # the exit layer of every decode step so far
-        self.feature = None  # [1, 1, d]: the normed hidden state the last token came from
+        self.feature = None  # [1, 1, d]: the draft's next input (the normed state the last token came from, or fused)
         self.draft_len = 0  # positions in the draft's cache
 
     def open_segments(self, bundle: Path, manifest: dict, specs: list[dict], threads: int | None) -> list[tuple]:

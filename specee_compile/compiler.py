@@ -31,7 +31,7 @@ import specee_compile.load as load
 from specee_compile.bundle import check_output
 from specee_compile.bundle.assemble import Facts, write_bundle
 from specee_compile.config import CompileConfig
-from specee_compile.contract import TREE_MAX_WIDTH, exit_flag
+from specee_compile.contract import NORMED_FEATURES, TREE_MAX_WIDTH, exit_flag
 from specee_compile.errors import BackendError, ConfigError, PassError
 from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.lower.exit_graph import nest_segments
@@ -263,6 +263,7 @@ def run_passes(config: CompileConfig, plan: PassPlan, graphs: dict[str, ir.Model
     for family, model in graphs.items():
         model, entries = plan.run(family, model, skip, dump)
         log += entries
+        _check_fused(plan, family, model)
         cut = {"decode": "segments", "tree_decode": "tree_segments"}.get(family)
         if cut is None:
             out[family] = model
@@ -273,6 +274,17 @@ def run_passes(config: CompileConfig, plan: PassPlan, graphs: dict[str, ir.Model
             log += entries
         out[cut] = segmented
     return out, log
+
+
+def _check_fused(plan: PassPlan, family: str, model: ir.Model) -> None:
+    """A fusion draft reads the fused input from every graph that feeds it: refuse a plan
+    whose edits left ``fuse_draft_input`` out of one (the draft would read unfused features)."""
+    if plan.exits is None or plan.exits.fusion is None or family not in ("step", "decode", "tree", "tree_decode"):
+        return
+    if NORMED_FEATURES not in {v.name for v in model.graph.outputs}:
+        raise PassError(f"the '{family}' graph does not hand the draft its fused input: the calibration's draft fuses "
+                        f"layers {plan.exits.fusion[0]}, and fuse_draft_input was skipped or a custom pipeline left it "
+                        "out. Keep that pass, or calibrate with --set draft_fusion=false.")
 
 
 def _cut(model: ir.Model, layers: tuple[int, ...], family: str) -> Segmented:

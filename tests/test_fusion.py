@@ -13,6 +13,7 @@ from specee_compile.calibrate.draft import EagleDraft
 from specee_compile.calibrate.pipeline import save_draft
 from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
+from specee_compile.errors import PassError
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from specee_compile.runtimes import load
 from specee_compile.testing import TINY_CALIBRATION, make_tiny_model, write_calibration_jsonl
@@ -80,3 +81,12 @@ def test_a_fusion_drafts_tree_speculation_gives_the_dense_tokens(fused):
         want = dense.generate(prompt, max_new_tokens=16).token_ids
         got = engine.generate(prompt, max_new_tokens=16, tree="2x2x3")
         assert got.token_ids == want and sum(got.accepted_lengths) >= len(got.token_ids) - 1
+
+
+def test_skipping_the_fusion_pass_is_refused_before_a_bundle_is_written(fused, tiny_dirs, tmp_path):
+    cal, _ = fused
+    out = tmp_path / "b.onnx"
+    with pytest.raises(PassError, match="does not hand the draft its fused input"):
+        compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=out, max_context=64, specee=True,
+                                     calibration=cal, skip_passes=("step:fuse_draft_input",)), progress=False)
+    assert not out.exists()

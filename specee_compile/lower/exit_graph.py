@@ -145,8 +145,9 @@ class _Nester:
             plain = name.replace("present.", "row.", 1) if self.rows else name
             value.name = plain if k == 0 else f"exit_or_continue.{c}/{plain}"
             value.type, value.shape = else_outs[name].type, else_outs[name].shape
-        if node.outputs[1].shape is not None:
-            node.outputs[1].shape = ir.Shape([1, 1, node.outputs[1].shape[-1]])
+        for j in (1, 3):  # feature, normed_feature
+            if node.outputs[j].shape is not None:
+                node.outputs[j].shape = ir.Shape([1, 1, node.outputs[j].shape[-1]])
         nodes.append(node)
         return nodes, {**outs, **dict(zip(names, node.outputs))}
 

@@ -13,7 +13,8 @@
 
 With a fusion draft (EAGLE-3's multi-layer input) the step, decode, tree and tree_decode
 graphs also end their "specee" phase with ``fuse_draft_input``: their features become the
-draft's fused input.
+draft's fused input (a listing without a calibration shows it; a plan for an unfused
+draft leaves it out).
 
 With ``--quant`` every family whose graphs the bundle holds (all but ``decode`` and
 ``tree_decode``, which are cut first) ends with ``quantize_weights`` (phase "quantize").
@@ -138,8 +139,8 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
             if exit_mode == "segments":  # early exit inside tree verification
                 plan.update(tree_decode=specee_pipeline(exits, per_node=True), tree_segments=fusions())
             plan["draft_tree"] = Pipeline()
-        if exits is not None and exits.fusion is not None:
-            layers, weight = exits.fusion
+        if exits is None or exits.fusion is not None:  # listed without weights, like the SpecEE passes
+            layers, weight = exits.fusion if exits is not None else ((0, 0), None)
             for family in ("step", "decode", "tree", "tree_decode"):
                 if family in plan:
                     plan[family].append("specee", FuseDraftInputPass(layers, weight, per_node=family == "tree_decode"))

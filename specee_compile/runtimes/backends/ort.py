@@ -306,8 +306,12 @@ class OrtSpecEE(OrtStep):
             buf.out = {"token": np.zeros(1, np.int64), "exit_layer": np.zeros(1, np.int64),
                        "feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32),
                        "normed_feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32)}
+            outputs = {o.name for o in self.segments[0].get_outputs()}  # normed_feature: since the fusion draft
             for name in GRAPH_EXIT_OUTPUTS:
-                buf.segment_bindings[0].bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf.out[name]))
+                if name in outputs:
+                    buf.segment_bindings[0].bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf.out[name]))
+                else:
+                    buf.out[name] = buf.out["feature"]
         return buf
 
     def array(self, value: ort.OrtValue) -> np.ndarray:
