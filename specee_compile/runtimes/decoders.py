@@ -179,7 +179,8 @@ class SegmentedDecoder:
             if exit_at is not None and active[exit_at] and bool(backend.array(outs[exit_flag(exit_at)])[0]):
                 result = int(backend.array(outs[exit_token(exit_at)])[0])
                 request.feature = backend.array(outs[exit_feature(exit_at)])[:, None, :]
-                request.normed = backend.array(outs.get(normed_exit_feature(exit_at), outs[exit_feature(exit_at)]))
+                normed = normed_exit_feature(exit_at)  # a fusion draft's bundle: the state the token came from
+                request.normed = backend.array(outs[normed]) if normed in outs else request.feature
                 clock = lap(request.breakdown, "segments", clock)
                 backend.propagate(buf, backend.array(outs[layer_output(exit_at)])[0, -1], exit_at, n)
                 lap(request.breakdown, "kv_propagation", clock)
@@ -187,7 +188,7 @@ class SegmentedDecoder:
                 return Forward([result], exit_at)
         result = int(backend.array(values[LOGITS])[0].argmax())
         request.feature = backend.array(values[FEATURES])[:, -1:]
-        request.normed = backend.array(values.get(NORMED_FEATURES, values[FEATURES]))[:, -1:]
+        request.normed = backend.array(values[NORMED_FEATURES])[:, -1:] if NORMED_FEATURES in values else request.feature
         lap(request.breakdown, "segments", clock)
         request.history.append(self.num_layers - 1)
         return Forward([result], self.num_layers - 1)
