@@ -33,13 +33,13 @@ def visible(query_positions: torch.Tensor, key_positions: torch.Tensor, window: 
 def attend(q, keys, values, mask: torch.Tensor, attention: Attention, bias: torch.Tensor | None = None):
     """Softmax attention of q [B, H, S, D] over keys/values [B, KVH, T, D] (grouped), ``mask`` [S, T]
     bool, ``bias`` added to the (soft-capped) scores."""
+    if attention.softcap is None:  # grouped in the kernel: as fast as repeating the K/V per head is slow
+        attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+        return nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
+                                                          scale=attention.scale, enable_gqa=True)
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
-    if attention.softcap is None:
-        attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-        return nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
-                                                          scale=attention.scale)
     scores = q @ keys.transpose(-1, -2) * attention.scale
     scores = torch.tanh(scores / attention.softcap) * attention.softcap
     if bias is not None:

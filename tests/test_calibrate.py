@@ -331,3 +331,47 @@ def test_a_schedule_sweep_replayed_in_lockstep_equals_one_replay_per_policy():
     alone = [replay_window(target, draft, bank, s, d, p, lo, head_tokens=heads) for s, d in policies]
     assert together == alone
     assert len({tuple(r.exit_layers) for r in alone}) > 1  # the policies took different paths
+
+
+def test_windows_replayed_as_one_batch_equal_each_window_alone():
+    """The schedule search batches the draft steps of many windows with prefixes of different
+    lengths (left-padded, positions shifted); each window's replay must be what it gives alone,
+    including a window that ends before the others."""
+    from specee_compile.calibrate.collect import target_pass
+    from specee_compile.calibrate.simulate import replay_window_many, replay_windows, rule_tokens
+    from specee_compile.reference import DecodeSettings
+    from specee_compile.schedule import Schedule
+
+    target, draft, p, bank = _replay_setup(48)
+    q = target_pass(target, torch.randint(1, 300, (30,)).tolist())  # a shorter sequence
+    L = p.z.shape[0]
+    policies = [(Schedule(L, layers, 2, (-1, 0, 1), online=True), DecodeSettings(rule=rule, threshold=t))
+                for layers, rule in (((0, 1), "draft"), (tuple(range(L - 1)), "full")) for t in (0.5, 0.55)]
+    windows = [(p, lo, end, rule_tokens(target, draft, p.z[:, lo:end], "full")) for lo, end in ((12, None), (30, 44))]
+    windows.append((q, 5, None, rule_tokens(target, draft, q.z[:, 5:], "full")))
+    together = replay_windows(target, draft, bank, policies, windows, rows=len(policies) * len(windows))
+    alone = [replay_window_many(target, draft, bank, policies, *w) for w in windows]
+    assert together == alone
+    assert [len(r[0].exit_layers) for r in together] == [36, 14, 25]
+    assert all(min(r[0].exit_layers) < L - 1 for r in alone)  # early exits change what the draft is fed next
+    assert len({tuple(r.exit_layers) for rs in alone for r in rs}) > 3  # the policies and windows differ
+
+
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_predictor_gradients_by_layer_group_equal_the_whole_batchs(group):
+    """Training accumulates each batch's gradient a few layers at a time (for speed); the sum
+    must be the gradient of the mean BCE over every layer and sample at once."""
+    from torch import nn
+
+    from specee_compile.calibrate.predictors import accumulate_gradients
+    from specee_compile.predictor import PredictorBank
+
+    torch.manual_seed(0)
+    bank = PredictorBank(5, 16)
+    features, labels = torch.randn(5, 40, 12), (torch.rand(5, 40) < 0.3).float()
+    nn.BCEWithLogitsLoss()(bank.logits_all(features), labels).backward()
+    whole = [p.grad.clone() for p in bank.parameters()]
+    bank.zero_grad()
+    accumulate_gradients(bank, features, labels, group)
+    for got, want in zip((p.grad for p in bank.parameters()), whole):
+        assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)

@@ -106,14 +106,16 @@ class EagleDraft(nn.Module):
         z = torch.zeros(1, self.kv_heads, 0, self.head_dim)
         return z, z.clone()
 
-    def forward(self, tokens, features, cache=None, start: int = 0):
-        """tokens [B, S], features [B, S, d] -> (predicted features [B, S, d], logits [B, S, Vd], cache)."""
+    def forward(self, tokens, features, cache=None, start: int = 0, mask=None):
+        """tokens [B, S], features [B, S, d] -> (predicted features [B, S, d], logits [B, S, Vd], cache).
+        ``mask`` (bool, [B, 1, S, T] or broadcastable) says which cached and new keys each query
+        sees instead of causality by position."""
         if cache is None:
             cache = self.empty_cache()
             cache = (cache[0].expand(tokens.shape[0], -1, -1, -1), cache[1].expand(tokens.shape[0], -1, -1, -1))
         x = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
         positions = torch.arange(start, start + tokens.shape[1])
-        f, keys, values = layer_step(self.spec, x, cache[0], cache[1], positions)
+        f, keys, values = layer_step(self.spec, x, cache[0], cache[1], positions, mask=mask)
         f = self.norm(f)
         return f, self.head(f), (keys, values)
 

@@ -28,7 +28,7 @@ from specee_compile.calibrate.predictors import layer_metrics, train_bank
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft
 from specee_compile.predictor import PredictorBank, candidate_features
-from specee_compile.calibrate.simulate import (CostModel, measure_costs, replay_window, replay_window_many,
+from specee_compile.calibrate.simulate import (CostModel, measure_costs, replay_windows,
                                               rule_tokens)
 from specee_compile.errors import ConfigError, ModelLoadError
 from specee_compile.reference import DecodeSettings
@@ -475,8 +475,9 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
     combos = [(Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True),
                DecodeSettings(rule=settings.rule, threshold=threshold), n)
               for n in candidates for threshold in (0.5, 0.8)]
-    per_window = [replay_window_many(target, draft, bank, [c[:2] for c in combos], p, lo, head_tokens=heads)
-                  for p, lo, heads in tqdm(windows, desc="schedule search", disable=not progress)]
+    per_window = replay_windows(target, draft, bank, [c[:2] for c in combos],
+                                [(p, lo, None, heads) for p, lo, heads in windows], progress=progress,
+                                desc="schedule search")
     for i, (schedule, decode, n) in enumerate(combos):
         row = _summarize([runs[i] for runs in per_window], windows, costs, dense)
         row.update(top_n=n, threshold=decode.threshold)
@@ -491,8 +492,9 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
 
 
 def _replay_all(target, draft, bank, schedule, settings, windows, progress=False, desc=""):
-    return [replay_window(target, draft, bank, schedule, settings, p, lo, head_tokens=heads)
-            for p, lo, heads in tqdm(windows, desc=desc, disable=not progress, leave=False)]
+    runs = replay_windows(target, draft, bank, [(schedule, settings)], [(p, lo, None, heads) for p, lo, heads in windows],
+                          progress=progress, desc=desc)
+    return [r[0] for r in runs]
 
 
 def _summarize(runs, windows, costs: CostModel, dense: float) -> dict:

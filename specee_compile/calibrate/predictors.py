@@ -17,22 +17,38 @@ def train_bank(
     lr: float = 1e-3,
     seed: int = 0,
     progress=None,
+    layer_group: int = 6,
 ) -> None:
-    """BCE + Adam, every layer's MLP on its own samples, all layers in one batched step."""
+    """BCE + Adam, every layer's MLP on its own samples, all layers in one optimizer step.
+
+    The loss is the mean over layers and samples; each batch's gradient is accumulated
+    ``layer_group`` layers at a time (the layers' MLPs are independent, so the sum of the
+    groups' gradients is the whole batch's), which keeps the [group, batch, hidden]
+    activations in cache: twice as fast as all layers at once on 2 cores, same update."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(bank.parameters(), lr=lr)
     n = features.shape[1]
-    loss_fn = nn.BCEWithLogitsLoss()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch):
             idx = order[start:start + batch]
-            loss = loss_fn(bank.logits_all(features[:, idx]), labels[:, idx].float())
             opt.zero_grad()
-            loss.backward()
+            accumulate_gradients(bank, features[:, idx], labels[:, idx].float(), layer_group)
             opt.step()
         if progress is not None:
             progress.update()
+
+
+def accumulate_gradients(bank: PredictorBank, features: torch.Tensor, labels: torch.Tensor, layer_group: int) -> None:
+    """Add the gradient of the mean BCE over all layers and samples (features [L, B, 12],
+    labels [L, B]) to the bank's parameters, ``layer_group`` layers per backward pass."""
+    L = features.shape[0]
+    for first in range(0, L, layer_group):
+        layers = slice(first, first + layer_group)
+        h = torch.baddbmm(bank.b1[layers, None, :], features[layers], bank.w1[layers]).relu_()
+        logits = torch.bmm(h, bank.w2[layers, :, None])[..., 0] + bank.b2[layers, None]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels[layers], reduction="sum")
+        (loss / labels.numel()).backward()
 
 
 @torch.no_grad()
