@@ -413,6 +413,10 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="also time tree speculation with trees of these shapes (WIDTHxDEPTHxBUDGET, or a width W "
                         "for Wx1xW; +L context lookup; :exit for early exit inside verification), with every "
                         "SpecEE bundle compiled with --tree (named tree-SHAPE@BUNDLE when there are several)")
+    p.add_argument("--verify-contexts", default="", metavar="N1,N2,...",
+                   help="with --tree: also time one tree forward per tree size against the dense step after N tokens "
+                        "of context (e.g. 100,500,1000), with ONNX Runtime's per-operator time of both unless "
+                        "--profile-prompts 0")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 2 prompts x 16 tokens, quick calibration, small sweep, no GenAI")
     p.add_argument("--out", default="bench-results", help="folder for the report, plots and compiled bundles")
@@ -432,6 +436,10 @@ def _bench_main(args) -> int:
         sweep = tuple(float(t) for t in args.sweep.split(",") if t.strip())
     except ValueError as e:
         raise ConfigError(f"--sweep takes comma-separated thresholds like 0.5,0.7,0.9 ({e}).") from e
+    try:
+        contexts = tuple(int(n) for n in args.verify_contexts.split(",") if n.strip())
+    except ValueError as e:
+        raise ConfigError(f"--verify-contexts takes comma-separated token counts like 100,500,1000 ({e}).") from e
     from specee_compile.runtimes.tree import TreeShape
 
     shapes = tuple(TreeShape.parse(t) for t in args.tree.split(",") if t.strip())
@@ -441,7 +449,8 @@ def _bench_main(args) -> int:
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai,
         llama_cpp=not args.no_llama_cpp, sweep=sweep, sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,
         quick=args.quick, force=args.force, shared_threads=args.thread_pool == "shared",
-        reference=args.reference, tree_shapes=shapes, quantized=tuple(args.quantized))
+        reference=args.reference, tree_shapes=shapes, quantized=tuple(args.quantized),
+        verify_contexts=contexts)
     run(settings, progress=not args.quiet)
     out = Path(args.out)
     print((out / "report.md").read_text() if not args.quiet else "", end="")

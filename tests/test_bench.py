@@ -22,8 +22,8 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     out, prompts = tmp_path / "bench", tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"hello world {i}, the quick brown fox"}) for i in range(4)))
     model = str(tiny_dirs["llama"])
-    assert bench_main([model, "--quick", "--reference", "--tree", "2x2x3,2x2x3:exit", "--prompts", str(prompts),
-                       "--out", str(out), "-q", *IN_PROCESS]) == 0
+    assert bench_main([model, "--quick", "--reference", "--tree", "2x2x3,2x2x3:exit", "--verify-contexts", "8,40",
+                       "--prompts", str(prompts), "--out", str(out), "-q", *IN_PROCESS]) == 0
     report = json.loads((out / "report.json").read_text())
     systems = report["systems"]
     assert set(systems) == SYSTEMS
@@ -53,6 +53,15 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     assert len(tree["depth_acceptance"]) <= 2 and all(0 <= v <= 1 for v in tree["depth_acceptance"])
     assert list(tree["verification_ms"]) == ["1", "2", "3", "4", "5", "8", "16"]
     assert tree["forward_cost"] > 0
+    # the cost against the context length, once per bundle, and where it goes by operator type
+    costs = tree["context_costs"]
+    assert "context_costs" not in systems["tree-2x2x3:exit"] and set(costs) == {"8", "40", "operators"}
+    for n in ("8", "40"):
+        assert costs[n]["dense_step_ms"] > 0 and list(costs[n]["dense_steps"]) == list(tree["verification_ms"])
+        assert all(v > 0 for v in costs[n]["dense_steps"].values())
+        ops = costs["operators"][n]
+        assert ops["tree_nodes"] == 16 and "GroupQueryAttention" in ops["tree_forward"]
+        assert 0 < ops["dense_step"]["GroupQueryAttention"] < ops["dense_step"]["(run)"]
     assert tree["draft"]["sequences"] == 12 and tree["draft"]["unroll"] == 2  # the quick calibration's draft
     assert 0 <= tree["draft"]["top1_after_full"] <= tree["draft"]["top4_after_full"] <= 1
     # early exit inside verification: lossy, measured teacher-forced like the early-exit bundle
@@ -72,6 +81,7 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     md = (out / "report.md").read_text()
     assert "| specee |" in md and "## Threshold sweep" in md and "sum of parts ms" in md
     assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation" in md and "12 x 1, unroll 2" in md and "![frontier](frontier.png)" in md
+    assert "Verification cost by context length" in md and "| 40 | tree, 16 nodes |" in md
     # a second run into the same folder refuses to replace the report without --force
     assert bench_main([model, "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 
@@ -83,6 +93,8 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     (["--tree", "9"], "the width must be from 1 to 8"),
     (["--tree", "two"], "a tree shape is WIDTHxDEPTHxBUDGET"),
     (["--prompts", "nowhere.jsonl"], "--prompts must be 'mtbench', 'sharegpt' or a JSONL file"),
+    (["--verify-contexts", "100,many"], "--verify-contexts takes comma-separated token counts"),
+    (["--verify-contexts", "0"], "--verify-contexts takes positive token counts"),
 ])
 def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message):
     assert bench_main(["smollm2", "--out", str(tmp_path / "b"), *args, *IN_PROCESS]) == 1

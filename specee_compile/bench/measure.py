@@ -163,6 +163,34 @@ def profile_node_shares(segment_traces: list[Path]) -> dict[str, float]:
     return {"predictors": predictor / total, "exit_checks": exit_check / total}
 
 
+def operator_times(trace: Path) -> list[Counter]:
+    """Per run of an ONNX Runtime profile (Chrome trace), in order: ms per operator type of the
+    nodes that ran inside it."""
+    events = json.loads(Path(trace).read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    nodes = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+                   key=lambda e: e["ts"])
+    out, i = [], 0
+    for run in runs:
+        ops: Counter = Counter()
+        while i < len(nodes) and nodes[i]["ts"] < run["ts"]:
+            i += 1
+        while i < len(nodes) and nodes[i]["ts"] <= run["ts"] + run["dur"]:
+            ops[nodes[i]["args"]["op_name"]] += nodes[i]["dur"] / 1000
+            i += 1
+        ops["(run)"] = run["dur"] / 1000
+        out.append(ops)
+    return out
+
+
+def mean_operators(runs: list[Counter]) -> dict[str, float]:
+    """The mean ms per run of each operator type (and of the whole run, "(run)"), largest first."""
+    total: Counter = Counter()
+    for r in runs:
+        total.update(r)
+    return {k: round(v / max(len(runs), 1), 3) for k, v in total.most_common()}
+
+
 def nll(features: np.ndarray, head: np.ndarray, targets: list[int]) -> list[float]:
     """Negative log-likelihood of each target under logits = features @ head.T."""
     logits = features.astype(np.float64) @ head.T.astype(np.float64)

@@ -145,6 +145,7 @@ def markdown(r: dict) -> str:
         lines += ["", "Verification cost by tree size (nodes, the newest token included; median ms of one forward "
                   "after the first prompt):", "",
                   *_wide_table("nodes", cost, {"ms": lambda v: f"{v:.1f}", "× one node": lambda v: f"{v / base:.2f}"})]
+        lines += _context_lines(next((s["context_costs"] for s in trees.values() if s.get("context_costs")), None))
     if r["sweep"]:
         lines += ["", "## Threshold sweep", "",
                   f"{r['sweep'][0]['system']} on the first {r['settings']['sweep_prompts']} prompts, each threshold "
@@ -158,6 +159,33 @@ def markdown(r: dict) -> str:
     if r.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in r["plots"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _context_lines(costs: dict | None) -> list[str]:
+    """The tree forward's cost against the context length, and where it goes (--verify-contexts)."""
+    if not costs:
+        return []
+    measured = {n: c for n, c in costs.items() if n != "operators" and "dense_steps" in c}
+    sizes = sorted({int(k) for c in measured.values() for k in c["dense_steps"]})
+    lines = ["", "Verification cost by context length: one tree forward of each size, in dense steps at the same "
+             "context (the prompts run together, cut to that many tokens; medians):", "",
+             "| context | dense step ms | " + " | ".join(f"{k} nodes" for k in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for n, c in measured.items():
+        cells = [f"{c['dense_steps'][str(k)]:.2f}" if str(k) in c["dense_steps"] else "–" for k in sizes]
+        lines.append(f"| {n} | {c['dense_step_ms']:.1f} | " + " | ".join(cells) + " |")
+    operators = costs.get("operators")
+    if operators:
+        first = next(iter(operators.values()))
+        names = [k for k in first["tree_forward"] if k != "(run)"][:6]
+        lines += ["", f"Where it goes: ONNX Runtime's profile, ms per forward by operator type (the profiler's own cost "
+                  f"included), dense step and a tree of {first['tree_nodes']} nodes:", "",
+                  "| context | forward | run | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for n, o in operators.items():
+            for label, ops in (("dense step", o["dense_step"]), (f"tree, {o['tree_nodes']} nodes", o["tree_forward"])):
+                lines.append(f"| {n} | {label} | {ops.get('(run)', 0):.1f} | "
+                             + " | ".join(f"{ops.get(k, 0):.1f}" for k in names) + " |")
+    return lines
 
 
 def _wide_table(label: str, columns: dict, rows: dict) -> list[str]:

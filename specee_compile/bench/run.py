@@ -80,6 +80,7 @@ class BenchSettings:
     reference: bool = False  # compare every SpecEE bundle with the eager reference decoder, step by step
     tree_shapes: tuple = ()  # tree speculation with trees of these shapes (TreeShape), with every SpecEE bundle made with --tree
     tree_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 16)  # tree sizes whose verification cost is timed
+    verify_contexts: tuple[int, ...] = ()  # context lengths at which that cost is timed against the dense step
     quantized: tuple[str, ...] = ()  # dense bundles compiled with --quant, measured next to the fp32 one
     llama_cpp: bool = True  # with --quantized and a GGUF model: llama.cpp on that GGUF (if llama-cpp-python is there)
 
@@ -89,6 +90,8 @@ class BenchSettings:
         for name in ("limit", "new_tokens", "repeats", "sweep_prompts", "max_context"):
             if getattr(s, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(s, name)}.")
+        if any(type(n) is not int or n <= 0 for n in s.verify_contexts):
+            raise ConfigError(f"--verify-contexts takes positive token counts, got {list(s.verify_contexts)}.")
         for name in ("warmup", "ppl_samples", "profile_prompts"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}.")
@@ -195,7 +198,7 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     head = hf.get_output_embeddings().weight.detach().numpy()
     ppl_set = _perplexity_set(s, dense_engine)
     L = dense_engine.num_layers
-    results, heads = {}, None
+    results, heads, context_costs = {}, None, {}
     genai_name = next((x.name for x in systems if x.kind == "genai"), None)
     for system in systems:
         r = runs[system.name]
@@ -219,6 +222,9 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             row["draft"] = _draft_quality(system.engine.manifest.specee.calibration)
             row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
                 prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
+            if s.verify_contexts and system.settings["path"] not in context_costs:  # once per bundle
+                context_costs[system.settings["path"]] = row["context_costs"] = _context_costs(
+                    s, system, dense_engine, prompts, out, progress)
         elif system.engine is not None:
             row["perplexity"] = _perplexity(system.engine, ppl_set, head, progress, system.name)
         if system.kind == "quantized":
@@ -416,6 +422,59 @@ def _profile(s: BenchSettings, system: System, prompts, out: Path, progress: boo
         engine.generate(ids, max_new_tokens=s.new_tokens)
     traces = engine.end_profiling()
     return measure.profile_node_shares(traces[2:])  # step (prefill), draft, then the segments
+
+
+def _context_costs(s: BenchSettings, system: System, dense_engine, prompts, out: Path, progress: bool,
+                   repeats: int = 10) -> dict:
+    """What one tree forward costs against the context length: at each ``verify_contexts`` n
+    (the prompts run together, cut to n tokens), the dense bundle's median step and the tree
+    graph's median forward per tree size, also in dense steps. With ``profile_prompts``, ONNX
+    Runtime's per-operator time (ms per forward) of the dense step and of the largest tree
+    measured, each at every n: where the growth goes."""
+    tree = system.engine
+    text = [t for ids in prompts for t in ids]
+    text = text * (max(s.verify_contexts) // max(len(text), 1) + 1)
+    out_rows, fits = {}, []
+    for n in tqdm(s.verify_contexts, desc=f"context costs {system.name}", disable=not progress):
+        sizes = [k for k in s.tree_sizes if n + max(k, repeats + 1) <= tree.capacity]
+        if not sizes:
+            out_rows[str(n)] = {"skipped": f"{n} tokens leave no room in the cache ({tree.capacity})"}
+            continue
+        fits.append((n, max(sizes)))
+        dense = dense_engine.decoder.step_seconds(text[:n], repeats)
+        curve = tree.verification_seconds(text[:n], sizes, repeats)
+        out_rows[str(n)] = {"dense_step_ms": 1000 * dense, "verification_ms": {str(k): 1000 * v for k, v in curve.items()},
+                            "dense_steps": {str(k): v / dense for k, v in curve.items()}}
+    if s.profile_prompts and fits:
+        out_rows["operators"] = _context_profile(system, fits, text, out / "profiles" / f"context-{system.name}",
+                                                 repeats)
+    return out_rows
+
+
+def _context_profile(system: System, fits: list[tuple[int, int]], text: list[int], folder: Path,
+                     repeats: int) -> dict:
+    """ONNX Runtime's per-operator ms per forward of the step graph's decode step and of the
+    tree graph's forward over ``size`` nodes, at each (n, size) of ``fits``."""
+    from specee_compile.runtimes.speculation import TokenTree
+
+    path = system.settings["path"]
+    dense = load(path, verify=False, dense=True, profile_dir=folder / "dense")
+    tree = load(path, verify=False, tree=str(system.engine.shape), profile_dir=folder / "tree")
+    for n, size in fits:
+        dense.decoder.step_seconds(text[:n], repeats)
+        request = tree.decoder.new_request()
+        token = tree.decoder.prefill(request, text[:n])
+        for k in range(repeats + 1):
+            tree.decoder.verify(request, TokenTree.star(token, text[n + 1:n + size]), n)
+    step_runs = measure.operator_times(Path(dense.decoder.backend.session.end_profiling()))  # per n: prefill, steps
+    tree_runs = measure.operator_times(Path(tree.decoder.backend.tree.end_profiling()))
+    rows = {}
+    for i, (n, size) in enumerate(fits):
+        steps = step_runs[i * (repeats + 2) + 2:(i + 1) * (repeats + 2)]  # the prefill and the first step left out
+        forwards = tree_runs[i * (repeats + 1) + 1:(i + 1) * (repeats + 1)]
+        rows[str(n)] = {"tree_nodes": size, "dense_step": measure.mean_operators(steps),
+                        "tree_forward": measure.mean_operators(forwards)}
+    return rows
 
 
 def _head_seconds(head, reduced_vocab: int, repeats: int = 50) -> tuple[float, float]:
