@@ -60,7 +60,7 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
         assert costs[n]["dense_step_ms"] > 0 and list(costs[n]["dense_steps"]) == list(tree["verification_ms"])
         assert all(v > 0 for v in costs[n]["dense_steps"].values())
         ops = costs["operators"][n]
-        assert ops["tree_nodes"] == 16 and "GroupQueryAttention" in ops["tree_forward"]
+        assert ops["tree_nodes"] == 4 and "GroupQueryAttention" in ops["tree_forward"]
         assert 0 < ops["dense_step"]["GroupQueryAttention"] < ops["dense_step"]["(run)"]
     assert tree["draft"]["sequences"] == 12 and tree["draft"]["unroll"] == 2  # the quick calibration's draft
     assert 0 <= tree["draft"]["top1_after_full"] <= tree["draft"]["top4_after_full"] <= 1
@@ -81,7 +81,7 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     md = (out / "report.md").read_text()
     assert "| specee |" in md and "## Threshold sweep" in md and "sum of parts ms" in md
     assert "## Compiled engine against the eager reference decoder" in md and "## Tree speculation" in md and "12 x 1, unroll 2" in md and "![frontier](frontier.png)" in md
-    assert "Verification cost by context length" in md and "| 40 | tree, 16 nodes |" in md
+    assert "Verification cost by context length" in md and "| 40 | tree, 4 nodes |" in md
     # a second run into the same folder refuses to replace the report without --force
     assert bench_main([model, "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 

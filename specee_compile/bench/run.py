@@ -425,47 +425,64 @@ def _profile(s: BenchSettings, system: System, prompts, out: Path, progress: boo
 
 
 def _context_costs(s: BenchSettings, system: System, dense_engine, prompts, out: Path, progress: bool,
-                   repeats: int = 10) -> dict:
+                   repeats: int = 20) -> dict:
     """What one tree forward costs against the context length: at each ``verify_contexts`` n
     (the prompts run together, cut to n tokens), the dense bundle's median step and the tree
-    graph's median forward per tree size, also in dense steps. With ``profile_prompts``, ONNX
-    Runtime's per-operator time (ms per forward) of the dense step and of the largest tree
-    measured, each at every n: where the growth goes."""
-    tree = system.engine
+    graph's median forward per tree size, also in dense steps, timed in turn (a dense step,
+    then one forward of each size, ``repeats`` times) so a slow spell of the machine weighs on
+    all of them. With ``profile_prompts``, ONNX Runtime's per-operator time (ms per forward) of
+    the dense step and of a tree as large as the system's shape, each at every n."""
+    from specee_compile.runtimes.tree_choice import nodes
+
     text = [t for ids in prompts for t in ids]
     text = text * (max(s.verify_contexts) // max(len(text), 1) + 1)
-    out_rows, fits = {}, []
+    capacity, rows, fits = system.engine.capacity, {}, []
     for n in tqdm(s.verify_contexts, desc=f"context costs {system.name}", disable=not progress):
-        sizes = [k for k in s.tree_sizes if n + max(k, repeats + 1) <= tree.capacity]
+        sizes = [k for k in s.tree_sizes if n + max(k, repeats + 1) <= capacity]
         if not sizes:
-            out_rows[str(n)] = {"skipped": f"{n} tokens leave no room in the cache ({tree.capacity})"}
+            rows[str(n)] = {"skipped": f"{n} tokens leave no room in the cache ({capacity})"}
             continue
-        fits.append((n, max(sizes)))
-        dense = dense_engine.decoder.step_seconds(text[:n], repeats)
-        curve = tree.verification_seconds(text[:n], sizes, repeats)
-        out_rows[str(n)] = {"dense_step_ms": 1000 * dense, "verification_ms": {str(k): 1000 * v for k, v in curve.items()},
-                            "dense_steps": {str(k): v / dense for k, v in curve.items()}}
+        fits.append((n, min(nodes(system.engine.shape), max(sizes))))
+        dense, curve = _timed_in_turn(dense_engine, system.engine, text, n, sizes, repeats)
+        rows[str(n)] = {"dense_step_ms": 1000 * dense, "verification_ms": {str(k): 1000 * v for k, v in curve.items()},
+                        "dense_steps": {str(k): v / dense for k, v in curve.items()}}
     if s.profile_prompts and fits:
-        out_rows["operators"] = _context_profile(system, fits, text, out / "profiles" / f"context-{system.name}",
-                                                 repeats)
-    return out_rows
+        rows["operators"] = _context_profile(system, fits, text, out / "profiles" / f"context-{system.name}", repeats)
+    return rows
+
+
+def _timed_in_turn(dense, tree, text: list[int], n: int, sizes: list[int], repeats: int):
+    """Median seconds of a dense decode step after ``text[:n]`` and of one tree forward of each
+    size at the same context (star trees of the text's next tokens), measured in turn; the
+    first round warms up and is left out."""
+    from specee_compile.runtimes.speculation import TokenTree
+
+    dense_request, tree_request = dense.decoder.new_request(), tree.decoder.new_request()
+    token = dense.decoder.prefill(dense_request, text[:n])
+    root = tree.decoder.prefill(tree_request, text[:n])
+    laps: dict = {"dense": [], **{k: [] for k in sizes}}
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        token = dense.decoder.step(dense_request, token, n + r).tokens[0]
+        laps["dense"].append(time.perf_counter() - start)
+        for k in sizes:
+            star = TokenTree.star(root, text[n + 1:n + k])
+            start = time.perf_counter()
+            tree.decoder.verify(tree_request, star, n)
+            laps[k].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v[1:]) for k, v in laps.items()}
+    return medians.pop("dense"), medians
 
 
 def _context_profile(system: System, fits: list[tuple[int, int]], text: list[int], folder: Path,
                      repeats: int) -> dict:
     """ONNX Runtime's per-operator ms per forward of the step graph's decode step and of the
     tree graph's forward over ``size`` nodes, at each (n, size) of ``fits``."""
-    from specee_compile.runtimes.speculation import TokenTree
-
     path = system.settings["path"]
     dense = load(path, verify=False, dense=True, profile_dir=folder / "dense")
     tree = load(path, verify=False, tree=str(system.engine.shape), profile_dir=folder / "tree")
     for n, size in fits:
-        dense.decoder.step_seconds(text[:n], repeats)
-        request = tree.decoder.new_request()
-        token = tree.decoder.prefill(request, text[:n])
-        for k in range(repeats + 1):
-            tree.decoder.verify(request, TokenTree.star(token, text[n + 1:n + size]), n)
+        _timed_in_turn(dense, tree, text, n, [size], repeats)
     step_runs = measure.operator_times(Path(dense.decoder.backend.session.end_profiling()))  # per n: prefill, steps
     tree_runs = measure.operator_times(Path(tree.decoder.backend.tree.end_profiling()))
     rows = {}

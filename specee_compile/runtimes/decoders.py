@@ -27,7 +27,6 @@ h, exit_layer, n)``.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -81,18 +80,6 @@ class DenseDecoder:
 
     def score(self, request: Request, ids: list[int], continuation: list[int]):
         return teacher_force(self, request, ids, continuation)
-
-    def step_seconds(self, ids: list[int], repeats: int = 10) -> float:
-        """Median seconds of one decode step after the prompt ``ids`` (the first step, which
-        warms up, left out): what a tree forward's cost is measured against at that context."""
-        request = self.new_request()
-        token = self.prefill(request, ids)
-        laps = []
-        for k in range(repeats + 1):
-            start = time.perf_counter()
-            token = self.step(request, token, len(ids) + k).tokens[0]
-            laps.append(time.perf_counter() - start)
-        return statistics.median(laps[1:])
 
 
 @dataclass
