@@ -310,6 +310,7 @@ def test_the_default_tree_shape_is_the_candidate_measured_fastest(bundle):
     choice = tree["choice"]
     rows = {r["shape"]: r for r in choice["candidates"]}
     assert set(rows) == {str(TreeShape.parse(c)) for c in CANDIDATES} and choice["prompts"] >= 1
+    assert choice["thread_pool"] == "shared"  # measured as specee-run runs it, in a child process
     assert tree["default_shape"] == max(rows.values(), key=lambda r: r["predicted_speedup"])["shape"]
     for r in rows.values():
         assert r["tokens_per_forward"] >= 1.0 and r["verify_ms"] > 0 and r["forward_cost"] > 0

@@ -38,6 +38,7 @@ from specee_compile.errors import ConfigError, SpecEEError
 from specee_compile.contract import TREE_MAX_WIDTH
 from specee_compile.runtimes import check_threads, load, share_threads
 from specee_compile.runtimes.tree import TreeShape
+from specee_compile.runtimes.tree_choice import timed_in_turn
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,9 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,
                                                              system.name)
             row["draft"] = _draft_quality(system.engine.manifest.specee.calibration)
-            row["verification_ms"] = {str(k): 1000 * v for k, v in system.engine.verification_seconds(
-                prompts[0], [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]).items()}
+            sizes = [t for t in s.tree_sizes if t <= system.engine.capacity - len(prompts[0])]
+            row["verification_ms"] = {str(k): 1000 * v for k, v in timed_in_turn(None, system.engine, prompts[0],
+                                                                                  sizes)[1].items()}
             if s.verify_contexts and system.settings["path"] not in context_costs:  # once per bundle
                 context_costs[system.settings["path"]] = row["context_costs"] = _context_costs(
                     s, system, dense_engine, prompts, out, progress)
@@ -443,35 +445,12 @@ def _context_costs(s: BenchSettings, system: System, dense_engine, prompts, out:
             rows[str(n)] = {"skipped": f"{n} tokens leave no room in the cache ({capacity})"}
             continue
         fits.append((n, min(nodes(system.engine.shape), max(sizes))))
-        dense, curve = _timed_in_turn(dense_engine, system.engine, text, n, sizes, repeats)
+        dense, curve = timed_in_turn(dense_engine, system.engine, text[:n], sizes, repeats)
         rows[str(n)] = {"dense_step_ms": 1000 * dense, "verification_ms": {str(k): 1000 * v for k, v in curve.items()},
                         "dense_steps": {str(k): v / dense for k, v in curve.items()}}
     if s.profile_prompts and fits:
         rows["operators"] = _context_profile(system, fits, text, out / "profiles" / f"context-{system.name}", repeats)
     return rows
-
-
-def _timed_in_turn(dense, tree, text: list[int], n: int, sizes: list[int], repeats: int):
-    """Median seconds of a dense decode step after ``text[:n]`` and of one tree forward of each
-    size at the same context (star trees of the text's next tokens), measured in turn; the
-    first round warms up and is left out."""
-    from specee_compile.runtimes.speculation import TokenTree
-
-    dense_request, tree_request = dense.decoder.new_request(), tree.decoder.new_request()
-    token = dense.decoder.prefill(dense_request, text[:n])
-    root = tree.decoder.prefill(tree_request, text[:n])
-    laps: dict = {"dense": [], **{k: [] for k in sizes}}
-    for r in range(repeats + 1):
-        start = time.perf_counter()
-        token = dense.decoder.step(dense_request, token, n + r).tokens[0]
-        laps["dense"].append(time.perf_counter() - start)
-        for k in sizes:
-            star = TokenTree.star(root, text[n + 1:n + k])
-            start = time.perf_counter()
-            tree.decoder.verify(tree_request, star, n)
-            laps[k].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v[1:]) for k, v in laps.items()}
-    return medians.pop("dense"), medians
 
 
 def _context_profile(system: System, fits: list[tuple[int, int]], text: list[int], folder: Path,
@@ -482,7 +461,7 @@ def _context_profile(system: System, fits: list[tuple[int, int]], text: list[int
     dense = load(path, verify=False, dense=True, profile_dir=folder / "dense")
     tree = load(path, verify=False, tree=str(system.engine.shape), profile_dir=folder / "tree")
     for n, size in fits:
-        _timed_in_turn(dense, tree, text, n, [size], repeats)
+        timed_in_turn(dense, tree, text[:n], [size], repeats)
     step_runs = measure.operator_times(Path(dense.decoder.backend.session.end_profiling()))  # per n: prefill, steps
     tree_runs = measure.operator_times(Path(tree.decoder.backend.tree.end_profiling()))
     rows = {}

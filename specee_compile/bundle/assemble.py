@@ -96,10 +96,10 @@ def _default_tree(config, facts: Facts, tree: Tree, bundle_dir: Path, progress: 
     fastest on the written bundle (its choice recorded), else none (the runtime's default)."""
     if config.tree_shape:
         return dataclasses.replace(tree, default_shape=config.tree_shape, choice={"given": config.tree_shape})
-    from specee_compile.runtimes.tree_choice import choose_tree
+    from specee_compile.runtimes.tree_choice import choose_tree_shared
 
-    choice = choose_tree(bundle_dir, list(facts.tree_prompts), config.tree_prompts, config.tree_new_tokens,
-                         progress=progress)
+    choice = choose_tree_shared(bundle_dir, list(facts.tree_prompts), config.tree_prompts, config.tree_new_tokens,
+                                progress=progress)
     chosen = next((r for r in choice.get("candidates", []) if r["shape"] == choice["shape"]), None)
     if chosen is not None and chosen["predicted_speedup"] < 1.0:
         logger.warning("tree speculation is predicted slower than the dense bundle on this machine (the best shape, "

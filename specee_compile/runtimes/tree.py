@@ -32,7 +32,6 @@ between the one-token and the many-token kernels.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -41,7 +40,7 @@ import numpy as np
 from specee_compile.contract import (ACTIVE_LAYERS, ATTENTION_BIAS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, INPUT_IDS,
                                      NORMED_FEATURES, PAST_LENGTH, POSITION_IDS, TOKENS, exit_feature, exit_flag,
                                      exit_token, layer_output, normed_exit_feature)
-from specee_compile.errors import BundleError, ConfigError
+from specee_compile.errors import ConfigError
 from specee_compile.runtimes.decoders import Request, SegmentedDecoder, lap
 from specee_compile.runtimes.engine import Forward
 from specee_compile.runtimes.speculation import DEFAULT_TREE, HIDDEN, TokenTree, TreeShape, context_lookup
@@ -237,27 +236,6 @@ class TreeDecoder(SegmentedDecoder):
         top, _, _ = self.backend.run_draft_tree(request.buffers, tree.tokens[1:], np.stack(request.fed[1:])[None],
                                     [root + d for d in tree.depths[1:]], bias, row)
         return np.concatenate([request.root_top[None, :4], top[:, :4]]).astype(np.int64)
-
-    def verification_seconds(self, ids: list[int], sizes, repeats: int = 10) -> dict[int, float]:
-        """Median seconds of one tree verification forward per tree size (nodes, the root
-        included) after the prompt ``ids``: what verifying more candidates costs here."""
-        rng = np.random.default_rng(0)
-        request = self.new_request()
-        token = self.prefill(request, ids)
-        n = len(ids)
-        out = {}
-        for size in sizes:
-            if not 1 <= size <= self.capacity - n:
-                raise BundleError(f"a tree of {size} nodes after {n} prompt tokens does not fit the cache "
-                                  f"({self.capacity}).")
-            laps = []
-            for _ in range(repeats + 1):
-                tree = TokenTree.star(token, [int(c) for c in rng.integers(0, self.vocab_size, size - 1)])
-                start = time.perf_counter()
-                self.verify(request, tree, n)
-                laps.append(time.perf_counter() - start)
-            out[size] = statistics.median(laps[1:])  # the first run of a new shape warms up
-        return out
 
     def verify(self, request: TreeRequest, tree: TokenTree, n: int):
         """One target forward over ``tree`` rooted at position n; its nodes' greedy tokens [S]

@@ -7,8 +7,8 @@ more nodes costs little more with fp32 weights and much more with 4-bit ones (th
 stop being bound by weight reads). So the compiler measures both for the bundle at hand:
 
 1. the dense step: the bundle's dense decode on held-out prompts, seconds per token;
-2. the verification cost curve: one tree forward of 1, 2, ... nodes
-   (:meth:`TreeDecoder.verification_seconds`, medians);
+2. the verification cost curve: one tree forward of 1, 2, ... nodes after the first prompt,
+   the sizes timed in turn (:func:`timed_in_turn`, medians);
 3. per candidate shape, tree speculation on the same prompts: tokens per forward (the
    draft's acceptance; lossless, so independent of the machine) and the draft's seconds per
    forward;
@@ -24,11 +24,13 @@ medians of the curve.
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from specee_compile.errors import BundleError
 from specee_compile.runtimes.speculation import TreeShape
 
 # Shapes tried: the draft's top 1, 2 or 4 at depth 1, chains of 2 and a small two-level tree,
@@ -67,9 +69,9 @@ def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_toke
     if not steps:
         bar.close()
         return {"shape": None, "reason": "the dense decode ended at once (end of text) on every prompt"}
-    dense_step = statistics.median(steps)
+    dense_step = statistics.median(steps)  # back to back, as a dense decode runs
     sizes = sorted({*CURVE_SIZES, *map(nodes, shapes)} & set(range(1, tree.capacity - len(fits[0]) + 1)))
-    curve = tree.decoder.verification_seconds(fits[0], sizes)
+    _, curve = timed_in_turn(None, tree, fits[0], sizes)
     bar.update()
     rows = []
     for shape in shapes:
@@ -91,8 +93,66 @@ def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_toke
     if not rows:
         return {"shape": None, "reason": "tree speculation ended at once (end of text) on every prompt"}
     best = max(rows, key=lambda r: r["predicted_speedup"])
+    from specee_compile.runtimes.backends.ort import shared_pool
+
+    pool = "shared" if shared_pool() else "per-session"
     return {"shape": best["shape"], "method": "highest predicted speed-up: tokens_per_forward * dense_step_ms / "
                                               "(draft_ms + verification_ms at the shape's most nodes)",
-            "prompts": len(fits), "new_tokens": new_tokens, "context": len(fits[0]),
+            "prompts": len(fits), "new_tokens": new_tokens, "context": len(fits[0]), "thread_pool": pool,
             "dense_step_ms": round(1000 * dense_step, 4),
             "verification_ms": {str(k): round(1000 * v, 4) for k, v in curve.items()}, "candidates": rows}
+
+
+def choose_tree_shared(bundle: str | Path, prompts: list[str], count: int = 4, new_tokens: int = 64,
+                       candidates=CANDIDATES, threads: int | None = None, progress: bool = False) -> dict:
+    """``choose_tree`` in a child process whose sessions all run in one shared ONNX Runtime
+    thread pool, as ``specee-run`` and ``specee-bench`` run bundles by default. With a pool per
+    session the tree engine's idle pools must sleep between ops while the dense engine's spin,
+    which (SmolLM2, 2-core AMD EPYC, two runs of each) measured one tree forward at 1.12-1.17x
+    the dense step where the shared pool gives 0.93-0.94x, and predicted each shape 0.1-0.25x
+    slower. The shared pool is process-wide, so the compiler's own process is left as it was."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_choose_in_shared_pool, str(bundle), list(prompts), count, new_tokens, tuple(candidates),
+                           threads, progress).result()
+
+
+def _choose_in_shared_pool(bundle, prompts, count, new_tokens, candidates, threads, progress) -> dict:
+    from specee_compile.runtimes import share_threads
+
+    share_threads(threads)
+    return choose_tree(bundle, prompts, count, new_tokens, candidates, threads, progress)
+
+
+def timed_in_turn(dense, tree, ids: list[int], sizes, repeats: int = 10) -> tuple[float | None, dict[int, float]]:
+    """Median seconds of a dense decode step (engine ``dense``; None: not timed) and of one tree
+    forward of each size (engine ``tree``, star trees) after the prompt ``ids``, measured in
+    turn: a dense step, then one forward of each size, ``repeats`` times after a round that
+    warms up, so a slow spell of the machine weighs on all of them alike."""
+    from specee_compile.runtimes.speculation import TokenTree
+
+    if len(ids) + max(max(sizes), repeats + 1) > tree.capacity:
+        raise BundleError(f"{len(ids)} prompt tokens leave too little room in the cache ({tree.capacity}) for trees of "
+                          f"{max(sizes)} nodes and {repeats + 1} dense steps.")
+    n = len(ids)
+    tree_request = tree.decoder.new_request()
+    root = tree.decoder.prefill(tree_request, ids)
+    laps: dict = {k: [] for k in sizes}
+    if dense is not None:
+        dense_request = dense.decoder.new_request()
+        token = dense.decoder.prefill(dense_request, ids)
+        laps["dense"] = []
+    for r in range(repeats + 1):
+        if dense is not None:
+            start = time.perf_counter()
+            token = dense.decoder.step(dense_request, token, n + r).tokens[0]
+            laps["dense"].append(time.perf_counter() - start)
+        for k in sizes:
+            star = TokenTree.star(root, [ids[i % n] for i in range(k - 1)])
+            start = time.perf_counter()
+            tree.decoder.verify(tree_request, star, n)
+            laps[k].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v[1:]) for k, v in laps.items()}
+    return medians.pop("dense", None), medians

@@ -51,6 +51,11 @@ def share_threads(threads: int | None = None) -> None:
     _shared_pool["threads"] = threads
 
 
+def shared_pool() -> bool:
+    """Whether :func:`share_threads` turned the process-wide pool on."""
+    return bool(_shared_pool)
+
+
 def session_options(threads: int | None = None, spinning: str = "always",
                     profile_dir: Path | None = None) -> ort.SessionOptions:
     """Options for every session.
