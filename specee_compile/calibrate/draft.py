@@ -149,16 +149,8 @@ class EagleDraft(nn.Module):
     @torch.no_grad()
     def propose(self, token: int, feature: torch.Tensor, cache, position: int, k: int = 4):
         """Top-k candidate target ids for the token after ``token``; returns (ids [k], cache)."""
-        ids, cache = self.propose_rows(token, feature.view(1, -1), cache, position, k)
-        return ids[0], cache
-
-    @torch.no_grad()
-    def propose_rows(self, token: int, features: torch.Tensor, cache, position: int, k: int = 4):
-        """``propose`` for B rows that feed the same token with their own features [B, d] and
-        caches ([B, ...]): (ids [B, k], cache)."""
-        tokens = torch.full((features.shape[0], 1), token, dtype=torch.long)
-        _, logits, cache = self(tokens, features[:, None], cache, position)
-        return self.vocab_map[logits[:, -1].topk(k).indices], cache
+        _, logits, cache = self(torch.tensor([[token]]), feature.view(1, 1, -1), cache, position)
+        return self.vocab_map[logits[0, -1].topk(k).indices], cache
 
 
 def fusion_layers(num_layers: int) -> tuple[int, int]:

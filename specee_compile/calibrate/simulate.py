@@ -49,10 +49,9 @@ def replay_windows(target, draft, bank, policies: list[tuple[Schedule, DecodeSet
     [window][policy] replays.
 
     Teacher forcing feeds every policy of a window the same tokens, so all the draft steps at
-    the same offset into their windows run as one batch of windows x policies rows (``chunk``
-    windows at a time): the policies differ only in the features their exits feed the draft,
-    and the batch reads the draft's weights once per step for all of them (about ``rows``
-    rows per batch). Windows have prefixes of different lengths; each is left-padded (masked)
+    the same offset into their windows run as one batch of windows x policies rows (about
+    ``rows`` rows per batch): the policies differ only in the features their exits feed the
+    draft, and the batch reads the draft's weights once per step for all of them. Windows have prefixes of different lengths; each is left-padded (masked)
     to the longest of its batch and rotated from there, which RoPE's relative positions make
     the same attention."""
     chunk = max(1, rows // len(policies))

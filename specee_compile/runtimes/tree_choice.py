@@ -133,9 +133,10 @@ def timed_in_turn(dense, tree, ids: list[int], sizes, repeats: int = 10) -> tupl
     warms up, so a slow spell of the machine weighs on all of them alike."""
     from specee_compile.runtimes.speculation import TokenTree
 
-    if len(ids) + max(max(sizes), repeats + 1) > tree.capacity:
+    rows = max(max(sizes), repeats + 1 if dense is not None else 0)  # the dense steps write a row each
+    if len(ids) + rows > tree.capacity:
         raise BundleError(f"{len(ids)} prompt tokens leave too little room in the cache ({tree.capacity}) for trees of "
-                          f"{max(sizes)} nodes and {repeats + 1} dense steps.")
+                          f"{max(sizes)} nodes" + (f" and {repeats + 1} dense steps." if dense is not None else "."))
     n = len(ids)
     tree_request = tree.decoder.new_request()
     root = tree.decoder.prefill(tree_request, ids)
