@@ -135,7 +135,9 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="the LM head's precision (default: as --quant; a tied embedding follows it)")
     p.add_argument("--quant-embedding", choices=["fp32", "int8", "int4", "gguf"], default="",
                    help="the embedding's precision (default: as the head)")
-    p.add_argument("--quant-block", type=int, default=32, help="int4/int8 block size (default 32)")
+    p.add_argument("--quant-block", type=int, default=0,
+                   help="int4/int8 block size (default 32; TensorRT-ready graphs: 128, or 64 where 128 does not "
+                        "divide a weight's inputs)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
                    help="MatMulNBits activations: 4 int8 (default), 0 fp32")
     p.add_argument("--gguf", default=None, metavar="FILE.gguf",

@@ -61,7 +61,9 @@ class CompileConfig:
             quantizer) or "gguf" (the GGUF's own Q4_0/Q4_1/Q8_0 blocks, others re-quantized).
         quant_head, quant_embedding: the LM head's and the embedding's precision ("" = as
             ``quant``; a tied embedding follows the head).
-        quant_block: block size of int4/int8 (GGUF blocks are 32).
+        quant_block: block size of int4/int8 (GGUF blocks are 32); 0 = 32 for ONNX Runtime graphs,
+            128 for TensorRT-ready ones (TensorRT's INT4 blocks are 64 or 128: a weight whose
+            inputs 128 does not divide takes 64).
         quant_symmetric: int4/int8 without zero points (default; measured faster and as accurate on SmolLM2).
         accuracy_level: MatMulNBits' activation precision, 4 (int8) or 0 (fp32); recorded in the manifest.
         gguf: the GGUF whose blocks ``quant`` "gguf" keeps (default: MODEL itself when it is one).
@@ -91,7 +93,7 @@ class CompileConfig:
     quant: str = "fp32"
     quant_head: str = ""
     quant_embedding: str = ""
-    quant_block: int = 32
+    quant_block: int = 0
     quant_symmetric: bool = True
     accuracy_level: int = 4
     gguf: Path | None = None
@@ -174,10 +176,7 @@ class CompileConfig:
             if not 0 < self.budget < 1e6:
                 raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget}.")
         if self.quant_spec.active and self.graph_target == "trt":
-            raise ConfigError(
-                f"--quant {self.quant} is built for ONNX Runtime graphs only (MatMulNBits); TensorRT-ready quantized "
-                "graphs (blocked DequantizeLinear + MatMul) are not built yet. Drop --quant for TensorRT, or drop "
-                "--check trt / the .plan output to get a quantized ONNX Runtime bundle.")
+            self._check_trt_quant()
         if self.gguf is not None:
             object.__setattr__(self, "gguf", Path(self.gguf))
             if self.gguf.suffix != ".gguf" or not self.gguf.is_file():
@@ -189,12 +188,33 @@ class CompileConfig:
                 raise ConfigError(f"--dump-ir {self.dump_ir} is a file; the IR dumps go into a folder. Name a folder "
                                   "(it is created if missing).")
 
+    def _check_trt_quant(self) -> None:
+        """TensorRT parses weight-only INT4 in symmetric blocks of 64 or 128 values; INT8 weights
+        only per tensor or channel, and no GGUF block (32 values, Q4_1 with minimums)."""
+        where = "TensorRT-ready graphs (--check trt, a .plan output)"
+        fix = "use --quant int4 for them, or an ONNX Runtime bundle (.onnx without --check trt) for"
+        for flag, value in (("--quant", self.quant), ("--quant-head", self.quant_head)):
+            if value not in ("", "fp32", "int4"):
+                why = ("TensorRT takes INT8 weights per tensor or per channel, not in blocks" if value == "int8" else
+                       "a GGUF's blocks hold 32 values (Q4_1 with minimums) and TensorRT's INT4 blocks 64 or 128")
+                raise ConfigError(f"{flag} {value} cannot be built into {where}: {why}. {fix.capitalize()} {value}.")
+        if self.quant_embedding not in ("", "fp32"):
+            raise ConfigError(f"--quant-embedding {self.quant_embedding}: {where} read the embedding in fp32 (their "
+                              "quantized weights feed products only). Drop --quant-embedding.")
+        if not self.quant_symmetric:
+            raise ConfigError(f"quant_symmetric=false: TensorRT's quantization is symmetric (zero points must be 0), "
+                              f"so {where} take symmetric blocks only. Drop the setting.")
+        if self.quant_block not in (0, 64, 128):
+            raise ConfigError(f"--quant-block {self.quant_block}: TensorRT's INT4 blocks are 64 or 128 values (the "
+                              f"default for {where} is 128, 64 where 128 does not divide a weight's inputs).")
+
     @property
     def quant_spec(self):
         """The weight quantization asked for (raises ConfigError on an unknown choice)."""
         from specee_compile.quant.spec import QuantSpec
 
-        return QuantSpec(self.quant, self.quant_head, self.quant_embedding, self.quant_block, self.quant_symmetric,
+        block = self.quant_block or (128 if self.graph_target == "trt" else 32)
+        return QuantSpec(self.quant, self.quant_head, self.quant_embedding, block, self.quant_symmetric,
                          self.accuracy_level)
 
     @property

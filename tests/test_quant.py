@@ -17,7 +17,9 @@ from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
 from specee_compile.errors import ConfigError
 from specee_compile.passes.quantize_weights import QuantizeWeightsPass
+from specee_compile.lower.trt_check import find_problems
 from specee_compile.quant import KEPT, KeptBlocks, QuantSpec, from_gguf
+from specee_compile.quant.blocks import quantize as quantize_blocks
 from specee_compile.runtimes import load
 from specee_compile.testing import FAMILIES, make_tiny_model, tiny_tokenizer
 
@@ -65,8 +67,12 @@ def _matmul_model(weight: np.ndarray) -> ir.Model:
     return ir.Model(graph, ir_version=10)
 
 
-def _run(model: ir.Model, feeds: dict) -> np.ndarray:
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(model: ir.Model, feeds: dict, level: int | None = None) -> np.ndarray:
+    """``level``: the accuracy level ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits at."""
+    options = ort.SessionOptions()
+    if level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 
 
@@ -115,6 +121,27 @@ def test_a_weight_the_gguf_does_not_hold_is_requantized_and_reported(tmp_path):
     p(model)
     assert p.fired == {"int4 (not in the GGUF)": 1}
     assert p.report == [{"role": "layers", "shape": [16, 64], "stored": "int4 (not in the GGUF)"}]
+
+
+@pytest.mark.parametrize("k, block", [(256, 128), (192, 64), (48, None)])
+def test_the_tensorrt_form_reads_int4_blocks_of_128_or_64_through_dequantize_linear(k, block):
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((k, 40)).astype(np.float32)
+    model = _matmul_model(weight)
+    quantize = QuantizeWeightsPass(QuantSpec("int4", block_size=128), qdq=True)
+    quantize(model)
+    ops = [n.op_type for n in model.graph]
+    if block is None:  # TensorRT's blocks are 64 or 128 values: this weight stays as it is
+        assert ops == ["MatMul"] and quantize.fired == {f"fp32 (K={k} takes no TensorRT block)": 1}
+        return
+    assert ops == ["DequantizeLinear", "MatMul"] and model.opset_imports[""] == 21
+    assert quantize.fired == {f"int4 DequantizeLinear/{block}": 1}
+    ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    assert find_problems(model, (10, 15)) == []
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    want = a @ quantize_blocks(weight.T, 4, block, True).dequantize().T  # ONNX Runtime's blocks, dequantized
+    got = _run(model, {"A": a}, level=0)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +262,38 @@ def test_a_quantized_graph_mode_bundle_decodes_its_dense_tokens(tiny_dirs, tiny_
     assert load(out, threshold=0.999999).generate(PROMPT, max_new_tokens=16).token_ids == want
 
 
+def test_a_tensorrt_ready_int4_bundle_passes_the_check_and_its_tree_decodes_its_dense_tokens(
+        tiny_dirs, tiny_llama_calibration, fp32_bundles, tmp_path):
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "t.onnx", max_context=64,
+                                       specee=True, calibration=tiny_llama_calibration, tree=True, quant="int4",
+                                       check="trt"), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensorrt_check"]["tensorrt"] == "10.15"  # the first 10.x whose opsets hold opset 21
+    assert manifest["quant"]["block_size"] == 128
+    # hidden 64, intermediate 128: down takes blocks of 128, the rest 64; the embedding's gather stays fp32
+    assert manifest["quant"]["weights_stored"]["step"] == {"int4 DequantizeLinear/64": 13,
+                                                           "int4 DequantizeLinear/128": 3, "fp32 (gather)": 1}
+    step = ir.load(out / "model.onnx")
+    ops = {n.op_type for n in step.graph}
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops and step.opset_imports[""] == 21
+    ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
+    want, got = _step_logits(fp32_bundles["llama"], ids), _step_logits(out, ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE["int4"]
+    dense = load(out, dense=True).generate(PROMPT, max_new_tokens=16).token_ids
+    assert load(out, tree="2x1x2+4").generate(PROMPT, max_new_tokens=16).token_ids == dense  # lossless
+    assert load(out, threshold=0.999999).generate(PROMPT, max_new_tokens=16).token_ids == dense  # no exit fires
+
+
 def test_quantization_refuses_what_it_cannot_build(tiny_dirs, tmp_path):
     with pytest.raises(ConfigError, match="--gguf FILE"):
         compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "b.onnx", quant="gguf"),
                        progress=False)
     assert not (tmp_path / "b.onnx").exists()
-    with pytest.raises(ConfigError, match="TensorRT"):
-        CompileConfig(model="m", out=tmp_path / "b.onnx", quant="int4", check="trt")
+    for kwargs, message in (({"quant": "int8"}, "per tensor or per channel"), ({"quant": "gguf"}, "64 or 128"),
+                            ({"quant": "int4", "quant_block": 32}, "64 or 128"),
+                            ({"quant": "int4", "quant_embedding": "int4"}, "embedding in fp32"),
+                            ({"quant": "int4", "quant_symmetric": False}, "symmetric")):
+        with pytest.raises(ConfigError, match=message):
+            CompileConfig(model="m", out=tmp_path / "b.onnx", check="trt", **kwargs)
     with pytest.raises(ConfigError, match="--quant-block"):
         CompileConfig(model="m", out=tmp_path / "b.onnx", quant="int4", quant_block=24)

@@ -367,6 +367,26 @@ def test_loading_a_tensorrt_specee_bundle_without_hardware_names_what_is_missing
         load(trt_specee_bundle[0])
 
 
+def test_an_int4_tensorrt_bundle_builds_its_engines_from_blocked_dequantization(tiny_dirs, tmp_path, monkeypatch,
+                                                                                  emulated_tensorrt):
+    built = []
+    monkeypatch.setattr(trt_lowering, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_lowering, "build_engine", lambda onnx_path, profile, precision: built.append(
+        onnx_path.name) or b"fake engine")
+    monkeypatch.setattr(trt_lowering, "engine_facts", lambda precision, profile: {"precision": precision,
+                                                                                  "profile": profile})
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.plan", max_context=CAPACITY,
+                                       quant="int4", precision="fp32"), progress=False)
+    manifest = read_manifest(out)
+    assert built == ["model.onnx"] and manifest["tensorrt_check"]["tensorrt"] == "10.15"
+    assert {n.op_type for n in ir.load(out / "model.onnx").graph} >= {"DequantizeLinear", "MatMul"}
+    onnx_bundle = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx",
+                                               max_context=CAPACITY, quant="int4", check="trt"), progress=False)
+    for prompt in PROMPTS:
+        assert load(out).generate(prompt, max_new_tokens=12).token_ids == \
+            load(onnx_bundle).generate(prompt, max_new_tokens=12).token_ids
+
+
 # ---- with the hardware --------------------------------------------------------------------------
 @needs_hardware
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -382,6 +402,16 @@ def test_engine_generates_the_onnx_runtime_bundles_tokens(tiny_dirs, tiny_bundle
             assert got == reference.generate(prompt, max_new_tokens=16).token_ids
         else:
             assert len(got) > 0
+
+
+@needs_hardware
+def test_an_int4_engine_generates_the_tokens_of_onnx_runtime_on_the_same_blocks(tiny_dirs, tmp_path):
+    config = dict(model=str(tiny_dirs["llama"]), max_context=64, quant="int4", accuracy_level=0)  # fp32 activations
+    engine = load(compile_bundle(CompileConfig(out=tmp_path / "q.plan", precision="fp32", **config), progress=False))
+    reference = load(compile_bundle(CompileConfig(out=tmp_path / "q.onnx", check="trt", **config), progress=False))
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, max_new_tokens=16).token_ids == \
+            reference.generate(prompt, max_new_tokens=16).token_ids
 
 
 @needs_hardware

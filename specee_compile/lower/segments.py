@@ -19,7 +19,6 @@ import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401
 
@@ -142,7 +141,7 @@ def save_segments(segments: list[Segment], folder: Path, stem: str = "segment") 
                 key = id(v.const_value)
                 if key in offsets or v.const_value.nbytes < INLINE_BYTES:
                     continue
-                data = np.ascontiguousarray(v.const_value.numpy()).tobytes()
+                data = v.const_value.tobytes()  # as ONNX stores it (4-bit values two to a byte)
                 pad = (-f.tell()) % 64
                 f.write(b"\0" * pad)
                 offsets[key] = (f.tell(), len(data))

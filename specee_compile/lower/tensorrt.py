@@ -21,7 +21,7 @@ import onnx_ir.passes.common  # noqa: F401
 
 from specee_compile.contract import io_contract
 from specee_compile.errors import BackendError
-from specee_compile.lower.trt_check import DEFAULT_TARGET, TensorRTCompatibilityError, Version, find_problems
+from specee_compile.lower.trt_check import TensorRTCompatibilityError, Version, find_problems, oldest_target
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ def check_graphs(graphs: dict[str, ir.Model], target: Version | None = None) -> 
     """The static TensorRT check of every graph (step, segments, draft) before any build.
 
     Problems of all graphs are reported together in one TensorRTCompatibilityError. The
-    target is the installed TensorRT release, else 10.0 (what every 10.x parses).
+    target is the installed TensorRT release, else the oldest 10.x whose documented opsets
+    hold the graphs' (10.0 for the exported graphs: what every 10.x parses).
     """
     installed = installed_version()
-    target = target or (installed if installed and installed[0] == 10 else DEFAULT_TARGET)
+    target = target or (installed if installed and installed[0] == 10 else oldest_target(graphs.values()))
     problems = []
     for name, model in graphs.items():
         ir.passes.common.ShapeInferencePass(strict_mode=False)(model)  # types and ranks for the check

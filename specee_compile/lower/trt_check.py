@@ -101,6 +101,13 @@ def find_problems(model: ir.Model, target: Version = DEFAULT_TARGET, name: str =
     return problems
 
 
+def oldest_target(models) -> Version:
+    """The oldest 10.x release whose documented opset range holds every model's ai.onnx opset
+    (10.0 for the exported graphs' opset 18; 10.15 for the opset 21 of blocked dequantization)."""
+    opset = max((m.opset_imports.get("", m.opset_imports.get("ai.onnx", 0)) for m in models), default=0)
+    return next((since for since, lo, hi in trt_ops.OPSETS if lo <= opset <= hi), DEFAULT_TARGET)
+
+
 def _check_graph(model: ir.Model, graph: ir.Graph | ir.Function, path: str, target: Version, problems) -> None:
     for k, node in enumerate(graph):
         label = node.name or f"#{k}"
@@ -123,6 +130,8 @@ def _check_graph(model: ir.Model, graph: ir.Graph | ir.Function, path: str, targ
             _check_node(model, node, SUPPORTED[node.op_type], where, target, problems)
         if node.op_type == "If" and node.domain in DOMAINS:
             _check_if(node, where, problems)
+        if node.op_type == "DequantizeLinear" and node.domain in DOMAINS:
+            _check_dequantize(node, where, problems)
         for attr in node.attributes.values():
             subgraphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
                 list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
@@ -224,6 +233,35 @@ def _check_if(node: ir.Node, where, problems) -> None:
         if a.name == b.name:
             problems.append(Problem(*where, f"output {k}: both branches return the value '{a.name}'",
                                     "TensorRT needs the branch outputs under different names"))
+
+
+def _check_dequantize(node: ir.Node, where, problems) -> None:
+    """TensorRT's quantization schemes: zero points all zero; a scale of the input's rank (blocks)
+    only for constant INT4 weights, blocked along one of the last two axes in blocks of 64 or 128."""
+    data, scale = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    if zero is not None:
+        values = _constant(zero)
+        if values is None or np.any(values.astype(np.float64) != 0):
+            problems.append(Problem(*where, f"zero point '{zero.name}' is {'not constant' if values is None else 'not all 0'}",
+                                    "TensorRT's quantization is symmetric: zero points must be all zeros"))
+    if data is None or scale is None or scale.shape is None or data.shape is None or len(scale.shape) < 2:
+        return  # per tensor or per channel
+    if data.dtype != ir.DataType.INT4 or _constant(data) is None:
+        problems.append(Problem(*where, f"blocked scales over {data.dtype.name if data.dtype else '?'} "
+                                f"{'weights' if _constant(data) is not None else 'activations'}",
+                                "TensorRT blocks constant INT4 weights only"))
+        return
+    rank = len(data.shape)
+    axis = node.attributes["axis"].value if "axis" in node.attributes else 1
+    block = node.attributes["block_size"].value if "block_size" in node.attributes else 0
+    if axis % rank < rank - 2:
+        problems.append(Problem(*where, f"blocked along axis {axis}", "TensorRT blocks one of the last two axes"))
+    dim = data.shape[axis % rank]
+    if block not in trt_ops.INT4_BLOCKS or not isinstance(dim, int) or dim % block:
+        problems.append(Problem(*where, f"block_size {block} over {dim} values",
+                                f"TensorRT's INT4 blocks are {' or '.join(map(str, trt_ops.INT4_BLOCKS))} values "
+                                "and divide the blocked axis"))
 
 
 def _check_io(graph: ir.Graph, path: str, problems) -> None:

@@ -128,7 +128,8 @@ SUPPORTED: dict[str, OpSupport] = {
     "CumSum": OpSupport(FLOATS, typed_inputs=(0,), rules=(_const(1, "axis"),)),
     "DeformConv": OpSupport(("FP32", "FP16"), since=(10, 1)),
     "DepthToSpace": OpSupport(NUMERIC),
-    "DequantizeLinear": OpSupport(("INT8", "FP8", "FP4", "INT4"), typed_inputs=(0,)),
+    "DequantizeLinear": OpSupport(("INT8", "FP8", "FP4", "INT4"), typed_inputs=(0,), rules=(
+        _const(1, "x_scale"),)),  # and trt_check's quantization-scheme check
     "Div": OpSupport(NUMERIC),
     "Dropout": OpSupport(FLOATS, typed_inputs=(0,), rules=(_const(2, "training_mode"),)),
     "Einsum": OpSupport(FLOATS), "Elu": OpSupport(FLOATS), "Equal": OpSupport(NUMERIC),
@@ -228,6 +229,9 @@ UNSUPPORTED = frozenset({
     "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence",
     "StringConcat", "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique",
 })
+
+# TensorRT's INT4 block sizes (blocked DequantizeLinear: INT4 weights only).
+INT4_BLOCKS = (64, 128)
 
 # How a KV cache output (present.*) may be produced so that TensorRT parses the update.
 CACHE_WRITES: dict[str, Version] = {"ScatterElements": (10, 0), "ScatterND": (10, 0), "Concat": (10, 0),

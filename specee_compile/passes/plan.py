@@ -124,7 +124,8 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
     but hold no weights (``--list-passes``: running them fails their precondition). The
     ONNX Runtime fusions emit ``com.microsoft`` ops, so graphs for TensorRT leave them out.
     ``quant`` (a :class:`specee_compile.quant.QuantSpec`) adds the weight quantization, with
-    ``kept`` (:class:`specee_compile.quant.KeptBlocks`) the GGUF whose blocks ``gguf`` keeps.
+    ``kept`` (:class:`specee_compile.quant.KeptBlocks`) the GGUF whose blocks ``gguf`` keeps;
+    graphs for TensorRT take it as blocked DequantizeLinear instead of ``MatMulNBits``.
     """
     fused = opt_level != "O0" and target == "ort"
 
@@ -147,7 +148,7 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
     if quant is not None and quant.active:
         for family, pipeline in plan.items():
             if family not in ("decode", "tree_decode"):
-                pipeline.append("quantize", QuantizeWeightsPass(quant, kept))
+                pipeline.append("quantize", QuantizeWeightsPass(quant, kept, qdq=target == "trt"))
     return PassPlan(plan, exits)
 
 

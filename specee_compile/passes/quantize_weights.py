@@ -8,6 +8,17 @@ for (:class:`specee_compile.quant.QuantSpec`: layers, head, embedding):
     Gather(W[V, d], ids, axis=0)   ->  GatherBlockQuantized(data, ids, scales, zero_points)
     Gather(W[d, V], ids, axis=1)   ->  Transpose(GatherBlockQuantized(...))
 
+For TensorRT-ready graphs (``qdq``) the products read their weights through the standard
+blocked dequantization TensorRT 10 parses as weight-only INT4 (opset 21, the graph is
+converted to it):
+
+    MatMul(A, W[K, N])             ->  MatMul(A, DequantizeLinear(int4 [K, N], scales [K/B, N], axis=0))
+    Gemm(A, W[N, K], C, transB)    ->  Gemm(A, DequantizeLinear(int4 [N, K], scales [N, K/B], axis=1), C)
+
+signed values without zero points, blocks B of 64 or 128 that divide K (TensorRT's block
+sizes: a weight whose K neither divides stays fp32, as do gathers, which TensorRT reads in
+fp32). ONNX Runtime runs these graphs too, fusing each pair into ``MatMulNBits``.
+
 The blocks come from ONNX Runtime's own quantizer (int4/int8) or, for ``gguf``, from the
 GGUF file itself (:class:`specee_compile.quant.KeptBlocks`). GGUF Q4_1 blocks carry a minimum
 per block (d * q + m); the product then runs at the default zero point 8 and adds
@@ -24,8 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnxscript import version_converter
 
 from specee_compile.quant.blocks import Blocks, quantize
 from specee_compile.quant.gguf import KeptBlocks
@@ -34,6 +47,8 @@ from specee_compile.quant.spec import BITS, GGUF_FALLBACK, QuantSpec
 SCOPES = "pkg.torch.onnx.name_scopes"
 OWN_WEIGHTS = "specee."  # initializers the SpecEE passes add: left as they are
 MS = "com.microsoft"
+QDQ_OPSET = 21  # DequantizeLinear's block_size and the INT4 type
+TRT_BLOCKS = (128, 64)  # TensorRT's INT4 block sizes, the larger first
 
 
 @dataclasses.dataclass
@@ -42,6 +57,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     spec: QuantSpec = dataclasses.field(default_factory=QuantSpec)
     kept: KeptBlocks | None = None
+    qdq: bool = False  # TensorRT's form: DequantizeLinear feeding the product (int4 only)
     name: str = "quantize_weights"
     fired: dict[str, int] = dataclasses.field(default_factory=dict)
     report: list[dict] = dataclasses.field(default_factory=list)
@@ -59,36 +75,54 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             layout = _layout(uses)
             if precision == "fp32" or layout is None:
                 continue
-            key = (id(w.const_value), layout, precision)
+            k = w.const_value.shape[1 if layout == "rows" else 0]
+            block = self.spec.block_size
+            if self.qdq:  # gathers (the embedding, RoPE tables) read fp32
+                block = next((b for b in TRT_BLOCKS if b <= self.spec.block_size and k % b == 0), None)
+                if all(u.node.op_type == "Gather" for u in uses):
+                    if role == "embedding":
+                        self._note(role, w, layout, "fp32 (gather)")
+                    continue
+                if block is None:
+                    self._note(role, w, layout, f"fp32 (K={k} takes no TensorRT block)")
+                    continue
+            key = (id(w.const_value), layout, precision, block)
             if key not in self._made:
                 rows = w.const_value.numpy().astype(np.float32)
-                self._made[key] = (w.const_value, *self._blocks(rows if layout == "rows" else rows.T, role, precision),
-                                   {})
+                self._made[key] = (w.const_value, *self._blocks(rows if layout == "rows" else rows.T, role, precision,
+                                                                 block), {})
             _, blocks, stored, tensors = self._made[key]
-            made: dict[str, ir.Value] = {}
+            made: dict = {}
             for node in [u.node for u in uses]:
-                if _rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made, tensors):
+                rewrite = _dequantize if self.qdq else _rewrite
+                if rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made, tensors):
                     touched.add(id(node.graph))
             left = len(w.uses())
             if not left and w.name in model.graph.initializers:
                 model.graph.initializers.pop(w.name)
-            k = w.const_value.shape[1 if layout == "rows" else 0]
-            self.report.append({"role": role, "shape": [blocks.shape[0], k], "stored": stored,
-                                **({"fp32_uses_left": left} if left else {})})
-            self.fired[stored] = self.fired.get(stored, 0) + 1
+            self._note(role, w, layout, stored, left)
         if touched:
+            if self.qdq and model.opset_imports.get("", 0) < QDQ_OPSET:
+                version_converter.convert_version(model, QDQ_OPSET)
             model.graph.sort()
         return ir.passes.PassResult(model, modified=bool(touched))
 
-    def _blocks(self, rows: np.ndarray, role: str, precision: str) -> tuple[Blocks, str]:
+    def _note(self, role: str, w: ir.Value, layout: str, stored: str, left: int = 0) -> None:
+        shape = list(w.const_value.shape)
+        self.report.append({"role": role, "shape": shape if layout == "rows" else shape[::-1], "stored": stored,
+                            **({"fp32_uses_left": left} if left else {})})
+        self.fired[stored] = self.fired.get(stored, 0) + 1
+
+    def _blocks(self, rows: np.ndarray, role: str, precision: str, block: int) -> tuple[Blocks, str]:
         if precision == "gguf":
             found = self.kept.find(rows) if self.kept is not None else None
             if found is not None:
                 return found, f"{found.origin} kept"
             precision = GGUF_FALLBACK[role]
-            blocks = quantize(rows, BITS[precision], self.spec.block_size, self.spec.symmetric)
+            blocks = quantize(rows, BITS[precision], block, self.spec.symmetric)
             return blocks, f"{precision} (not in the GGUF)"
-        return quantize(rows, BITS[precision], self.spec.block_size, self.spec.symmetric), precision
+        blocks = quantize(rows, BITS[precision], block, self.spec.symmetric)
+        return blocks, f"{precision} DequantizeLinear/{block}" if self.qdq else precision
 
 
 def _weights(model: ir.Model):
@@ -141,14 +175,7 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
     graph = node.graph
     n, padded = b.shape
     k = w.const_value.shape[1 if layout == "rows" else 0]  # the blocks pad K up to whole blocks
-
-    def const(suffix: str, array_of) -> ir.Value:
-        if suffix not in made:
-            if suffix not in tensors:
-                tensors[suffix] = ir.tensor(np.ascontiguousarray(array_of()))
-            made[suffix] = _const(main, w.name + suffix, tensors[suffix])
-        return made[suffix]
-
+    const = _constants(main, w, made, tensors)
     scales = const("_scales", lambda: b.scales)
     if node.op_type == "Gather":
         zp = const("_zero_points", b.packed_zero_points) if b.zero_points is not None else None
@@ -195,6 +222,46 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
     graph.remove(node, safe=True)
     out.name = name
     return True
+
+
+def _dequantize(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks, level: int, sums: dict,
+                made: dict, tensors: dict) -> bool:
+    """TensorRT's form of :func:`_rewrite`: the product reads ``w`` through one blocked
+    DequantizeLinear per graph (signed int4, no zero points); a gather keeps ``w``."""
+    if node.op_type == "Gather":
+        return False
+    graph = node.graph
+    if id(graph) not in made:
+        const = _constants(main, w, made, tensors)
+        rows = layout == "rows"
+
+        def signed():  # symmetric blocks sit at the default zero point 8: q - 8 lies in [-8, 7]
+            q = b.values().astype(np.int8) - np.int8(8)
+            return (q if rows else q.T).astype(ml_dtypes.int4)
+
+        dq = ir.node("DequantizeLinear", [const("_int4", signed), const("_block_scales", lambda: b.scales if rows
+                                                                         else b.scales.T)],
+                     attributes={"axis": 1 if rows else 0, "block_size": b.block_size})
+        out = dq.outputs[0]  # named, since names must be unique across the graph and its subgraphs
+        out.name = f"{w.name}_dequantized_{sum(isinstance(key, int) for key in made)}"
+        out.shape, out.type = ir.Shape(w.const_value.shape), ir.TensorType(ir.DataType.FLOAT)
+        dq.metadata_props.update(node.metadata_props)
+        graph.insert_before(node, dq)
+        made[id(graph)] = dq.outputs[0]
+    node.replace_input_with(1, made[id(graph)])
+    return True
+
+
+def _constants(main: ir.Graph, w: ir.Value, made: dict, tensors: dict):
+    """``const(suffix, array_of)``: the initializer ``w.name + suffix`` of the main graph, made
+    once per graph from a tensor made once for every graph."""
+    def const(suffix: str, array_of) -> ir.Value:
+        if suffix not in made:
+            if suffix not in tensors:
+                tensors[suffix] = ir.tensor(np.ascontiguousarray(array_of()))
+            made[suffix] = _const(main, w.name + suffix, tensors[suffix])
+        return made[suffix]
+    return const
 
 
 def _nbits_output(nodes: list[ir.Node]) -> ir.Value:

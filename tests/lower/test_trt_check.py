@@ -169,3 +169,40 @@ def test_check_as_a_pipeline_pass_names_the_passes_before_it():
     pipeline = Pipeline({"finalize": [CheckTensorRTPass(graph_name="step")]})
     with pytest.raises(PassError, match=r"(?s)node .u. \(ai.onnx::Unique\): unsupported operator.*passes that ran before"):
         pipeline(model)
+
+
+def _dequantize(dtype=TensorProto.INT4, k=128, block=128, zero=None, axis=0):
+    """y = x @ DequantizeLinear(W [k, 8], scales [k / block, 8]): a blocked weight product, opset 21."""
+    inits = [helper.make_tensor("w", dtype, [k, 8], [1] * (k * 8)),
+             helper.make_tensor("s", F, [max(1, k // block), 8], [0.5] * (max(1, k // block) * 8))]
+    if zero is not None:
+        inits.append(helper.make_tensor("z", dtype, [max(1, k // block), 8], [zero] * (max(1, k // block) * 8)))
+    dq = helper.make_node("DequantizeLinear", ["w", "s"] + (["z"] if zero is not None else []), ["wf"],
+                          name="dq", axis=axis, block_size=block)
+    mm = helper.make_node("MatMul", ["x", "wf"], ["y"], name="mm")
+    return _model([dq, mm], [("x", F, [1, k])], [("y", F, [1, 8])], inits, opset=21)
+
+
+def test_blocked_int4_weights_pass_from_the_release_whose_opsets_hold_them():
+    from specee_compile.lower.trt_check import oldest_target
+
+    model = _dequantize()
+    assert oldest_target([model]) == (10, 15)
+    assert _check(model, (10, 15)) == []
+    assert _check(_dequantize(block=64), (10, 15)) == []
+    assert _check(model, (10, 0)) == ["g: 'opset_import': ai.onnx opset 21 (TensorRT 10.0 parses opsets 9 to 20)"]
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"block": 32}, "block_size 32 over 128 values"),
+    ({"k": 192, "block": 128}, "block_size 128 over 192 values"),
+    ({"zero": 1}, "zero point 'z' is not all 0"),
+    ({"dtype": TensorProto.INT8}, "blocked scales over INT8 weights"),
+])
+def test_blocked_dequantization_outside_tensorrts_schemes_is_reported(kwargs, what):
+    problems = _check(_dequantize(**kwargs), (10, 15))
+    assert len(problems) == 1 and f"g: node 'dq' (ai.onnx::DequantizeLinear): {what}" in problems[0]
+
+
+def test_a_zero_point_of_zeros_passes():
+    assert _check(_dequantize(zero=0), (10, 15)) == []

@@ -142,6 +142,9 @@ class OrtGraphs:
     def __init__(self, bundle, threads: int | None, spinning: str, profile_dir: Path | None):
         self.bundle = bundle
         self.options = session_options(threads, spinning, profile_dir)
+        level = (bundle.manifest.quant or {}).get("accuracy_level")
+        if level is not None:  # a TensorRT-ready graph's DequantizeLinear + MatMul become MatMulNBits at this level
+            self.options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         self.opened: list[ort.InferenceSession] = []
 
     def open(self, graph: Graph, field: str) -> ort.InferenceSession:
