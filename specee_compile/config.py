@@ -204,6 +204,10 @@ class CompileConfig:
         if not self.quant_symmetric:
             raise ConfigError(f"quant_symmetric=false: TensorRT's quantization is symmetric (zero points must be 0), "
                               f"so {where} take symmetric blocks only. Drop the setting.")
+        if self.specee and self.exit_mode == "graph":
+            raise ConfigError(f"--quant {self.quant} with --exit-mode graph cannot be built into {where}: TensorRT "
+                              "builds segment engines only, and ONNX Runtime does not fuse the blocked weights that "
+                              "the decode graph's If branches read from the outer graph. Use --exit-mode segments.")
         if self.quant_block not in (0, 64, 128):
             raise ConfigError(f"--quant-block {self.quant_block}: TensorRT's INT4 blocks are 64 or 128 values (the "
                               f"default for {where} is 128, 64 where 128 does not divide a weight's inputs).")

@@ -292,7 +292,8 @@ def test_quantization_refuses_what_it_cannot_build(tiny_dirs, tmp_path):
     for kwargs, message in (({"quant": "int8"}, "per tensor or per channel"), ({"quant": "gguf"}, "64 or 128"),
                             ({"quant": "int4", "quant_block": 32}, "64 or 128"),
                             ({"quant": "int4", "quant_embedding": "int4"}, "embedding in fp32"),
-                            ({"quant": "int4", "quant_symmetric": False}, "symmetric")):
+                            ({"quant": "int4", "quant_symmetric": False}, "symmetric"),
+                            ({"quant": "int4", "specee": True, "exit_mode": "graph"}, "--exit-mode segments")):
         with pytest.raises(ConfigError, match=message):
             CompileConfig(model="m", out=tmp_path / "b.onnx", check="trt", **kwargs)
     with pytest.raises(ConfigError, match="--quant-block"):
