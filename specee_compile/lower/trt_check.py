@@ -247,9 +247,10 @@ def _check_dequantize(node: ir.Node, where, problems) -> None:
                                     "TensorRT's quantization is symmetric: zero points must be all zeros"))
     if data is None or scale is None or scale.shape is None or data.shape is None or len(scale.shape) < 2:
         return  # per tensor or per channel
-    if data.dtype != ir.DataType.INT4 or _constant(data) is None:
+    weights = data.const_value is not None or _constant(data) is not None  # an initializer needs no unpacking
+    if data.dtype != ir.DataType.INT4 or not weights:
         problems.append(Problem(*where, f"blocked scales over {data.dtype.name if data.dtype else '?'} "
-                                f"{'weights' if _constant(data) is not None else 'activations'}",
+                                f"{'weights' if weights else 'activations'}",
                                 "TensorRT blocks constant INT4 weights only"))
         return
     rank = len(data.shape)

@@ -67,6 +67,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fired, self.report = {}, []
+        rewrite = _dequantize if self.qdq else _rewrite
         sums: dict[tuple, ir.Value] = {}
         touched: set[int] = set()
         for w, uses in _weights(model):
@@ -94,7 +95,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             _, blocks, stored, tensors = self._made[key]
             made: dict = {}
             for node in [u.node for u in uses]:
-                rewrite = _dequantize if self.qdq else _rewrite
                 if rewrite(model.graph, node, w, layout, blocks, self.spec.accuracy_level, sums, made, tensors):
                     touched.add(id(node.graph))
             left = len(w.uses())
