@@ -111,14 +111,39 @@ class LayerSpec:
             y = self.layer.post_attention_layernorm(y)
         return h + self._scaled(y)
 
-    def after_mlp(self, h: torch.Tensor) -> torch.Tensor:
+    def after_mlp(self, h: torch.Tensor, gate_up: nn.Module | None = None) -> torch.Tensor:
+        """``gate_up``: one linear computing the gated MLP's gate and up projections (the export's,
+        from :meth:`packed_gate_up`); the layer's own MLP otherwise."""
         layer = self.layer
+        mlp = layer.mlp if gate_up is None else lambda x: self._gated_mlp(x, gate_up)
         if self.post_norms:
             pre = getattr(layer, "pre_feedforward_layernorm", None)
-            y = layer.post_feedforward_layernorm(layer.mlp(h if pre is None else pre(h)))
+            y = layer.post_feedforward_layernorm(mlp(h if pre is None else pre(h)))
         else:
-            y = layer.mlp(layer.post_attention_layernorm(h))
+            y = mlp(layer.post_attention_layernorm(h))
         return h + self._scaled(y)
+
+    def _gated_mlp(self, x: torch.Tensor, gate_up: nn.Module) -> torch.Tensor:
+        mlp = self.layer.mlp
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def packed_gate_up(self, pack) -> nn.Module | None:
+        """One linear for the MLP's gate and up projections (``pack``: the export's packing of
+        linears), or None when the MLP is not ``down(act(gate(x)) * up(x))`` with separate gate
+        and up linears: checked on a random input against the MLP's own forward, so a family
+        whose MLP differs keeps it."""
+        mlp = self.layer.mlp
+        parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+        if not all(isinstance(p, nn.Linear) for p in parts[:3]) or parts[3] is None \
+                or parts[0].weight.shape != parts[1].weight.shape:
+            return None
+        packed = pack(parts[:2])
+        x = torch.randn(2, parts[0].in_features, generator=torch.Generator().manual_seed(0),
+                        dtype=parts[0].weight.dtype)
+        with torch.no_grad():
+            same = torch.allclose(self._gated_mlp(x, packed), mlp(x), rtol=1e-4, atol=1e-5)
+        return packed if same else None
 
     @property
     def post_norms(self) -> bool:

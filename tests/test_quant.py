@@ -169,7 +169,7 @@ def test_quantized_logits_stay_within_the_stated_tolerance_of_fp32(family, preci
                                        quant=precision), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quant"]["weights"] == precision
-    assert manifest["quant"]["weights_stored"] == {"step": {precision: 3 * 5 + 2}}  # qkv, o, gate, up, down; head; embedding
+    assert manifest["quant"]["weights_stored"] == {"step": {precision: 3 * 4 + 2}}  # qkv, o, gate|up, down; head; embedding
     ops = {n.op_type for n in ir.load(out / "model.onnx").graph}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
     ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
@@ -204,8 +204,8 @@ def test_a_gguf_bundle_keeps_every_block_and_computes_the_ggufs_model(tmp_path):
     kept = compile_bundle(CompileConfig(model=str(model_dir), out=tmp_path / "gguf.onnx", max_context=64, quant="gguf",
                                         gguf=path, accuracy_level=0), progress=False)
     quant = json.loads((kept / "manifest.json").read_text())["quant"]
-    # per layer: qkv and gate, up (Q4_1), o (Q4_0), down (Q8_0); the head and embedding Q8_0
-    assert quant["weights_stored"] == {"step": {"Q4_1 kept": 9, "Q4_0 kept": 3, "Q8_0 kept": 5}}
+    # per layer: qkv and gate|up (Q4_1), o (Q4_0), down (Q8_0); the head and embedding Q8_0
+    assert quant["weights_stored"] == {"step": {"Q4_1 kept": 6, "Q4_0 kept": 3, "Q8_0 kept": 5}}
     assert quant["gguf"]["tensors_kept"] == 3 * 7 + 2 and quant["gguf"]["formats"] == {"Q4_1": 15, "Q4_0": 3, "Q8_0": 5}
     ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
     want, got = _step_logits(fp32, ids), _step_logits(kept, ids)
@@ -270,8 +270,9 @@ def test_a_tensorrt_ready_int4_bundle_passes_the_check_and_its_tree_decodes_its_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt_check"]["tensorrt"] == "10.15"  # the first 10.x whose opsets hold opset 21
     assert manifest["quant"]["block_size"] == 128
-    # hidden 64, intermediate 128: down takes blocks of 128, the rest 64; the embedding's gather stays fp32
-    assert manifest["quant"]["weights_stored"]["step"] == {"int4 DequantizeLinear/64": 13,
+    # hidden 64, intermediate 128: down takes blocks of 128, the rest (qkv, o, gate|up, head) 64; the
+    # embedding's gather stays fp32
+    assert manifest["quant"]["weights_stored"]["step"] == {"int4 DequantizeLinear/64": 10,
                                                            "int4 DequantizeLinear/128": 3, "fp32 (gather)": 1}
     step = ir.load(out / "model.onnx")
     ops = {n.op_type for n in step.graph}

@@ -45,6 +45,7 @@ class DraftStep(nn.Module):
         self.draft = draft
         attn = draft.layer.self_attn
         self.qkv_proj = getattr(attn, "qkv_proj", None) or packed_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_proj = draft.spec.packed_gate_up(packed_linear)
         cos, sin = rope_tables_like(draft, capacity)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
@@ -69,7 +70,7 @@ class DraftStep(nn.Module):
             out, pk, pv = torch.ops.specee.cached_attention(*args, *heads)
         else:
             out, pk, pv = torch.ops.specee.tree_attention(*args, *tree, *heads)
-        return d.norm(spec.after_mlp(spec.after_attention(x, out))), pk, pv
+        return d.norm(spec.after_mlp(spec.after_attention(x, out), self.gate_up_proj)), pk, pv
 
 
 class DraftTreeStep(DraftStep):

@@ -112,6 +112,7 @@ class StepLayer(nn.Module):
         self.layer = spec.layer
         attn = spec.layer.self_attn
         self.qkv_proj = getattr(attn, "qkv_proj", None) or packed_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_proj = spec.packed_gate_up(packed_linear)  # one product for both (one MatMulNBits quantized)
 
     def forward(self, h, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, tree=None):
         """``tree``: (position_ids, attention_bias) when the S tokens are the nodes of a token tree."""
@@ -124,7 +125,7 @@ class StepLayer(nn.Module):
         else:
             out, present_key, present_value = torch.ops.specee.tree_attention(
                 *args, *tree, spec.num_heads, spec.kv_heads, *op_arguments(spec.attention))
-        return spec.after_mlp(spec.after_attention(h, out)), present_key, present_value
+        return spec.after_mlp(spec.after_attention(h, out), self.gate_up_proj), present_key, present_value
 
 
 class TreeStep(DecoderStep):
