@@ -86,6 +86,24 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     assert bench_main([model, "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 
 
+def test_a_quantized_specee_bundle_is_not_charged_the_fp32_parts(tiny_dirs, tiny_llama_calibration, tmp_path):
+    """Its step time by exit layer would compare its int4 steps with fp32 layers and head: left out, said why."""
+    from specee_compile.compiler import compile as compile_bundle
+    from specee_compile.config import CompileConfig
+
+    bundle = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx", max_context=256,
+                                          specee=True, calibration=tiny_llama_calibration, quant="int4"),
+                            progress=False)
+    out, prompts = tmp_path / "bench", tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"hello world {i}"}) for i in range(2)))
+    assert bench_main([str(tiny_dirs["llama"]), "--quick", "--bundle", str(bundle), "--no-transformers",
+                       "--ppl-samples", "0", "--profile-prompts", "0", "--prompts", str(prompts), "--out", str(out),
+                       "-q", *IN_PROCESS]) == 0
+    spec = [s for s in json.loads((out / "report.json").read_text())["systems"].values() if s["kind"] == "specee"]
+    assert len(spec) == 1 and "step_vs_parts" not in spec[0] and "quantized" in spec[0]["step_parts_skipped"]
+    assert "not computed, its weights are quantized" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sweep", "0.5,high"], "--sweep takes comma-separated thresholds"),
     (["--sweep", "1.5"], "sweep thresholds must be in [0, 1]"),

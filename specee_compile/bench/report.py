@@ -70,6 +70,9 @@ def markdown(r: dict) -> str:
                          f"{_pct(s.get('predictors_share'))} | {_pct(s.get('exit_checks_share'))} | "
                          f"{_pct(s.get('kv_propagation_share'))} | {_pct(s.get('host_loop_share'))} |")
         for name, s in spec.items():
+            if "step_vs_parts" not in s:
+                lines += ["", f"Step time by exit layer, {name}: not computed, {s['step_parts_skipped']}."]
+                continue
             rows, part = s["step_vs_parts"], s["part_ms"]
             lines += ["", f"Step time by exit layer, {name}, against the sum of its parts, each measured on its own "
                       f"(ms: decoder layer {part['layer']:.3f} = the dense step less the head, over "

@@ -237,9 +237,13 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             if s.reference:
                 row["reference"] = _reference(s, system, hf, prompts, r[:n], progress)
             row.update(measure.time_shares(r, _profile(s, system, prompts, out, progress)))
-            heads = heads or _head_seconds(head, system.engine.manifest.specee.draft.vocab_size)
-            row.update(measure.step_parts(r, runs["dense"], row, system.engine.active_layers, L,
-                                          system.settings.get("rule", "full"), *heads))
+            if system.engine.manifest.quant is None:
+                heads = heads or _head_seconds(head, system.engine.manifest.specee.draft.vocab_size)
+                row.update(measure.step_parts(r, runs["dense"], row, system.engine.active_layers, L,
+                                              system.settings.get("rule", "full"), *heads))
+            else:  # its layers and head are not the fp32 ones the parts are timed on
+                row["step_parts_skipped"] = ("its weights are quantized, and the parts (a decoder layer, the LM "
+                                             "head) are timed on the fp32 dense bundle")
         results[system.name] = row
     if "transformers" in results and ppl_set:
         results["transformers"]["perplexity"] = _perplexity_hf(hf, ppl_set)
