@@ -87,3 +87,23 @@ def test_features_output_is_the_final_normed_hidden_state_of_every_position(tmp_
     with torch.no_grad():
         ref = model.model(torch.tensor([ids])).last_hidden_state.numpy()
     np.testing.assert_allclose(out[0], ref, atol=1e-5)
+
+
+def test_gate_and_up_are_one_product_only_where_the_mlp_is_down_of_act_gate_times_up():
+    """The export packs a gated MLP's gate and up linears into one product (one MatMul, then a
+    Split); an MLP whose forward computes something else keeps its own forward."""
+    import types
+
+    from specee_compile.architecture import Architecture
+    from specee_compile.export.step import packed_linear
+
+    model = make_tiny_model("llama")
+    spec = Architecture(model).spec(0, 32)
+    mlp = spec.layer.mlp
+    packed = spec.packed_gate_up(packed_linear)
+    assert packed is not None and packed.out_features == 2 * mlp.gate_proj.out_features
+    matmuls = [n for n in export_step(model, 32)[0].graph if n.op_type == "MatMul"]
+    assert len(matmuls) == 4 * model.config.num_hidden_layers  # qkv, o, gate|up, down (the head is a Gemm)
+    mlp.forward = types.MethodType(lambda self, x: self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x))),
+                                   mlp)
+    assert spec.packed_gate_up(packed_linear) is None
