@@ -86,9 +86,27 @@ def write_bundle(config, facts: Facts, lowered, progress: bool = False) -> Path:
                 cfg.pad_token_id))
         finish_manifest(tmp, manifest.to_json())
         if spec is not None and spec.tree is not None:
+            if reason := inexact_tree(config):
+                logger.warning(reason)
             tree = _default_tree(config, facts, spec.tree, tmp, progress)
             finish_manifest(tmp, dataclasses.replace(manifest, specee=dataclasses.replace(spec, tree=tree)).to_json())
     return config.out
+
+
+def inexact_tree(config) -> str | None:
+    """Why tree speculation on this bundle does not give its dense decoding's tokens, if it does not.
+
+    With int8 activations ONNX Runtime's MatMulNBits computes a row differently when it shares
+    a call with other rows (measured with docs/benchmarks/draft-stage8/rows.py on SmolLM2
+    `gguf`: a token's logits differ by a median 0.6 between a 1-row step and a 2-row chunk,
+    3e-5 with fp32 activations), so the verification of several nodes can pick other tokens
+    than the one-row dense step."""
+    if config.quant == "fp32" or config.accuracy_level != 4:
+        return None
+    return ("tree speculation on int8 activations (--accuracy-level 4) is not token-exact against this bundle's dense "
+            "decoding: ONNX Runtime's MatMulNBits computes a row differently when it shares a call with other rows "
+            "(on SmolLM2 --quant gguf the trees' greedy tokens part from the dense ones after 16-19 tokens on "
+            "average); compile with --accuracy-level 0 for exact trees, at about 3x the cost of the weight products.")
 
 
 def _default_tree(config, facts: Facts, tree: Tree, bundle_dir: Path, progress: bool) -> Tree:
