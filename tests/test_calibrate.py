@@ -258,6 +258,40 @@ def test_a_shipped_draft_for_the_models_weights_is_used_unless_declined(tiny_dir
     assert "epochs" in meta["draft"]["training"]
 
 
+def test_draft_scores_count_only_the_positions_from_each_start():
+    """draft_metrics with starts scores the rows that draft a response token: a start of 1 is
+    every position, a start of k leaves S - k, and the hits of a later start are a subset."""
+    from specee_compile.calibrate.collect import target_pass
+
+    draft = _tiny_draft()
+    target = make_tiny_model("llama")
+    torch.manual_seed(1)
+    passes = [target_pass(target, torch.randint(1, 300, (n,)).tolist()) for n in (12, 9)]
+    every = pipeline.draft_metrics(draft, passes, 1)
+    assert pipeline.draft_metrics(draft, passes, 1, [1, 1]) == every
+    assert every["positions"] == 11 + 8
+    later = pipeline.draft_metrics(draft, passes, 1, [5, 8])  # the second pass keeps its last row only
+    assert later["positions"] == (12 - 5) + (9 - 8)
+    for name in ("top1_after_full", "top4_after_full"):
+        assert later[name] * later["positions"] <= every[name] * every["positions"] + 1e-9
+    none = pipeline.draft_metrics(draft, passes, 1, [12, 9])  # prompts only: nothing to score
+    assert none["positions"] == 0 and none["top1_after_full"] == 0
+
+
+def test_a_supplied_drafts_predictor_text_begins_after_what_it_trained_on(tmp_path, calib_file):
+    from specee_compile import drafts
+
+    draft = tmp_path / drafts.WEIGHTS
+    draft.write_bytes(b"not read here")
+    sharegpt = CalibrationSettings(draft_file=str(draft), **TINY)
+    assert pipeline._unseen_from(sharegpt) == TINY["draft_sequences"]  # no record: after a calibration's draft text
+    (tmp_path / drafts.RECORD).write_text(json.dumps({"conversations_trained": [[0, 1280], [8960, 10240]]}))
+    assert pipeline._unseen_from(sharegpt) == 10240
+    (tmp_path / drafts.RECORD).write_text(json.dumps({"conversations_trained": [["x"]]}))
+    assert pipeline._unseen_from(sharegpt) == TINY["draft_sequences"]
+    assert pipeline._unseen_from(dataclasses.replace(sharegpt, calib_file=str(calib_file))) == 0
+
+
 def _replay_setup(tokens: int):
     """A tiny Llama, a tiny draft, a dense pass over ``tokens`` random ids and a predictor bank
     biased so that some layers fire and others do not."""
