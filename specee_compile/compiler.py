@@ -300,15 +300,21 @@ def _cut(model: ir.Model, layers: tuple[int, ...], family: str) -> Segmented:
 
 
 def tree_prompts(config: CompileConfig, calibration) -> tuple[str, ...]:
-    """Held-out prompts to choose the default tree shape on (``--tree`` without a shape): the
-    calibration text's examples after those the calibration read (ShareGPT's next records; a
-    calibration file's later examples, or all of them when it has no more)."""
+    """Prompts to choose the default tree shape on (``--tree`` without a shape), text its draft
+    never trained on: with a draft the calibration trained, the calibration text's examples
+    after those it read (ShareGPT's next records; a calibration file's later examples, or all of
+    them when it has no more); with a supplied one, the predictors' text, which the calibration
+    took from past the draft's training text (trees do not use the predictors)."""
     if not config.tree or config.tree_shape:
         return ()
     from specee_compile.calibrate import data
 
     settings = calibration.meta.get("settings", {})
-    read = int(settings.get("draft_sequences", 0)) + int(settings.get("predictor_sequences", 0))
+    text = calibration.meta.get("text", {})
+    if settings.get("draft_file") and "from" in text:
+        read = int(text["from"])
+    else:
+        read = int(settings.get("draft_sequences", 0)) + int(settings.get("predictor_sequences", 0))
     wanted = 4 * config.tree_prompts  # prompts longer than the choice takes are passed over
     calib_file = settings.get("calib_file")
     if calib_file and Path(calib_file).is_file():

@@ -334,3 +334,24 @@ def test_a_given_tree_shape_is_recorded_without_measuring(tiny_dirs, calibration
         CompileConfig(model="m", out="o.onnx", specee=True, tree_shape="2")
     with pytest.raises(ConfigError, match="width must be from 1 to 8"):
         CompileConfig(model="m", out="o.onnx", specee=True, tree=True, tree_shape="9")
+
+
+def test_the_tree_shape_is_chosen_on_prompts_its_draft_never_trained_on(monkeypatch, tmp_path):
+    """A supplied draft's choice prompts are the predictors' text (past the draft's training
+    text); a trained draft's are the records after all the calibration read."""
+    from types import SimpleNamespace
+
+    from specee_compile import compiler
+    from specee_compile.calibrate import data
+
+    asked = []
+    monkeypatch.setattr(data, "sharegpt", lambda n, skip=0: asked.append((n, skip)) or [])
+    config = CompileConfig(model="m", out=tmp_path / "b.onnx", specee=True, tree=True, tree_prompts=2)
+    supplied = {"settings": {"draft_file": "draft.safetensors", "draft_sequences": 1280, "predictor_sequences": 48},
+                "text": {"from": 10240, "draft": 0, "predictors": 48}}
+    trained = {"settings": {"draft_sequences": 1280, "predictor_sequences": 48}, "text": {"from": 0}}
+    for meta in (supplied, trained):
+        compiler.tree_prompts(config, SimpleNamespace(meta=meta))
+    assert asked == [(8, 10240), (8, 1328)]
+    assert compiler.tree_prompts(CompileConfig(model="m", out=tmp_path / "b.onnx", specee=True, tree=True,
+                                               tree_shape="1x1x1"), SimpleNamespace(meta=supplied)) == ()

@@ -166,10 +166,11 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
             return out
 
     if settings.draft_file:  # no draft text; the predictors' text is text the draft never trained on
-        texts = calibration_examples(target, tokenizer, settings, progress, _unseen_from(settings),
-                                     settings.predictor_sequences)
+        text_from = _unseen_from(settings)
+        texts = calibration_examples(target, tokenizer, settings, progress, text_from, settings.predictor_sequences)
         split = 0
     else:
+        text_from = 0
         texts = calibration_examples(target, tokenizer, settings, progress)
         split = min(settings.draft_sequences, max(1, len(texts) - 2))
     sequences = [ids for ids, _ in texts]
@@ -213,6 +214,7 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         "model_dir": str(model_dir),
         "num_layers": L,
         "settings": dataclasses.asdict(settings),
+        "text": {"from": text_from, "draft": split, "predictors": len(texts) - split},  # examples read, in order
         "budget": dataclasses.asdict(plan) if plan else None,
         "schedule": choice["schedule"].to_dict(),
         "threshold": choice["threshold"],
