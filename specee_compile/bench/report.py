@@ -125,8 +125,8 @@ def markdown(r: dict) -> str:
         drafts = {s["path"]: s["draft"] for s in trees.values() if s.get("draft")}
         if drafts:
             lines += ["", "Drafts: how each tree bundle's draft was trained (calibration sequences x epochs, steps "
-                      "unrolled on its own guesses) and its hit rate of the target's next token on the calibration's "
-                      "held-out text: top-1/top-4 after a full-depth step, and top-1 one step deeper fed its own "
+                      "unrolled on its own guesses) and its hit rate of the target's next token on the responses of "
+                      "the calibration's held-out text: top-1/top-4 after a full-depth step, and top-1 one step deeper fed its own "
                       "predicted feature where its first guess was right.", "",
                       "| bundle | training | depth 1 top-1 | depth 1 top-4 | depth 2 top-1 |", "|---|---|---|---|---|"]
             for path, d in drafts.items():
