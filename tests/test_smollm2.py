@@ -70,15 +70,17 @@ def test_shipped_draft_is_found_for_smollm2_and_scores_as_recorded():
     from specee_compile import load as model_load
     from specee_compile.calibrate.collect import target_pass
     from specee_compile.calibrate.pipeline import draft_metrics, load_draft
-    from specee_compile.drafts.train import OWN_ANSWERS, SLICE
+    from specee_compile.drafts.train import OWN_ANSWERS, SLICE, answer_starts
 
     model_dir = resolve("smollm2")
     assert drafts.find(model_dir) == SHIPPED / drafts.WEIGHTS
     record = drafts.record(SHIPPED)
-    target, _ = model_load.load(model_dir)
+    target, tokenizer = model_load.load(model_dir)
     draft = load_draft(SHIPPED / drafts.WEIGHTS, target)
     answers = json.loads((SHIPPED / OWN_ANSWERS).read_text())[:SLICE]
-    got = draft_metrics(draft, [target_pass(target, ids) for ids in answers], target.config.num_hidden_layers // 2)
+    assert record["stages"][-1].get("scored") == "responses"
+    got = draft_metrics(draft, [target_pass(target, ids) for ids in answers], target.config.num_hidden_layers // 2,
+                        answer_starts(tokenizer, answers))
     want = record["stages"][-1]["held_out"]["own_answers_slice"]
     for name in ("top1_after_full", "top4_after_full", "top1_after_exit", "top4_after_exit"):
         assert got[name] == pytest.approx(want[name], abs=0.01), name  # other CPUs may break a few ties otherwise

