@@ -43,7 +43,7 @@ from specee_compile.calibrate.pipeline import (CalibrationSettings, calibration_
 from specee_compile.calibrate.store import FeatureStore
 from specee_compile.calibrate.train import train_draft, write_atomic
 from specee_compile.errors import ModelLoadError
-from specee_compile.tokenizer import chat_ids, chat_ids_many
+from specee_compile.tokenizer import chat_ids_many
 
 HELD_SHAREGPT = 48
 OWN_QUESTIONS, OWN_TOKENS = 24, 128
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     usable = len(data.sharegpt(1 << 30))
     if b > usable - HELD_SHAREGPT:
         raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
-    held = calibration_examples(target, tokenizer, dataclasses.replace(settings, draft_sequences=HELD_SHAREGPT - 1),
-                                False, skip=usable - HELD_SHAREGPT)
+    held = calibration_examples(target, tokenizer, settings, False, skip=usable - HELD_SHAREGPT, count=HELD_SHAREGPT)
     own = own_answers(out, target, tokenizer)
     held_passes = {"sharegpt": [target_pass(target, s) for s, _ in held], "own_answers": [target_pass(target, s) for s in own]}
     starts = {"sharegpt": [start for _, start in held], "own_answers": answer_starts(tokenizer, own)}
@@ -153,8 +152,7 @@ def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[in
     path = folder / OWN_ANSWERS
     if path.is_file():
         return json.loads(path.read_text())
-    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}], "the model", ModelLoadError, "")
-               for q in resources.mtbench_questions(OWN_QUESTIONS)]
+    prompts = question_prompts(tokenizer, OWN_QUESTIONS)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seqs = []
     for k in range(0, len(prompts), batch):
@@ -173,10 +171,15 @@ def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[in
     return seqs
 
 
+def question_prompts(tokenizer, n: int) -> list[list[int]]:
+    """The first ``n`` MT-Bench questions, each a user turn in the model's chat template."""
+    return chat_ids_many(tokenizer, [[{"role": "user", "content": q}] for q in resources.mtbench_questions(n)],
+                         "the model", ModelLoadError, "")
+
+
 def answer_starts(tokenizer, answers: list[list[int]]) -> list[int]:
     """Where each own answer's response begins: the length of its question in the chat template."""
-    prompts = chat_ids_many(tokenizer, [[{"role": "user", "content": q}] for q in resources.mtbench_questions(len(answers))],
-                            "the model", ModelLoadError, "")
+    prompts = question_prompts(tokenizer, len(answers))
     for ids, prompt in zip(answers, prompts):
         if ids[: len(prompt)] != prompt:
             raise SystemExit(f"{OWN_ANSWERS} does not begin with the MT-Bench questions in this model's chat template; "
