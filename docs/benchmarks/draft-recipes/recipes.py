@@ -92,14 +92,17 @@ def greedy(prompts: list[list[int]], limit, batch: int = 16) -> list[list[int]]:
 
 # --- text ---------------------------------------------------------------------------------
 sharegpt = cached_json(f"sharegpt-{N}.json", lambda: calibration_sequences(target, tok, settings, False)[:N])
+held_prompts = [ids[: settings.max_seq_len // 2] for ids in _chat_ids(tok, [ex.prompt for ex in
+                                                                          data.sharegpt(HELD, skip=HELD_SKIP)])]
 held = cached_json("held_sharegpt.json", lambda: [
-    (_chat_ids(tok, [ex.prompt])[0][: settings.max_seq_len // 2]
-     + tok(ex.response, add_special_tokens=False)["input_ids"])[: settings.max_seq_len]
-    for ex in data.sharegpt(HELD, skip=HELD_SKIP)])
+    (prompt + tok(ex.response, add_special_tokens=False)["input_ids"])[: settings.max_seq_len]
+    for prompt, ex in zip(held_prompts, data.sharegpt(HELD, skip=HELD_SKIP))])
 own = cached_json("held_own_answers.json", lambda: greedy(
     _chat_ids(tok, mtbench_questions(OWN)), lambda n: n + 128, batch=8))
 say("text ready", len(sharegpt), len(held), len(own))
 held_passes = {"sharegpt": [target_pass(target, s) for s in held], "own_answers": [target_pass(target, s) for s in own]}
+# the scores count the responses only (what the draft drafts at decode time), from each prompt's end
+starts = {"sharegpt": [len(x) for x in held_prompts], "own_answers": [len(x) for x in _chat_ids(tok, mtbench_questions(OWN))]}
 say("held-out passes")
 
 
@@ -158,7 +161,7 @@ def fused_passes(draft: FusionDraft, passes):
 
 def score(draft, fusion=False):
     """draft_metrics on both held-out sets (the fusion draft reads held-out features fused already)."""
-    return {name: draft_metrics(draft, fused_passes(draft, passes) if fusion else passes, exit_lo)
+    return {name: draft_metrics(draft, fused_passes(draft, passes) if fusion else passes, exit_lo, starts[name])
             for name, passes in held_passes.items()}
 
 
@@ -186,6 +189,6 @@ def run_arm(arm: str) -> dict:
 
 
 for arm in ARMS:
-    result = cached_json(f"result-{arm}-{N}.json", lambda: run_arm(arm))
+    result = cached_json(f"result-{arm}-{N}-responses.json", lambda: run_arm(arm))
     sc = result["scores"]
     say(arm, {k: {m: round(v, 3) for m, v in sc[k].items() if m.startswith("top")} for k in sc})
