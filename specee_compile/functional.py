@@ -76,11 +76,12 @@ def key_value(spec: LayerSpec, h: torch.Tensor, positions):
     return k, _heads(v, spec.kv_heads, spec.head_dim)
 
 
-def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, mask=None):
+def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, mask=None, new_kv=None):
     """One decoder layer over new positions. Returns (h_out, keys, values) with the new K/V
     appended to ``past_k``/``past_v`` ([B, KVH, P, D]: the P positions before positions[0];
     a cache need not start at position 0, the draft's starts at 1). ``mask`` [S, P + S]
-    replaces the causal mask (see ``attention``)."""
+    replaces the causal mask (see ``attention``). ``new_kv``, as ``key_value`` returns it,
+    replaces the new positions' own K/V."""
     b, s, _ = h.shape
     q, k, v = spec.project(spec.input_norm(h))
     q = _heads(q, spec.num_heads, spec.head_dim)
@@ -88,8 +89,11 @@ def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, ma
     if spec.rotary:
         q = apply_rope(q, spec.cos[positions], spec.sin[positions])
         k = apply_rope(k, spec.cos[positions], spec.sin[positions])
+    v = _heads(v, spec.kv_heads, spec.head_dim)
+    if new_kv is not None:
+        k, v = new_kv
     keys = torch.cat([past_k, k], dim=2)
-    values = torch.cat([past_v, _heads(v, spec.kv_heads, spec.head_dim)], dim=2)
+    values = torch.cat([past_v, v], dim=2)
     first = (int(positions[0]) if len(positions) else past_k.shape[2]) - past_k.shape[2]  # no queries: any
     out = attention(q, keys, values, positions, spec.attention, key_valid, first_key_position=first, mask=mask)
     h = spec.after_attention(h, out.transpose(1, 2).reshape(b, s, spec.num_heads * spec.head_dim))

@@ -391,6 +391,75 @@ def test_windows_replayed_as_one_batch_equal_each_window_alone():
     assert len({tuple(r.exit_layers) for rs in alone for r in rs}) > 3  # the policies and windows differ
 
 
+@pytest.mark.parametrize("threshold", [0.53, 0.55])
+def test_replays_with_propagated_kv_decide_as_the_reference_decoder_step_by_step(threshold):
+    """A decoder's exited position writes its deeper K/V from its exit state, which the dense
+    replay ignores. Replays on passes recomputed with their own exits, once settled, must make
+    the reference decoder's teacher-forced decisions (kv_policy propagate) step by step. (The
+    draft rule: on a random model the head's argmax is rarely a draft token, so the others
+    seldom exit.)"""
+    from specee_compile.calibrate.simulate import propagated_pass, propagated_replays, replay_window
+    from specee_compile.reference import DecodeSettings, ReferenceDecoder
+    from specee_compile.schedule import Schedule
+
+    target, draft, p, bank = _replay_setup(40)
+    L, lo = p.z.shape[0], 10
+    no_exit = propagated_pass(target, p.ids, torch.full((40,), L - 1))
+    torch.testing.assert_close(no_exit.z, p.z, atol=1e-5, rtol=1e-5)
+    assert torch.equal(no_exit.next_token, p.next_token)
+
+    schedule = Schedule(L, (0, 1), 2, (-1, 0, 1), online=True)
+    settings = DecodeSettings(rule="draft", kv_policy="propagate", threshold=threshold)
+    (got,), unsettled = propagated_replays(target, draft, bank, (schedule, settings), [(p, lo, None)], rounds=40)
+    assert unsettled == 0
+    decoder = ReferenceDecoder(target, draft, bank, schedule, settings)
+    state = decoder.prefill(p.ids[:lo].tolist())
+    tokens, exits = [], []
+    for t in range(lo, p.ids.numel()):  # fed the text's token, what does the step emit, from which layer
+        state.token = int(p.ids[t])
+        decoder.step(state)
+        tokens.append(state.token)
+        exits.append(state.history[-1])
+    assert (got.exit_layers, got.emitted) == (exits, tokens)
+    assert min(exits) < L - 1  # some steps exited, so later steps read propagated K/V
+    dense = replay_window(target, draft, bank, schedule, settings, p, lo)
+    assert (dense.exit_layers, dense.emitted) != (exits, tokens)  # and that changed decisions
+
+
+def test_the_schedule_search_passes_over_a_policy_whose_propagated_kv_misses_the_target(monkeypatch):
+    """The search checks its cheapest policies with propagated K/V: one that falls below the
+    target there is not chosen, the next that holds is, and the choice reports the check's
+    figures next to the dense-K/V replay's."""
+    from specee_compile.calibrate import simulate
+    from specee_compile.calibrate.simulate import CostModel, rule_tokens
+
+    target, draft, p, bank = _replay_setup(40)
+    L, lo = p.z.shape[0], 10
+    windows = [(p, lo, rule_tokens(target, draft, p.z[:, lo:], "draft"))]
+    settings = CalibrationSettings(rule="draft", target_agreement=0.5, **TINY)
+    costs = CostModel(full_head=2.0, predictor=0.01, draft=0.1, kv_projection=0.05)
+    calls = []
+
+    def spoiled_first(*args, **kwargs):  # the first policy checked emits a wrong token at every step
+        runs, unsettled = simulate.propagated_replays(*args, **kwargs)
+        if not calls:
+            runs = [dataclasses.replace(r, emitted=[t + 1 for t in r.emitted]) for r in runs]
+        calls.append(args[3])
+        return runs, unsettled
+
+    monkeypatch.setattr(pipeline, "propagated_replays", spoiled_first)
+    chosen, search = pipeline._choose_schedule(target, draft, bank, windows, settings, costs, L, False)
+    rows = search["rows"]
+    checked = [r for r in rows if "propagated" in r]
+    assert len(calls) == len(checked) >= 2
+    first, second = sorted((r for r in rows if r["agreement"] >= 0.5), key=lambda r: r["relative_cost"])[:2]
+    assert first["propagated"]["agreement"] == 0.0
+    assert (chosen["top_n"], chosen["threshold"]) == (second["top_n"], second["threshold"])
+    assert chosen["agreement"] == second["propagated"]["agreement"] >= 0.5
+    assert chosen["dense_kv_replay"]["agreement"] == second["agreement"]
+    assert all(policy[1].kv_policy == "propagate" for policy in calls)
+
+
 @pytest.mark.parametrize("group", [1, 2, 7])
 def test_predictor_gradients_by_layer_group_equal_the_whole_batchs(group):
     """Training accumulates each batch's gradient a few layers at a time (for speed); the sum

@@ -34,14 +34,16 @@ def format_report(artifact: Path) -> str:
         f"chosen: rule {meta['rule']}, threshold {meta['threshold']}, offline layers "
         f"{meta['schedule']['offline_layers']} (top-{c['top_n']}), online window history "
         f"{meta['schedule']['history']} offsets {meta['schedule']['offsets']}",
-        f"teacher-forced on held-out windows: agreement {c['agreement']:.2%}, mean executed layers "
-        f"{c['mean_layers']:.2f}, mean step cost {c['relative_cost']:.1%} of dense, draft top-4 hit "
-        f"{c['draft_top4_hit']:.1%}",
-        "schedule search (top-N, threshold: agreement, cost):",
+        f"teacher-forced on held-out windows{' with propagated K/V' * ('dense_kv_replay' in c)}: agreement "
+        f"{c['agreement']:.2%}, mean executed layers {c['mean_layers']:.2f}, mean step cost "
+        f"{c['relative_cost']:.1%} of dense, draft top-4 hit {c['draft_top4_hit']:.1%}",
+        "schedule search (top-N, threshold: agreement, cost with dense K/V; checked with propagated K/V):",
     ]
     for row in search["rows"]:
+        checked = row.get("propagated")
         lines.append(f"  N={row['top_n']:>2} t={row['threshold']:.2f}: {row['agreement']:.2%}, "
-                     f"{row['relative_cost']:.1%}, {row['mean_layers']:.2f} layers")
+                     f"{row['relative_cost']:.1%}, {row['mean_layers']:.2f} layers"
+                     + (f"; propagated {checked['agreement']:.2%}, {checked['relative_cost']:.1%}" if checked else ""))
     return "\n".join(lines)
 
 

@@ -4,6 +4,11 @@ Given a dense pass over a sequence (every layer's normed state at every position
 the SpecEE step at each position exactly as the reference decoder makes it: the draft is
 fed the previous position's exit-layer feature, the schedule follows the exit history, the
 predictors and exit rule decide. "Teacher-forced" means every step sees the dense prefix.
+
+A dense pass gives every earlier position the K/V of every layer, where a bundle's exited
+position writes its deeper layers' K/V from its exit state (``propagate``), and the later
+steps read those. ``propagated_replays`` replays on passes recomputed that way until the
+exits they produce are the exits they were computed with: what a decoder does step by step.
 """
 
 from __future__ import annotations
@@ -150,6 +155,109 @@ def _fired(bank, active: list[int], z_t: torch.Tensor, rows: torch.Tensor, thres
     dp = torch.cat([p[:1], p[1:] - p[:-1]])
     feats = torch.cat([logits, p, dp], dim=-1)  # [A, 12]
     return (bank.score_layers(idx, feats) > threshold).tolist()
+
+
+@torch.no_grad()
+def dense_prefix(target, ids: torch.Tensor, specs) -> tuple[list, list]:
+    """Every layer's K/V ([1, KVH, S, D] each) of a dense pass over ``ids`` [S]: the prefix
+    ``propagated_pass`` starts from."""
+    from specee_compile.architecture import Architecture
+    from specee_compile.functional import layer_step
+
+    arch = Architecture(target)
+    h, positions = arch.embed(ids[None]), torch.arange(ids.numel())
+    empty = h.new_zeros(1, arch.kv_heads, 0, arch.head_dim)
+    keys, values = [], []
+    for spec in specs:
+        h, k, v = layer_step(spec, h, empty, empty, positions)
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
+@torch.no_grad()
+def propagated_pass(target, ids: torch.Tensor, exits: torch.Tensor, specs=None, prefix=None):
+    """The teacher-forced pass (``collect.TargetPass``) over ``ids`` [S] when position t leaves at
+    layer ``exits[t]`` ([S]; L-1: it runs every layer): in every layer after its exit, t's K/V
+    are computed from its exit state, as a bundle propagates them, and later positions attend
+    to those. Layers a position skipped still get states here (nothing reads them but its own
+    replay, which stops at the exit). ``specs``: ``Architecture.specs`` of at least S positions.
+
+    ``prefix``: ``dense_prefix`` of the first P positions (which must not exit); the pass then
+    runs positions P..S-1 only and returns theirs."""
+    from specee_compile.architecture import Architecture
+    from specee_compile.calibrate.collect import TargetPass
+    from specee_compile.functional import key_value, layer_step
+
+    arch = Architecture(target)
+    specs = specs or arch.specs(ids.numel())
+    first = prefix[0][0].shape[2] if prefix else 0
+    ids, exits = ids[first:], exits[first:]
+    positions = torch.arange(first, first + ids.numel())
+    h = arch.embed(ids[None])
+    left = torch.zeros_like(h)  # each position's exit state, from its exit layer on
+    empty = h.new_zeros(1, arch.kv_heads, 0, arch.head_dim)
+    z = []
+    for j, spec in enumerate(specs):
+        gone = (exits < j)[None, None, :, None]
+        new_kv = None
+        if gone.any():
+            (k, v), (kp, vp) = key_value(spec, h, positions), key_value(spec, left, positions)
+            new_kv = torch.where(gone, kp, k), torch.where(gone, vp, v)
+        past_k, past_v = (prefix[0][j], prefix[1][j]) if prefix else (empty, empty)
+        h, _, _ = layer_step(spec, h, past_k, past_v, positions, new_kv=new_kv)
+        left = torch.where((exits == j)[None, :, None], h, left)
+        z.append(target.model.norm(h[0]))
+    z = torch.stack(z)
+    return TargetPass(ids, z, (z[-1] @ target.lm_head.weight.T).argmax(-1))
+
+
+@torch.no_grad()
+def propagated_replays(target, draft, bank, policy: tuple[Schedule, DecodeSettings], windows, rounds: int = 3,
+                       prefixes: dict | None = None, first: list[Replay] | None = None,
+                       progress: bool = False) -> tuple[list[Replay], int]:
+    """One policy's replays of ``windows`` (p, lo, end) with the K/V a decoder leaves behind an
+    exit: replay on the dense passes, recompute each window's pass with the exits it made
+    (``propagated_pass``, from the window's start on), replay on that, and so on until a
+    window's exits repeat (then its replay is the decoder's, step by step) or ``rounds`` passes
+    were made. Emitted tokens at full depth are the recomputed pass's; compare them with the
+    dense pass's. ``prefixes`` keeps each window's ``dense_prefix`` across calls; ``first``: the
+    policy's replays on the dense passes, if made already. Returns the replays and how many
+    windows did not settle."""
+    from specee_compile.architecture import Architecture
+    from specee_compile.calibrate.collect import TargetPass
+
+    L = windows[0][0].z.shape[0]
+    prefixes = {} if prefixes is None else prefixes
+    replays = list(first) if first is not None else [
+        r[0] for r in replay_windows(target, draft, bank, [policy], [(p, lo, end, None) for p, lo, end in windows])]
+    todo = list(range(len(windows)))
+    specs = Architecture(target).specs(max(p.ids.numel() for p, _, _ in windows))
+    bar = tqdm(total=rounds * len(windows), desc="replays with propagated K/V", unit="pass", disable=not progress,
+               leave=False)
+    for _ in range(rounds):
+        if not todo:
+            break
+        passes = []
+        for i in todo:
+            p, lo, end = windows[i]
+            end = p.ids.numel() if end is None else end
+            if i not in prefixes:
+                prefixes[i] = dense_prefix(target, p.ids[:lo], specs)
+            exits = torch.full((end,), L - 1)
+            exits[lo:lo + len(replays[i].exit_layers)] = torch.tensor(replays[i].exit_layers)
+            q = propagated_pass(target, p.ids[:end], exits, specs, prefixes[i])
+            whole = TargetPass(p.ids[:end], torch.cat([p.z[:, :lo], q.z], 1), torch.cat([p.next_token[:lo], q.next_token]))
+            passes.append((whole, lo, None, None))
+            bar.update()
+        again = replay_windows(target, draft, bank, [policy], passes)
+        settled = []
+        for i, r in zip(todo, again):
+            settled.append(r[0].exit_layers == replays[i].exit_layers)
+            replays[i] = r[0]
+        todo = [i for i, done in zip(todo, settled) if not done]
+    bar.close()
+    return replays, len(todo)
 
 
 @torch.no_grad()
