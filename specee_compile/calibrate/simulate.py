@@ -235,7 +235,9 @@ def propagated_replays(target, draft, bank, policy: tuple[Schedule, DecodeSettin
     specs = Architecture(target).specs(max(p.ids.numel() for p, _, _ in windows))
     bar = tqdm(total=rounds * len(windows), desc="replays with propagated K/V", unit="pass", disable=not progress,
                leave=False)
-    for _ in range(rounds):
+    for done_rounds in range(rounds):
+        bar.total = bar.n + (rounds - done_rounds) * len(todo)  # settled windows are not passed again
+        bar.refresh()
         if not todo:
             break
         passes = []
