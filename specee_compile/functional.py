@@ -76,12 +76,13 @@ def key_value(spec: LayerSpec, h: torch.Tensor, positions):
     return k, _heads(v, spec.kv_heads, spec.head_dim)
 
 
-def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, mask=None, new_kv=None):
+def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, mask=None, kv_from=None):
     """One decoder layer over new positions. Returns (h_out, keys, values) with the new K/V
     appended to ``past_k``/``past_v`` ([B, KVH, P, D]: the P positions before positions[0];
     a cache need not start at position 0, the draft's starts at 1). ``mask`` [S, P + S]
-    replaces the causal mask (see ``attention``). ``new_kv``, as ``key_value`` returns it,
-    replaces the new positions' own K/V."""
+    replaces the causal mask (see ``attention``). ``kv_from`` (which [S] bool, states [B, S, d]):
+    the new positions ``which`` selects write the K/V of those states instead of their own
+    (K/V propagated from an earlier layer's exit state)."""
     b, s, _ = h.shape
     q, k, v = spec.project(spec.input_norm(h))
     q = _heads(q, spec.num_heads, spec.head_dim)
@@ -90,8 +91,11 @@ def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, ma
         q = apply_rope(q, spec.cos[positions], spec.sin[positions])
         k = apply_rope(k, spec.cos[positions], spec.sin[positions])
     v = _heads(v, spec.kv_heads, spec.head_dim)
-    if new_kv is not None:
-        k, v = new_kv
+    if kv_from is not None:
+        which, states = kv_from
+        other_k, other_v = key_value(spec, states, positions)
+        k = torch.where(which[None, None, :, None], other_k, k)
+        v = torch.where(which[None, None, :, None], other_v, v)
     keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, v], dim=2)
     first = (int(positions[0]) if len(positions) else past_k.shape[2]) - past_k.shape[2]  # no queries: any

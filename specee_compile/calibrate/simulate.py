@@ -187,7 +187,7 @@ def propagated_pass(target, ids: torch.Tensor, exits: torch.Tensor, specs=None, 
     runs positions P..S-1 only and returns theirs."""
     from specee_compile.architecture import Architecture
     from specee_compile.calibrate.collect import TargetPass
-    from specee_compile.functional import key_value, layer_step
+    from specee_compile.functional import layer_step
 
     arch = Architecture(target)
     specs = specs or arch.specs(ids.numel())
@@ -199,13 +199,9 @@ def propagated_pass(target, ids: torch.Tensor, exits: torch.Tensor, specs=None, 
     empty = h.new_zeros(1, arch.kv_heads, 0, arch.head_dim)
     z = []
     for j, spec in enumerate(specs):
-        gone = (exits < j)[None, None, :, None]
-        new_kv = None
-        if gone.any():
-            (k, v), (kp, vp) = key_value(spec, h, positions), key_value(spec, left, positions)
-            new_kv = torch.where(gone, kp, k), torch.where(gone, vp, v)
+        gone = exits < j
         past_k, past_v = (prefix[0][j], prefix[1][j]) if prefix else (empty, empty)
-        h, _, _ = layer_step(spec, h, past_k, past_v, positions, new_kv=new_kv)
+        h, _, _ = layer_step(spec, h, past_k, past_v, positions, kv_from=(gone, left) if gone.any() else None)
         left = torch.where((exits == j)[None, :, None], h, left)
         z.append(target.model.norm(h[0]))
     z = torch.stack(z)
