@@ -51,7 +51,9 @@ def test_calibration_writes_a_loadable_artifact_and_reuses_it(tiny_dirs, setting
     result = ReferenceDecoder(target, cal.draft, cal.bank, cal.schedule,
                               DecodeSettings(threshold=cal.threshold)).generate([1, 40, 41], 6)
     assert len(result.tokens) == len(result.exit_layers) <= 6
-    assert "teacher-forced on held-out windows" in format_report(out)
+    report = format_report(out)
+    assert "teacher-forced on held-out windows" in report and "lower bound at 95% confidence" in report
+    assert meta["chosen"]["agreement_low"] <= meta["chosen"]["agreement"]
 
 
 def test_recalibration_replaces_the_artifact(tiny_dirs, settings):
@@ -81,7 +83,8 @@ def test_settings_change_the_cache_key(calib_file):
     assert a.key() != b.key()
 
 
-@pytest.mark.parametrize("field, value", [("draft_vocab", 0), ("predictor_epochs", -1), ("target_agreement", 1.5)])
+@pytest.mark.parametrize("field, value", [("draft_vocab", 0), ("predictor_epochs", -1), ("target_agreement", 1.5),
+                                          ("agreement_confidence", 1.0)])
 def test_bad_calibration_settings_raise(field, value):
     with pytest.raises(ConfigError, match=field if field != "target_agreement" else "target_agreement"):
         CalibrationSettings(**{field: value})
@@ -452,12 +455,26 @@ def test_the_schedule_search_passes_over_a_policy_whose_propagated_kv_misses_the
     rows = search["rows"]
     checked = [r for r in rows if "propagated" in r]
     assert len(calls) == len(checked) >= 2
-    first, second = sorted((r for r in rows if r["agreement"] >= 0.5), key=lambda r: r["relative_cost"])[:2]
+    first, second = sorted((r for r in rows if r["agreement_low"] >= 0.5), key=lambda r: r["relative_cost"])[:2]
     assert first["propagated"]["agreement"] == 0.0
     assert (chosen["top_n"], chosen["threshold"]) == (second["top_n"], second["threshold"])
     assert chosen["agreement"] == second["propagated"]["agreement"] >= 0.5
     assert chosen["dense_kv_replay"]["agreement"] == second["agreement"]
     assert all(policy[1].kv_policy == "propagate" for policy in calls)
+
+
+def test_agreement_bound_is_the_clustered_lower_confidence_bound():
+    """The search's agreement must hold at a lower confidence bound over windows: the ratio
+    estimator's standard error, clustered by window (worked by hand for two windows)."""
+    from statistics import NormalDist
+
+    two = [(9, 10), (10, 10)]  # p = 0.95; residuals -0.5, 0.5; var = 2 * 0.5 / 20**2; se = 0.05
+    assert pipeline.agreement_bound(two, 0.95) == pytest.approx(0.95 - NormalDist().inv_cdf(0.95) * 0.05)
+    assert pipeline.agreement_bound(two, 0.5) == pytest.approx(0.95)  # the point estimate
+    assert pipeline.agreement_bound([(8, 10), (16, 20)], 0.99) == pytest.approx(0.8)  # windows agree: no spread
+    assert pipeline.agreement_bound([(7, 10)], 0.95) == pytest.approx(0.7)  # one window: no spread to measure
+    wide = pipeline.agreement_bound([(0, 10), (10, 10)], 0.95)
+    assert wide < pipeline.agreement_bound(two, 0.95) < 0.95
 
 
 @pytest.mark.parametrize("group", [1, 2, 7])

@@ -35,16 +35,26 @@ def format_report(artifact: Path) -> str:
         f"{meta['schedule']['offline_layers']} (top-{c['top_n']}), online window history "
         f"{meta['schedule']['history']} offsets {meta['schedule']['offsets']}",
         f"teacher-forced on held-out windows{' with propagated K/V' * ('dense_kv_replay' in c)}: agreement "
-        f"{c['agreement']:.2%}, mean executed layers {c['mean_layers']:.2f}, mean step cost "
+        f"{c['agreement']:.2%}{_bound(c, meta)}, mean executed layers {c['mean_layers']:.2f}, mean step cost "
         f"{c['relative_cost']:.1%} of dense, draft top-4 hit {c['draft_top4_hit']:.1%}",
-        "schedule search (top-N, threshold: agreement, cost with dense K/V; checked with propagated K/V):",
+        "schedule search (top-N, threshold: agreement (its lower bound), cost with dense K/V; checked with "
+        "propagated K/V):",
     ]
     for row in search["rows"]:
         checked = row.get("propagated")
-        lines.append(f"  N={row['top_n']:>2} t={row['threshold']:.2f}: {row['agreement']:.2%}, "
+        lines.append(f"  N={row['top_n']:>2} t={row['threshold']:.2f}: {row['agreement']:.2%}{_bound(row)}, "
                      f"{row['relative_cost']:.1%}, {row['mean_layers']:.2f} layers"
-                     + (f"; propagated {checked['agreement']:.2%}, {checked['relative_cost']:.1%}" if checked else ""))
+                     + (f"; propagated {checked['agreement']:.2%}{_bound(checked)}, {checked['relative_cost']:.1%}"
+                        if checked else ""))
     return "\n".join(lines)
+
+
+def _bound(row: dict, meta: dict | None = None) -> str:
+    """The agreement's lower confidence bound, for artifacts that record it."""
+    if "agreement_low" not in row:
+        return ""
+    confidence = f" at {meta['settings']['agreement_confidence']:.0%} confidence" if meta else ""
+    return f" (lower bound{confidence} {row['agreement_low']:.2%})"
 
 
 def _draft_source(training: dict, budget: dict | None) -> str:

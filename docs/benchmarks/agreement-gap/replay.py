@@ -42,5 +42,6 @@ for name, examples in texts.items():
     for threshold in (0.8, 0.9, 0.95):
         runs = replay_windows(target, cal.draft, cal.bank, [(cal.schedule, DecodeSettings(threshold=threshold))],
                               windows)
-        row = _summarize([r[0] for r in runs], [(p, lo, h) for p, lo, _, h in windows], costs, dense)
+        row = _summarize([r[0] for r in runs], [(p, lo, h) for p, lo, _, h in windows], costs, dense,
+                         settings.agreement_confidence)
         print(name, threshold, {k: round(v, 4) for k, v in row.items()}, flush=True)
