@@ -1,5 +1,5 @@
 """Score a draft folder's draft on both held-out sets, responses only and every position."""
-import dataclasses, json, sys, torch
+import json, sys, torch
 from pathlib import Path
 from specee_compile import drafts
 from specee_compile import load as model_load

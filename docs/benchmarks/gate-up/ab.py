@@ -1,5 +1,5 @@
 """Interleaved dense decode of two bundles: A (before) and B (after); prints tok/s and B/A."""
-import sys, statistics, time
+import sys, statistics
 from specee_compile import resources
 from specee_compile.runtimes import load, share_threads
 share_threads(None)
