@@ -454,13 +454,45 @@ def test_the_schedule_search_passes_over_a_policy_whose_propagated_kv_misses_the
     chosen, search = pipeline._choose_schedule(target, draft, bank, windows, settings, costs, L, False)
     rows = search["rows"]
     checked = [r for r in rows if "propagated" in r]
-    assert len(calls) == len(checked) >= 2
-    first, second = sorted((r for r in rows if r["agreement_low"] >= 0.5), key=lambda r: r["relative_cost"])[:2]
+    assert len(calls) == len(checked) == 2
+    reaching = sorted((r for r in rows if r["agreement_low"] >= 0.5), key=lambda r: r["relative_cost"])
+    first = reaching[0]
     assert first["propagated"]["agreement"] == 0.0
+
+    def dominated(r):  # the failed policy's predictors and more, at a threshold no higher: not checked
+        return r["top_n"] >= first["top_n"] and r["threshold"] <= first["threshold"]
+
+    second = next(r for r in reaching[1:] if not dominated(r))
+    assert not any(dominated(r) for r in checked if r is not first)
     assert (chosen["top_n"], chosen["threshold"]) == (second["top_n"], second["threshold"])
     assert chosen["agreement"] == second["propagated"]["agreement"] >= 0.5
     assert chosen["dense_kv_replay"]["agreement"] == second["agreement"]
     assert all(policy[1].kv_policy == "propagate" for policy in calls)
+
+
+def test_the_propagated_check_passes_over_policies_that_exit_wherever_a_failed_one_does():
+    """Once a policy fails the propagated check, one with its predictors and more at a
+    threshold no higher is not checked; the next cheaper policy that is not is, and after
+    PROPAGATED_CHECKS failures only the replay's most agreeing one."""
+    policies = [(4, 0.8), (8, 0.8), (4, 0.9), (8, 0.9), (4, 0.95), (8, 0.95)]
+    costs = [1.00, 1.01, 1.02, 1.03, 1.04, 1.05]
+    agreement = [0.981, 0.981, 0.99, 0.99, 0.995, 0.994]
+    sweep = [{"agreement": a, "agreement_low": a - 0.001, "relative_cost": c} for a, c in zip(agreement, costs)]
+
+    def run(holds):
+        rows = [dict(r) for r in sweep]
+        checked = []
+
+        def check(i):
+            checked.append(policies[i])
+            agree = 0.99 if holds(policies[i]) else 0.9 + 0.05 * policies[i][1]  # failing: higher t, higher
+            return {"agreement": agree, "agreement_low": agree - 0.005, "relative_cost": costs[i]}
+
+        return policies[pipeline._check_policies(policies, rows, 0.98, check)], checked
+
+    assert run(lambda p: p[1] >= 0.9) == ((4, 0.9), [(4, 0.8), (4, 0.9)])  # (8, 0.8) is passed over
+    assert run(lambda p: p[1] >= 0.95) == ((4, 0.95), [(4, 0.8), (4, 0.9), (4, 0.95)])  # the most agreeing, last
+    assert run(lambda p: p == (8, 0.95)) == ((4, 0.95), [(4, 0.8), (4, 0.9), (4, 0.95)])  # none holds: most agreeing
 
 
 def test_agreement_bound_is_the_clustered_lower_confidence_bound():

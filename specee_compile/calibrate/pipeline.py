@@ -534,33 +534,55 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
         row.update(top_n=n, threshold=decode.threshold)
         sweep.append(row)
     # The replay gave every step the dense K/V; a bundle's exits write their deeper K/V from the
-    # exit state, which costs later steps agreement (docs/benchmarks/agreement-gap). Check the
-    # policies with it, cheapest first among those the replay puts at the target, until one holds.
-    goal = settings.target_agreement
-    order = sorted(range(len(combos)), key=lambda i: (sweep[i]["agreement_low"] < goal, sweep[i]["relative_cost"]))
-    checked = order[:PROPAGATED_CHECKS]
-    if max(checked, key=lambda i: sweep[i]["agreement"]) != (top := max(order, key=lambda i: sweep[i]["agreement"])):
-        checked.append(top)  # and the replay's most agreeing policy, if none of those holds
-    best, prefixes = None, {}
-    for i in checked:
+    # exit state, which costs later steps agreement (docs/benchmarks/agreement-gap).
+    prefixes = {}
+
+    def check(i: int) -> dict:
         schedule, decode, _ = combos[i]
         policy = (schedule, dataclasses.replace(decode, kv_policy="propagate"))
         runs, unsettled = propagated_replays(target, draft, bank, policy, [(p, lo, None) for p, lo, _ in windows],
                                              prefixes=prefixes, first=[replays[i] for replays in per_window],
                                              progress=progress)
-        sweep[i]["propagated"] = {**_summarize(runs, windows, costs, dense, settings.agreement_confidence),
-                                  "unsettled_windows": unsettled}
+        return {**_summarize(runs, windows, costs, dense, settings.agreement_confidence),
+                "unsettled_windows": unsettled}
+
+    i = _check_policies([(n, decode.threshold) for _, decode, n in combos], sweep, settings.target_agreement, check)
+    row = sweep[i]
+    chosen = {**row["propagated"], "top_n": row["top_n"], "threshold": row["threshold"],
+              "dense_kv_replay": {k: row[k] for k in ("agreement", "agreement_low", "relative_cost", "mean_layers")}}
+    return {**chosen, "schedule": combos[i][0]}, {"exit_counts_all_on": counts.tolist(), "ranked_layers": ranked,
+                                                        "rows": sweep}
+
+
+def _check_policies(policies: list[tuple[int, float]], sweep: list[dict], goal: float, check) -> int:
+    """Check the policies ((top-N, threshold), their dense-K/V replay rows in ``sweep``) with
+    ``check`` (propagated K/V; its row goes into ``sweep[i]["propagated"]``), cheapest first
+    among those whose replay reaches ``goal``, until one holds: at most PROPAGATED_CHECKS that
+    fail, then the replay's most agreeing policy. A policy with the predictors of one that
+    failed and more, at a threshold no higher, exits wherever that one does and more, so it
+    is passed over. Returns the index chosen: the cheapest that holds, else the most agreeing
+    checked."""
+    order = sorted(range(len(policies)), key=lambda i: (sweep[i]["agreement_low"] < goal, sweep[i]["relative_cost"]))
+    top = max(order, key=lambda i: sweep[i]["agreement"])
+
+    def dominated(i: int, failed: int) -> bool:
+        return policies[i][0] >= policies[failed][0] and policies[i][1] <= policies[failed][1]
+
+    best, failed = None, []
+    for i in order + [top]:
+        if "propagated" in sweep[i] or any(dominated(i, f) for f in failed):
+            continue
+        if len(failed) >= PROPAGATED_CHECKS and i != top:
+            continue
+        sweep[i]["propagated"] = check(i)
         ok = sweep[i]["propagated"]["agreement_low"] >= goal
         key = (ok, -sweep[i]["propagated"]["relative_cost"] if ok else sweep[i]["propagated"]["agreement"])
         if best is None or key > best[0]:
             best = (key, i)
         if ok:
             break
-    row = sweep[best[1]]
-    chosen = {**row["propagated"], "top_n": row["top_n"], "threshold": row["threshold"],
-              "dense_kv_replay": {k: row[k] for k in ("agreement", "agreement_low", "relative_cost", "mean_layers")}}
-    return {**chosen, "schedule": combos[best[1]][0]}, {"exit_counts_all_on": counts.tolist(), "ranked_layers": ranked,
-                                                        "rows": sweep}
+        failed.append(i)
+    return best[1]
 
 
 def _replay_all(target, draft, bank, schedule, settings, windows, progress=False, desc=""):
