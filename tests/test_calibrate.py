@@ -217,10 +217,12 @@ def test_cache_keys_change_only_on_purpose():
     """A new default calibrates every model again (28 minutes for SmolLM2): the default key is
     pinned. A setting added later stays out of the key at the value that trains as before it
     existed, so calibrations made before it are still found."""
-    assert CalibrationSettings().key() == "7ce629f35444"  # since the fusion draft became the default
-    assert CalibrationSettings(draft_fusion=False).key() == "0002fb64cac4"
-    assert CalibrationSettings(draft_sequences=320, draft_epochs=8, draft_unroll=1,
-                               draft_fusion=False).key() == "8730294e7620"
+    assert CalibrationSettings().key() == "29a3d454541a"  # since soft labels and the agreement bound
+    before = {"draft_soft_labels": False, "agreement_confidence": 0.5}  # the keys from before those two
+    assert CalibrationSettings(**before).key() == "7ce629f35444"
+    assert CalibrationSettings(draft_fusion=False, **before).key() == "0002fb64cac4"
+    assert CalibrationSettings(draft_sequences=320, draft_epochs=8, draft_unroll=1, draft_fusion=False,
+                               **before).key() == "8730294e7620"
 
 
 def test_sequences_too_short_for_every_unrolled_step_are_left_out_of_training():

@@ -188,3 +188,27 @@ def test_a_fusion_draft_proposes_step_by_step_what_it_computes_batched(target):
             one = draft.inputs(z, exits[t - 1:t])  # the feature a step that left at that layer hands over
             ids, cache = draft.propose(seq[t], one[0], cache, t)
             assert ids.tolist() == draft.vocab_map[logits[0, t - 1].topk(4).indices].tolist(), t
+
+
+def test_soft_labels_are_the_targets_distribution_over_the_draft_vocabulary(target, tmp_path):
+    """With soft labels the draft learns the target's distribution over its vocabulary (its
+    head on the stored final feature); where that distribution is one-hot (a sharpened
+    teacher) the loss is the greedy-token loss, and otherwise it is not."""
+    from specee_compile.calibrate.train import example_loss
+
+    seqs = sequences(4, seed=3)
+    store = FeatureStore(tmp_path / "store")
+    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
+    examples = store.read(len(seqs))
+    draft = EagleDraft(target, torch.arange(TINY_VOCAB))  # every token in the vocabulary
+    torch.testing.assert_close(draft.teacher_head, target.lm_head.weight.float())
+    inverse = torch.arange(TINY_VOCAB)
+    soft, hard = SETTINGS, CalibrationSettings(**{**SETTINGS.__dict__, "draft_soft_labels": False})
+    ex = examples[0]
+    torch.testing.assert_close(ex.next_token, (ex.final @ draft.teacher_head.T).argmax(-1))
+    with torch.no_grad():
+        loss_soft = example_loss(draft, ex, soft, inverse, 0)[0]
+        loss_hard = example_loss(draft, ex, hard, inverse, 0)[0]
+        assert not torch.isclose(loss_soft, loss_hard)
+        draft.teacher_head = draft.teacher_head * 1e4  # one-hot at the greedy token
+        torch.testing.assert_close(example_loss(draft, ex, soft, inverse, 0)[0], loss_hard)

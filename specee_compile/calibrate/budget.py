@@ -63,14 +63,10 @@ def fit(budget_minutes: float, target, sequences_of, store: FeatureStore, settin
     passes = [target_pass(target, ids) for ids in probe]
     pass_seconds = (_now() - start) / len(probe)
     examples = [example(p, k, exit_lo, settings.seed) for k, p in enumerate(passes)]
-    vocab = torch.unique(torch.cat([e.next_token for e in examples]))
-    draft = EagleDraft(target, vocab)
-    inverse = torch.full((draft.embed.num_embeddings,), -100, dtype=torch.long)
-    inverse[draft.vocab_map] = torch.arange(len(vocab))
     # a training step's cost grows with the head's width: time one of the draft's full width
-    draft.head = torch.nn.Linear(draft.head.in_features, min(settings.draft_vocab, target.config.vocab_size),
-                                 bias=False)
-    inverse = inverse.clamp(max=draft.head.out_features - 1)
+    vocab = torch.arange(min(settings.draft_vocab, target.config.vocab_size))
+    draft = EagleDraft(target, vocab)
+    inverse = torch.arange(draft.embed.num_embeddings).clamp(max=len(vocab) - 1)  # every label a class
     start = _now()
     for k, e in enumerate(examples):
         loss, _ = example_loss(draft, e, settings, inverse, k)

@@ -52,6 +52,9 @@ class EagleDraft(nn.Module):
         self.head = nn.Linear(d, len(vocab_map), bias=False)
         with torch.no_grad():
             self.head.weight.copy_(target.lm_head.weight[vocab_map])
+        # the target's own head rows, frozen: its distribution over the draft's vocabulary is the
+        # label training distils (a plain attribute, so neither saved nor exported)
+        self.teacher_head = target.lm_head.weight[vocab_map].detach().clone().float()
         # the last layer's attention, without a window: the draft sees its whole context
         self.attention = dataclasses.replace(arch.attention[-1], window=None)
         self.fusion = fusion_layers(arch.num_layers) if fusion else None

@@ -51,7 +51,8 @@ META = "calibration.json"
 
 # Settings added after artifacts were made, with the value that trains as before they existed:
 # at that value they stay out of the cache key, so those artifacts are still found.
-_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None, "shipped_draft": True, "draft_fusion": False}
+_LATER_SETTINGS = {"draft_unroll": 1, "budget_minutes": None, "shipped_draft": True, "draft_fusion": False,
+                   "draft_soft_labels": False, "agreement_confidence": 0.5}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class CalibrationSettings:
     budget_minutes: float | None = None  # size draft_sequences to fit this many minutes (calibrate/budget.py)
     shipped_draft: bool = True  # use the package's draft for this model when there is one (specee_compile.drafts)
     draft_fusion: bool = True  # EAGLE-3's multi-layer draft input (calibrate/draft.py; docs/benchmarks/draft-recipes)
+    # the draft learns the target's distribution over its vocabulary, not only its greedy token
+    draft_soft_labels: bool = True
 
     def __post_init__(self):
         DecodeSettings(rule=self.rule)
@@ -521,7 +524,6 @@ def _choose_schedule(target, draft, bank, windows, settings, costs: CostModel, L
     ranked += [i for i in range(L - 1) if i not in ranked]
     candidates = sorted({n for n in (4, 8, L - 1) if n <= L - 1})
     sweep = []
-    best = None
     dense = costs.dense_cost(L)
     combos = [(Schedule(L, tuple(sorted(ranked[:n])), settings.history, settings.offsets, online=True),
                DecodeSettings(rule=settings.rule, threshold=threshold), n)

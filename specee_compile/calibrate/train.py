@@ -106,7 +106,11 @@ def example_loss(draft, ex, settings, inverse, step: int):
     feats = draft.fed_features(ex, use_exit)
     ce = reg = 0.0
     for j, (f_hat, logits) in enumerate(draft.unrolled(ex.ids[1:], feats, settings.draft_unroll), start=1):
-        ce = ce + torch.nn.functional.cross_entropy(logits, inverse[ex.next_token[j:]], ignore_index=-100)
+        if settings.draft_soft_labels:  # the target's distribution over the draft's vocabulary (EAGLE's loss)
+            teacher = torch.softmax(ex.final[j:] @ draft.teacher_head.T, dim=-1)
+            ce = ce + torch.nn.functional.cross_entropy(logits, teacher)
+        else:  # the target's greedy token
+            ce = ce + torch.nn.functional.cross_entropy(logits, inverse[ex.next_token[j:]], ignore_index=-100)
         reg = reg + torch.nn.functional.smooth_l1_loss(f_hat, ex.final[j:])
     return ce + settings.feature_loss_weight * reg, ce.item()
 
@@ -116,6 +120,8 @@ def _run_key(settings, examples, draft) -> str:
     draft's vocabulary (a checkpoint of another run is ignored, not resumed)."""
     fields = {k: getattr(settings, k) for k in ("draft_epochs", "draft_lr", "draft_unroll", "feature_loss_weight",
                                                  "exit_feature_rate", "seed")}
+    if settings.draft_soft_labels:  # runs from before the setting keep their keys
+        fields["draft_soft_labels"] = True
     blob = json.dumps([fields, len(examples), draft.vocab_map.tolist()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

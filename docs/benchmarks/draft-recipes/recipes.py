@@ -12,7 +12,10 @@ run resumes after an interruption. Arms:
 - ``fusion``: EAGLE-3's multi-layer input: the first step is fed fc(low, middle, last
   layer's features) instead of the last layer's only (layers 2 and L/2);
 - ``noreg3``: EAGLE-3's loss: no feature regression, unrolled 3 steps;
-- ``epochs4``: the base recipe for 4 epochs.
+- ``epochs4``: the base recipe for 4 epochs;
+- ``distill``: EAGLE's original classification loss: cross-entropy against the target's whole
+  distribution over the draft vocabulary (softmax of its head on its final feature) instead
+  of its greedy token alone.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ for p in target.parameters():
     p.requires_grad_(False)
 L = target.config.num_hidden_layers
 exit_lo, mid = L // 2, L // 2
-settings = CalibrationSettings(draft_sequences=N, predictor_sequences=1)
+# today's recipe as these arms first measured it: the greedy token as the label
+settings = CalibrationSettings(draft_sequences=N, predictor_sequences=1, draft_soft_labels=False)
 
 
 @torch.no_grad()
@@ -178,6 +182,8 @@ def run_arm(arm: str) -> dict:
         s = dataclasses.replace(s, feature_loss_weight=0.0, draft_unroll=3)
     if arm == "epochs4":
         s = dataclasses.replace(s, draft_epochs=4)
+    if arm == "distill":
+        s = dataclasses.replace(s, draft_soft_labels=True)
     torch.manual_seed(0)
     vocab = reduced_vocabulary(examples.next_tokens(), s.draft_vocab, target.config.vocab_size)
     draft = (FusionDraft if arm == "fusion" else EagleDraft)(target, vocab)
