@@ -91,11 +91,11 @@ def layer_step(spec: LayerSpec, h, past_k, past_v, positions, key_valid=None, ma
         q = apply_rope(q, spec.cos[positions], spec.sin[positions])
         k = apply_rope(k, spec.cos[positions], spec.sin[positions])
     v = _heads(v, spec.kv_heads, spec.head_dim)
-    if kv_from is not None:
+    if kv_from is not None:  # only the selected positions' states are projected a second time
         which, states = kv_from
-        other_k, other_v = key_value(spec, states, positions)
-        k = torch.where(which[None, None, :, None], other_k, k)
-        v = torch.where(which[None, None, :, None], other_v, v)
+        picked = which.nonzero().squeeze(-1)
+        other_k, other_v = key_value(spec, states[:, picked], positions[picked])
+        k, v = k.index_copy(2, picked, other_k), v.index_copy(2, picked, other_v)
     keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, v], dim=2)
     first = (int(positions[0]) if len(positions) else past_k.shape[2]) - past_k.shape[2]  # no queries: any
