@@ -320,6 +320,46 @@ def test_the_default_tree_shape_is_the_candidate_measured_fastest(bundle):
     assert str(load(out, tree=True).shape) == tree["default_shape"]
 
 
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_a_replay_on_the_dense_text_accepts_what_tree_decoding_does(bundle, stop_early):
+    """``accepted_lengths`` (what the compile's shape choice measures) gives the accepted
+    length of every target forward a real tree decode makes, without running the target; with
+    an end-of-text token inside the text as well (then the last forward counts no token past
+    it, where a real one may)."""
+    out = bundle("llama", 0.3, "full", tree=True)
+    dense = load(out, dense=True)
+    engine = load(out, tree="1")
+    decoder = engine.decoder
+    stopped = 0
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        known = dense.generate(ids, max_new_tokens=NEW + 9).token_ids
+        if stop_early:  # the first new token from the third on ends the text for both
+            k = next((k for k in range(2, NEW) if known[k] not in known[:k]), None)
+            if k is None:
+                continue
+            dense.eos_token_ids = engine.eos_token_ids = {known[k]}
+            known = dense.generate(ids, max_new_tokens=NEW + 9).token_ids
+            assert len(known) == k
+            stopped += 1
+        sequence, features = decoder.known_features(decoder.new_request(), ids, known)
+        for text in SHAPES:
+            request = decoder.new_request()
+            decoder.configure(request, tree=text)
+            got = decoder.accepted_lengths(request, len(ids), sequence, features, NEW, engine.eos_token_ids)
+            want = engine.generate(ids, max_new_tokens=NEW, tree=text).accepted_lengths
+            if stop_early:  # a real forward may accept tokens past the end-of-text one, which the text lacks
+                assert got[:-1] == want[:-1] and got[-1] <= want[-1], (prompt, text)
+            else:
+                assert got == want, (prompt, text)
+            assert request.breakdown["draft"] > 0
+    assert stopped or not stop_early
+    with pytest.raises(ConfigError, match="not lossless"):
+        request = decoder.new_request()
+        decoder.configure(request, tree="2:exit")
+        decoder.accepted_lengths(request, len(ids), sequence, features, NEW)
+
+
 def test_a_given_tree_shape_is_recorded_without_measuring(tiny_dirs, calibrations, tmp_path, capsys):
     from specee_compile.cli import compile_main
 

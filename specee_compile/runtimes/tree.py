@@ -124,6 +124,68 @@ class TreeDecoder(SegmentedDecoder):
             features += [request.buffers.tree_normed[0, p].copy() for p in producers[:count]]
         return predicted, exits, features
 
+    def known_features(self, request: TreeRequest, ids: list[int], known: list[int]) -> tuple[list[int], np.ndarray]:
+        """One step-graph pass over a prompt and its known greedy continuation (a dense decode's
+        tokens): the sequence with the target's next greedy token appended, and the feature the
+        draft is fed at every position but that last one [1, S - 1, d]. What ``accepted_lengths``
+        replays; one pass serves every shape."""
+        sequence = [*ids, *known]
+        after = self.backend.prefill(request.buffers, sequence)
+        return [*sequence, after], np.array(self.backend.prompt_features(request.buffers), np.float32)
+
+    def accepted_lengths(self, request: TreeRequest, prompt_tokens: int, sequence: list[int], features: np.ndarray,
+                         max_new_tokens: int, stop_tokens=()) -> list[int]:
+        """Tree speculation of ``request``'s shape on a known text (``known_features``), what
+        ``Engine.generate`` would accept per target forward without running the target: being
+        lossless, the forwards emit the known greedy tokens, so each tree's accepted path is the
+        longest that follows the text, and the draft is fed the text's features where a
+        forward would hand it the tree's (the same states, up to the kernels' rounding). The
+        draft's trees are grown for real (their seconds go to ``request.breakdown``). Shapes
+        with ``:exit`` change the tokens and are not replayed. ``stop_tokens``: the end-of-text
+        ids, which end it as they end a decode."""
+        if request.shape.exits:
+            raise ConfigError(f"a tree shape with ':exit' ({request.shape}) is not lossless; run it to measure it.")
+        n = prompt_tokens
+        request.history, request.draft_len, request.draft_prefix = [], 0, []
+        request.feature = features[:, n - 1:n]
+        if n > 1:
+            self.draft(request, sequence[1:n], features[:, :n - 1])
+        request.context = sequence[:n + 1]
+        token, out, queue, accepted = sequence[n], 0, [], []
+        while token not in stop_tokens:  # Engine._generate's loop
+            out += 1
+            if out >= max_new_tokens or n >= self.capacity or n + 1 >= len(sequence):
+                break
+            if not queue:
+                queue = self._known_step(request, token, n, sequence, features)
+                accepted.append(len(queue))
+            token = queue.pop(0)
+            n += 1
+        return accepted
+
+    def _known_step(self, request: TreeRequest, token: int, n: int, sequence: list[int], features: np.ndarray):
+        clock = time.perf_counter()
+        tree = self._draft_tree(request, token, n)
+        lap(request.breakdown, "draft", clock)
+        on_text = [True]  # node s holds the text's token at its position, and so do its ancestors
+        for s in range(1, len(tree)):
+            position = n + tree.depths[s]
+            on_text.append(on_text[tree.parents[s]] and position < len(sequence)
+                           and tree.tokens[s] == sequence[position])
+        greedy = [sequence[n + d + 1] if ok and n + d + 1 < len(sequence) else -1
+                  for ok, d in zip(on_text, tree.depths)]
+        # past the text's end (its end-of-text token) the bonus token is unknown (-1): a decode
+        # would emit one there too (and may accept more after the end-of-text token, which it
+        # never outputs and this does not count)
+        producers = [0, *tree.accepted(greedy)]
+        feats = np.zeros((1, len(tree), features.shape[-1]), np.float32)
+        for s in producers:
+            if n + tree.depths[s] < features.shape[1]:  # else the end-of-text token's, never fed on
+                feats[0, s] = features[0, n + tree.depths[s]]
+        emitted = [greedy[s] for s in producers]
+        self._commit(request, emitted, producers, feats)
+        return emitted
+
     def _tree_step(self, request: TreeRequest, token: int, n: int):
         """Draft a tree after ``token`` at position n, verify it (with early exit when the
         shape asks) and move the accepted nodes' K/V rows to n+1..; return the emitted tokens,

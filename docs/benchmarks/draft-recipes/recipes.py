@@ -15,7 +15,9 @@ run resumes after an interruption. Arms:
 - ``epochs4``: the base recipe for 4 epochs;
 - ``distill``: EAGLE's original classification loss: cross-entropy against the target's whole
   distribution over the draft vocabulary (softmax of its head on its final feature) instead
-  of its greedy token alone.
+  of its greedy token alone;
+- ``vocab12k``: ``distill`` with a 12288-token draft vocabulary instead of 6144 (FR-Spec's
+  question from the other side: does a larger vocabulary's coverage pay for its larger head).
 """
 
 from __future__ import annotations
@@ -182,8 +184,10 @@ def run_arm(arm: str) -> dict:
         s = dataclasses.replace(s, feature_loss_weight=0.0, draft_unroll=3)
     if arm == "epochs4":
         s = dataclasses.replace(s, draft_epochs=4)
-    if arm == "distill":
+    if arm in ("distill", "vocab12k"):
         s = dataclasses.replace(s, draft_soft_labels=True)
+    if arm == "vocab12k":
+        s = dataclasses.replace(s, draft_vocab=12288)
     torch.manual_seed(0)
     vocab = reduced_vocabulary(examples.next_tokens(), s.draft_vocab, target.config.vocab_size)
     draft = (FusionDraft if arm == "fusion" else EagleDraft)(target, vocab)
