@@ -76,23 +76,23 @@ def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_toke
         return {"shape": None, "reason": "the dense decode ended at once (end of text) on every prompt"}
     dense_step = statistics.median(steps)  # back to back, as a dense decode runs
     decoder = tree.decoder
-    texts = [decoder.known_features(decoder.new_request(), ids, r.token_ids) for ids, r in zip(fits, runs)]
+    request = decoder.new_request()  # one request replays every text and shape
+    texts = [decoder.known_features(request, ids, r.token_ids) for ids, r in zip(fits, runs)]
     sizes = sorted({*CURVE_SIZES, *map(nodes, shapes)} & set(range(1, tree.capacity - len(fits[0]) + 1)))
     _, curve = timed_in_turn(None, tree, fits[0], sizes)
     bar.update()
     rows = []
     for shape in shapes:
-        accepted, draft = [], 0.0
-        for ids, (sequence, features) in zip(fits, texts):
-            request = decoder.new_request()
-            decoder.configure(request, tree=shape)
-            accepted += decoder.accepted_lengths(request, len(ids), sequence, features, new_tokens, tree.eos_token_ids)
-            draft += request.breakdown.get("draft", 0.0)
+        decoder.configure(request, tree=shape)
+        request.breakdown = {}
+        accepted = [a for ids, (sequence, features) in zip(fits, texts)
+                    for a in decoder.accepted_lengths(request, len(ids), sequence, features, new_tokens,
+                                                      tree.eos_token_ids)]
         bar.update()
         if not accepted:
             continue
         tokens_per_forward = sum(accepted) / len(accepted)
-        draft /= len(accepted)
+        draft = request.breakdown.get("draft", 0.0) / len(accepted)
         verify = float(np.interp(nodes(shape), list(curve), list(curve.values())))
         rows.append({"shape": str(shape), "tokens_per_forward": round(tokens_per_forward, 4),
                      "draft_ms": round(1000 * draft, 4), "verify_ms": round(1000 * verify, 4),
