@@ -90,8 +90,9 @@ def test_a_product_with_kept_gguf_blocks_equals_the_product_with_the_ggufs_weigh
     model = _matmul_model(np.ascontiguousarray(weight.T))
     p = QuantizeWeightsPass(QuantSpec("gguf", accuracy_level=0), KeptBlocks(path))
     p(model)
-    assert p.fired == {f"{fmt} kept": 1}
-    assert "MatMulNBits" in [n.op_type for n in model.graph]
+    # at accuracy level 0 (fp32 activations) 8-bit blocks are multiplied dequantized, in fp32
+    assert p.fired == {f"{fmt} kept" + (", products in fp32 (dequantized)" if fmt == "Q8_0" else ""): 1}
+    assert ("MatMulNBits" in [n.op_type for n in model.graph]) == (fmt != "Q8_0")
     a = rng.standard_normal((2, 96)).astype(np.float32)
     want = a.astype(np.float64) @ weight.T.astype(np.float64)
     np.testing.assert_allclose(_run(model, {"A": a}), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -205,8 +206,10 @@ def test_a_gguf_bundle_keeps_every_block_and_computes_the_ggufs_model(tmp_path):
     kept = compile_bundle(CompileConfig(model=str(model_dir), out=tmp_path / "gguf.onnx", max_context=64, quant="gguf",
                                         gguf=path, accuracy_level=0), progress=False)
     quant = json.loads((kept / "manifest.json").read_text())["quant"]
-    # per layer: qkv and gate|up (Q4_1), o (Q4_0), down (Q8_0); the head and embedding Q8_0
-    assert quant["weights_stored"] == {"step": {"Q4_1 kept": 6, "Q4_0 kept": 3, "Q8_0 kept": 5}}
+    # per layer: qkv and gate|up (Q4_1), o (Q4_0), down (Q8_0); the head and embedding Q8_0. At
+    # accuracy level 0 the Q8_0 products (down and the head) multiply the dequantized blocks in fp32
+    assert quant["weights_stored"] == {"step": {"Q4_1 kept": 6, "Q4_0 kept": 3, "Q8_0 kept": 1,
+                                                "Q8_0 kept, products in fp32 (dequantized)": 4}}
     assert quant["gguf"]["tensors_kept"] == 3 * 7 + 2 and quant["gguf"]["formats"] == {"Q4_1": 15, "Q4_0": 3, "Q8_0": 5}
     ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
     want, got = _step_logits(fp32, ids), _step_logits(kept, ids)

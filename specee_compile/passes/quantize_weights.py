@@ -100,6 +100,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             left = len(w.uses())
             if not left and w.name in model.graph.initializers:
                 model.graph.initializers.pop(w.name)
+            if (blocks.bits == 8 and self.spec.accuracy_level != 4 and not self.qdq
+                    and any(u.node.op_type != "Gather" for u in uses)):
+                stored += ", products in fp32 (dequantized)"
             self._note(role, w, layout, stored, left)
         if touched:
             if self.qdq and model.opset_imports.get("", 0) < QDQ_OPSET:
@@ -190,6 +193,13 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
         if layout == "cols":  # [*ids, K] -> [K, *ids]
             r = len(idx.shape)
             new.append(ir.node("Transpose", [new[-1].outputs[0]], attributes={"perm": [r, *range(r)]}))
+    elif b.bits == 8 and level != 4:
+        # ONNX Runtime's CPU MatMulNBits computes 8-bit blocks with float activations by
+        # dequantizing the whole matrix on every run (SmolLM2's Q8_0 head at accuracy level 0:
+        # 4 tokens/s against 67 at level 4): one fp32 product with the same dequantized values
+        values = b.dequantize()[:, :k]
+        node.replace_input_with(1, const("_dequantized", lambda: values if layout == "rows" else values.T))
+        return True
     else:
         zero_points, mins = b.kernel_form()
         zp = None if zero_points is None else const("_zero_points" if zero_points is b.zero_points else
