@@ -495,6 +495,9 @@ def test_the_propagated_check_passes_over_policies_that_exit_wherever_a_failed_o
     assert run(lambda p: p[1] >= 0.9) == ((4, 0.9), [(4, 0.8), (4, 0.9)])  # (8, 0.8) is passed over
     assert run(lambda p: p[1] >= 0.95) == ((4, 0.95), [(4, 0.8), (4, 0.9), (4, 0.95)])  # the most agreeing, last
     assert run(lambda p: p == (8, 0.95)) == ((4, 0.95), [(4, 0.8), (4, 0.9), (4, 0.95)])  # none holds: most agreeing
+    costs[0], costs[1] = 1.0003, 1.0001  # (8, 0.8) a hair cheaper: the same cost, so (4, 0.8) still goes first
+    sweep[0]["relative_cost"], sweep[1]["relative_cost"] = costs[0], costs[1]
+    assert run(lambda p: p[1] >= 0.9) == ((4, 0.9), [(4, 0.8), (4, 0.9)])
 
 
 def test_agreement_bound_is_the_clustered_lower_confidence_bound():

@@ -20,8 +20,8 @@ stop being bound by weight reads). So the compiler measures both for the bundle 
 
 and predicts each candidate's speed-up as ``tokens_per_forward * dense / (draft +
 verification(nodes))``, ``nodes`` being the shape's largest tree (root, budget, lookup). The
-candidate with the highest prediction becomes the default; every number goes to the
-manifest (``specee.tree.choice``).
+candidate with the highest prediction becomes the default, or the one with the fewest nodes
+of those within ``TIE`` of it; every number goes to the manifest (``specee.tree.choice``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from specee_compile.runtimes.speculation import TreeShape
 # each with 4 nodes of context lookup, and the lone top-1 without lookup.
 CANDIDATES = ("1x1x1", "1x1x1+4", "2x1x2+4", "4x1x4+4", "1x2x2+4", "2x2x3+4")
 CURVE_SIZES = (1, 2, 3, 4, 5, 8, 16)  # verification cost recorded at these sizes besides the candidates'
+# Predictions this close to the best are a tie, which the smaller tree wins: SmolLM2's 1x1x1+4 and
+# 2x2x3+4 measured 1.3964x and 1.3975x in one compile (6 and 8 nodes), 1.42x and 1.34x in another.
+TIE = 0.02
 
 
 def nodes(shape: TreeShape) -> int:
@@ -101,13 +104,18 @@ def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_toke
     bar.close()
     if not rows:
         return {"shape": None, "reason": "tree speculation ended at once (end of text) on every prompt"}
-    best = max(rows, key=lambda r: r["predicted_speedup"])
+    top = max(r["predicted_speedup"] for r in rows)
+    # near the best, the fewest nodes: the curve is timed after one prompt, and a larger tree's
+    # cost grows faster with the context (docs/benchmarks/tree-context)
+    best = min((r for r in rows if r["predicted_speedup"] >= (1 - TIE) * top),
+               key=lambda r: (nodes(TreeShape.parse(r["shape"])), -r["predicted_speedup"]))
     from specee_compile.runtimes.backends.ort import shared_pool
 
     pool = "shared" if shared_pool() else "per-session"
     return {"shape": best["shape"], "method": "highest predicted speed-up: tokens_per_forward * dense_step_ms / "
-                                              "(draft_ms + verification_ms at the shape's most nodes); "
-                                              "tokens_per_forward replayed on the dense decodes' text",
+                                              "(draft_ms + verification_ms at the shape's most nodes), the fewest "
+                                              f"nodes within {TIE:.0%} of it; tokens_per_forward replayed on the "
+                                              "dense decodes' text",
             "prompts": len(fits), "new_tokens": new_tokens, "context": len(fits[0]), "thread_pool": pool,
             "dense_step_ms": round(1000 * dense_step, 4),
             "verification_ms": {str(k): round(1000 * v, 4) for k, v in curve.items()}, "candidates": rows}
