@@ -105,10 +105,11 @@ def example_loss(draft, ex, settings, inverse, step: int):
     use_exit = torch.rand(n - 1, generator=gen) < settings.exit_feature_rate
     feats = draft.fed_features(ex, use_exit)
     ce = reg = 0.0
+    if settings.draft_soft_labels:  # the target's distribution over the draft's vocabulary (EAGLE's loss)
+        teacher = torch.softmax(ex.final @ draft.teacher_head.T, dim=-1)  # every unrolled step takes its rows
     for j, (f_hat, logits) in enumerate(draft.unrolled(ex.ids[1:], feats, settings.draft_unroll), start=1):
-        if settings.draft_soft_labels:  # the target's distribution over the draft's vocabulary (EAGLE's loss)
-            teacher = torch.softmax(ex.final[j:] @ draft.teacher_head.T, dim=-1)
-            ce = ce + torch.nn.functional.cross_entropy(logits, teacher)
+        if settings.draft_soft_labels:
+            ce = ce + torch.nn.functional.cross_entropy(logits, teacher[j:])
         else:  # the target's greedy token
             ce = ce + torch.nn.functional.cross_entropy(logits, inverse[ex.next_token[j:]], ignore_index=-100)
         reg = reg + torch.nn.functional.smooth_l1_loss(f_hat, ex.final[j:])

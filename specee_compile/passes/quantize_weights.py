@@ -197,8 +197,8 @@ def _rewrite(main: ir.Graph, node: ir.Node, w: ir.Value, layout: str, b: Blocks,
         # ONNX Runtime's CPU MatMulNBits computes 8-bit blocks with float activations by
         # dequantizing the whole matrix on every run (SmolLM2's Q8_0 head at accuracy level 0:
         # 4 tokens/s against 67 at level 4): one fp32 product with the same dequantized values
-        values = b.dequantize()[:, :k]
-        node.replace_input_with(1, const("_dequantized", lambda: values if layout == "rows" else values.T))
+        node.replace_input_with(1, const("_dequantized", lambda: b.dequantize()[:, :k] if layout == "rows"
+                                         else b.dequantize()[:, :k].T))  # made once for every graph
         return True
     else:
         zero_points, mins = b.kernel_form()

@@ -107,8 +107,9 @@ def choose_tree(bundle: str | Path, prompts: list[str], count: int = 4, new_toke
     top = max(r["predicted_speedup"] for r in rows)
     # near the best, the fewest nodes: the curve is timed after one prompt, and a larger tree's
     # cost grows faster with the context (docs/benchmarks/tree-context)
+    size = {str(shape): nodes(shape) for shape in shapes}
     best = min((r for r in rows if r["predicted_speedup"] >= (1 - TIE) * top),
-               key=lambda r: (nodes(TreeShape.parse(r["shape"])), -r["predicted_speedup"]))
+               key=lambda r: (size[r["shape"]], -r["predicted_speedup"]))
     from specee_compile.runtimes.backends.ort import shared_pool
 
     pool = "shared" if shared_pool() else "per-session"

@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     bundles = {"gguf": args.gguf, **dict(m.split("=", 1) for m in args.more)}
     if args.variants:
-        bundles["down0"] = variant(args.gguf, "down0", lambda a: a["bits"] == 4 and a["K"] != a["N"] and a["N"] < a["K"])
+        bundles["down0"] = variant(args.gguf, "down0", lambda a: a["bits"] == 4 and a["N"] < a["K"])
         bundles["layers0"] = variant(args.gguf, "layers0", lambda a: a["bits"] == 4)
     share_threads(None)
     ref = load(args.fp32, dense=True)
