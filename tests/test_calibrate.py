@@ -297,16 +297,16 @@ def test_a_supplied_drafts_predictor_text_begins_after_what_it_trained_on(tmp_pa
     assert pipeline._unseen_from(dataclasses.replace(sharegpt, calib_file=str(calib_file))) == 0
 
 
-def _replay_setup(tokens: int):
-    """A tiny Llama, a tiny draft, a dense pass over ``tokens`` random ids and a predictor bank
-    biased so that some layers fire and others do not."""
+def _replay_setup(tokens: int, keep_prefix: int = 0):
+    """A tiny Llama, a tiny draft, a dense pass over ``tokens`` random ids (keeping the K/V of
+    ``keep_prefix`` positions) and a predictor bank biased so that some layers fire and others do not."""
     from specee_compile.calibrate.collect import target_pass
     from specee_compile.predictor import PredictorBank
 
     torch.manual_seed(0)
     target = make_tiny_model("llama")
     draft = _tiny_draft()
-    p = target_pass(target, torch.randint(1, 300, (tokens,)).tolist())
+    p = target_pass(target, torch.randint(1, 300, (tokens,)).tolist(), keep_prefix)
     bank = PredictorBank(p.z.shape[0], 16)
     with torch.no_grad():
         bank.b2.copy_(torch.tensor([0.25, 0.15, 0.0]))  # some layers fire, others not
@@ -396,19 +396,28 @@ def test_windows_replayed_as_one_batch_equal_each_window_alone():
     assert len({tuple(r.exit_layers) for rs in alone for r in rs}) > 3  # the policies and windows differ
 
 
-@pytest.mark.parametrize("threshold", [0.53, 0.55])
-def test_replays_with_propagated_kv_decide_as_the_reference_decoder_step_by_step(threshold):
+@pytest.mark.parametrize("threshold, kept", [(0.53, False), (0.55, False), (0.55, True)])
+def test_replays_with_propagated_kv_decide_as_the_reference_decoder_step_by_step(threshold, kept, monkeypatch):
     """A decoder's exited position writes its deeper K/V from its exit state, which the dense
     replay ignores. Replays on passes recomputed with their own exits, once settled, must make
     the reference decoder's teacher-forced decisions (kv_policy propagate) step by step. (The
     draft rule: on a random model the head's argmax is rarely a draft token, so the others
-    seldom exit.)"""
+    seldom exit.) ``kept``: the dense pass kept its window's prefix K/V, and the replays start
+    from it without a pass of their own."""
+    from specee_compile.architecture import Architecture
+    from specee_compile.calibrate import simulate
     from specee_compile.calibrate.simulate import propagated_pass, propagated_replays, replay_window
     from specee_compile.reference import DecodeSettings, ReferenceDecoder
     from specee_compile.schedule import Schedule
 
-    target, draft, p, bank = _replay_setup(40)
-    L, lo = p.z.shape[0], 10
+    lo = 10
+    target, draft, p, bank = _replay_setup(40, keep_prefix=lo if kept else 0)
+    L = p.z.shape[0]
+    if kept:
+        keys, values = simulate.dense_prefix(target, p.ids[:lo], Architecture(target).specs(lo))
+        for got, want in zip(p.prefix[0] + p.prefix[1], keys + values):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(simulate, "dense_prefix", None)  # a pass of its own would fail
     no_exit = propagated_pass(target, p.ids, torch.full((40,), L - 1))
     torch.testing.assert_close(no_exit.z, p.z, atol=1e-5, rtol=1e-5)
     assert torch.equal(no_exit.next_token, p.next_token)
@@ -429,6 +438,17 @@ def test_replays_with_propagated_kv_decide_as_the_reference_decoder_step_by_step
     assert min(exits) < L - 1  # some steps exited, so later steps read propagated K/V
     dense = replay_window(target, draft, bank, schedule, settings, p, lo)
     assert (dense.exit_layers, dense.emitted) != (exits, tokens)  # and that changed decisions
+
+
+def test_a_sliding_window_cache_keeps_no_prefix_and_the_replay_makes_its_own():
+    """Mistral's cache keeps only its window's last positions: a pass must not hand those on
+    as a whole prefix."""
+    from specee_compile.calibrate.collect import target_pass
+
+    target = make_tiny_model("mistral")
+    assert target.config.sliding_window < 30
+    assert target_pass(target, list(range(1, 31)), keep_prefix=20).prefix is None
+    assert target_pass(make_tiny_model("qwen2"), list(range(1, 31)), keep_prefix=20).prefix[1][0].shape[2] == 20
 
 
 def test_the_schedule_search_passes_over_a_policy_whose_propagated_kv_misses_the_target(monkeypatch):

@@ -206,8 +206,9 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         train_log = train_draft(draft, examples, settings, checkpoints, progress)
         clock.lap("draft training")
 
-    pred_passes = [target_pass(target, ids) for ids in tqdm(pred_seqs, desc="target passes (predictors)",
-                                                            disable=not progress)]
+    # each keeps its window's dense prefix K/V, which the schedule search's propagated checks start from
+    pred_passes = [target_pass(target, ids, _window_start(len(ids), settings))
+                   for ids in tqdm(pred_seqs, desc="target passes (predictors)", disable=not progress)]
     scores = draft_metrics(draft, pred_passes, exit_lo, [start for _, start in texts[split:]])
     feats, labels, windows = _predictor_data(target, draft, pred_passes, settings, progress)
     clock.lap("predictor data")
@@ -476,6 +477,11 @@ def draft_metrics(draft: EagleDraft, passes, exit_lo: int, starts: list[int] | N
     }
 
 
+def _window_start(length: int, settings: CalibrationSettings) -> int:
+    """The first position of a sequence's predictor window (its last positions_per_sequence)."""
+    return max(1, length - settings.positions_per_sequence)
+
+
 @torch.no_grad()
 def _predictor_data(target, draft, passes, settings, progress):
     """Features [L, N, 12] and labels [L, N] at a window of positions of every sequence,
@@ -486,7 +492,7 @@ def _predictor_data(target, draft, passes, settings, progress):
         S = p.ids.numel()
         if S < 8:
             continue
-        lo = max(1, S - settings.positions_per_sequence)
+        lo = _window_start(S, settings)
         _, logits, _ = draft(p.ids[None, 1:], draft.inputs(p.z[:, :-1], p.z.shape[0] - 1)[None], None, 1)
         ids = draft.vocab_map[logits[0].topk(4).indices][lo - 1:]  # candidates at positions lo..S-1
         z = p.z[:, lo:]  # [L, N, d]

@@ -217,7 +217,8 @@ def propagated_replays(target, draft, bank, policy: tuple[Schedule, DecodeSettin
     (``propagated_pass``, from the window's start on), replay on that, and so on until a
     window's exits repeat (then its replay is the decoder's, step by step) or ``rounds`` passes
     were made. Emitted tokens at full depth are the recomputed pass's; compare them with the
-    dense pass's. ``prefixes`` keeps each window's ``dense_prefix`` across calls; ``first``: the
+    dense pass's. ``prefixes`` keeps each window's ``dense_prefix`` across calls (a pass that kept
+    its window's, ``TargetPass.prefix``, gives it without a pass); ``first``: the
     policy's replays on the dense passes, if made already. Returns the replays and how many
     windows did not settle."""
     from specee_compile.architecture import Architecture
@@ -240,8 +241,9 @@ def propagated_replays(target, draft, bank, policy: tuple[Schedule, DecodeSettin
         for i in todo:
             p, lo, end = windows[i]
             end = p.ids.numel() if end is None else end
-            if i not in prefixes:
-                prefixes[i] = dense_prefix(target, p.ids[:lo], specs)
+            if i not in prefixes:  # the dense pass's own, if it kept this one
+                kept = p.prefix is not None and p.prefix[0][0].shape[2] == lo
+                prefixes[i] = p.prefix if kept else dense_prefix(target, p.ids[:lo], specs)
             exits = torch.full((end,), L - 1)
             exits[lo:lo + len(replays[i].exit_layers)] = torch.tensor(replays[i].exit_layers)
             q = propagated_pass(target, p.ids[:end], exits, specs, prefixes[i])
