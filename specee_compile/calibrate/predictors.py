@@ -17,14 +17,15 @@ def train_bank(
     lr: float = 1e-3,
     seed: int = 0,
     progress=None,
-    layer_group: int = 6,
+    layer_group: int = 1,
 ) -> None:
     """BCE + Adam, every layer's MLP on its own samples, all layers in one optimizer step.
 
     The loss is the mean over layers and samples; each batch's gradient is accumulated
     ``layer_group`` layers at a time (the layers' MLPs are independent, so the sum of the
     groups' gradients is the whole batch's), which keeps the [group, batch, hidden]
-    activations in cache: twice as fast as all layers at once on 2 cores, same update."""
+    activations in cache. SmolLM2's bank (30 layers, 4915 samples, hidden 512) on 2 cores,
+    seconds per epoch: 0.46 one layer at a time, 0.55 two, 0.75 three, 0.81-1.1 six, 0.98 all."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(bank.parameters(), lr=lr)
     n = features.shape[1]
