@@ -313,10 +313,12 @@ def _replay_setup(tokens: int, keep_prefix: int = 0):
     return target, draft, p, bank
 
 
-@pytest.mark.parametrize("rule", ["full", "reduced", "draft"])
-def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
+@pytest.mark.parametrize("rule, precomputed", [("full", True), ("full", False), ("reduced", True),
+                                               ("reduced", False), ("draft", True)])
+def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule, precomputed):
     """The calibration's replay scores a position's active layers in one batch; every exit,
-    emitted token and count must be what ``reference.exit_decision`` gives layer by layer."""
+    emitted token and count must be what ``reference.exit_decision`` gives layer by layer,
+    with the head tokens given or computed at the step (where predictors fired)."""
     from specee_compile.calibrate.simulate import replay_window, rule_tokens
     from specee_compile.reference import DecodeSettings, exit_decision
     from specee_compile.schedule import Schedule
@@ -326,7 +328,7 @@ def test_replay_decides_as_the_reference_decoders_layer_by_layer_exit(rule):
     schedule = Schedule(L, (0, 1), 2, (-1, 0, 1), online=True)
     settings = DecodeSettings(rule=rule, threshold=0.55)
     lo = 10
-    heads = rule_tokens(target, draft, p.z[:, lo:], rule)
+    heads = rule_tokens(target, draft, p.z[:, lo:], rule) if precomputed else None
     got = replay_window(target, draft, bank, schedule, settings, p, lo, head_tokens=heads)
 
     w, history, exits, fired = target.lm_head.weight, [], [], 0

@@ -94,35 +94,57 @@ def _replay_chunk(target, draft, bank, policies, windows, bar) -> list[list[Repl
         valid = torch.cat([valid, torch.ones(len(valid), 1, dtype=torch.bool)], dim=1)
         _, logits, cache = draft(tokens[:, None], features[:, None], cache, pad + 1 + t, mask=valid[:, None, None, :])
         proposals = draft.vocab_map[logits[:, -1].topk(4).indices]  # [rows, 4]
+        live = [i for i, (_, lo, end, _) in enumerate(spans) if lo + t < end]  # the others run along
+        votes = {}  # (window, policy): its active layers and which of their predictors fire
+        for i in live:
+            p, lo, _, _ = spans[i]
+            for j, (schedule, settings) in enumerate(policies):
+                active = sorted(schedule.active(histories[i][j]))
+                rows = w[proposals[i * P + j]]
+                votes[i, j] = active, _fired(bank, active, p.z[:, lo + t], rows, settings.threshold) if active else []
+        known = _fired_heads(target, draft, spans, policies, votes, t)
         exits = []
-        for i, (p, lo, end, heads) in enumerate(spans):
-            if lo + t >= end:  # this window is done; its rows run along until the longest is
+        for i, (p, lo, _, heads) in enumerate(spans):
+            if i not in live:  # this window is done; its rows run along until the longest is
                 exits += [L - 1] * P
                 continue
-            for j, (schedule, settings) in enumerate(policies):
-                exits.append(_decide(bank, schedule, settings, proposals[i * P + j], p.z[:, lo + t],
-                                     int(p.next_token[lo + t]), heads, t, w, draft.vocab_map, L,
-                                     histories[i][j], outs[i][j]))
+            given = dict(enumerate(heads[:, t].tolist())) if heads is not None else None
+            for j, (_, settings) in enumerate(policies):
+                step_heads = given if given is not None else known.get((i, settings.rule), {})
+                exits.append(_decide(settings, proposals[i * P + j], p.z[:, lo + t], int(p.next_token[lo + t]),
+                                     *votes[i, j], step_heads, w, draft.vocab_map, L, histories[i][j], outs[i][j]))
         z_rows = torch.stack([p.z[:, min(lo + t, end - 1)] for p, lo, end, _ in spans], dim=1)  # [L, windows, d]
         features = draft.inputs(z_rows.repeat_interleave(P, dim=1), torch.tensor(exits))
         bar.update()
     return outs
 
 
-def _decide(bank, schedule, settings, ids, z_t, dense_next: int, head_tokens, t: int, w, vocab_map, L: int,
-            history: list[int], out: Replay) -> int:
-    """One policy's SpecEE step at one position (the reference decoder's decision): append it
-    to ``out`` and ``history`` and return the exit layer."""
-    rows = w[ids]
+def _fired_heads(target, draft, spans, policies, votes: dict, t: int) -> dict:
+    """The rule's head token at every layer whose predictor fired at step ``t`` in a window
+    without precomputed head tokens, {(window, rule): {layer: token}}, in one product per rule
+    (one at a time, each product reads the whole head: 12 ms apiece on SmolLM2)."""
+    need = {(i, layer, policies[j][1].rule) for (i, j), (active, fired) in votes.items() if spans[i][3] is None
+            for layer, f in zip(active, fired) if f and policies[j][1].rule != "draft"}
+    out = {}
+    for rule in {r for _, _, r in need}:
+        keys = sorted(k for k in need if k[2] == rule)
+        z = torch.stack([spans[i][0].z[layer, spans[i][1] + t] for i, layer, _ in keys])
+        for (i, layer, _), token in zip(keys, rule_tokens(target, draft, z[None], rule)[0].tolist()):
+            out.setdefault((i, rule), {})[layer] = token
+    return out
+
+
+def _decide(settings, ids, z_t, dense_next: int, active: list[int], fired: list[bool], heads: dict, w, vocab_map,
+            L: int, history: list[int], out: Replay) -> int:
+    """One policy's SpecEE step at one position (the reference decoder's decision), given its
+    active layers, which of their predictors fired and ``heads`` ({layer: the rule's head token
+    there}, where known): append it to ``out`` and ``history`` and return the exit layer."""
     counts = StepCounts()
     emitted, exit_layer = None, L - 1
-    active = sorted(schedule.active(history))
-    fired = _fired(bank, active, z_t, rows, settings.threshold) if active else []
     for k, layer in enumerate(active):  # the reference decoder's order: first layer whose exit holds
         if not fired[k]:
             continue
-        known = int(head_tokens[layer, t]) if head_tokens is not None else None
-        token, c = exit_rule(z_t[layer], ids, settings, w, vocab_map, known)
+        token, c = exit_rule(z_t[layer], ids, settings, w, vocab_map, heads.get(layer))
         counts.full_heads += c.full_heads
         counts.reduced_heads += c.reduced_heads
         if token is not None:
