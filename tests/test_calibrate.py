@@ -17,6 +17,7 @@ from specee_compile.calibrate.train import train_draft
 from specee_compile.errors import ConfigError
 from specee_compile.reference import DecodeSettings, ReferenceDecoder
 from tests.conftest import make_tiny_model
+from specee_compile.testing import FAMILIES, MORE_FAMILIES
 
 TINY = dict(draft_sequences=8, predictor_sequences=4, draft_vocab=64, predictor_hidden=16, predictor_epochs=3,
             positions_per_sequence=16, draft_epochs=1)
@@ -442,15 +443,27 @@ def test_replays_with_propagated_kv_decide_as_the_reference_decoder_step_by_step
     assert (dense.exit_layers, dense.emitted) != (exits, tokens)  # and that changed decisions
 
 
-def test_a_sliding_window_cache_keeps_no_prefix_and_the_replay_makes_its_own():
-    """Mistral's cache keeps only its window's last positions: a pass must not hand those on
-    as a whole prefix."""
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
+def test_a_pass_keeps_the_dense_prefix_kv_or_none(family):
+    """A target pass hands on the K/V its cache holds for the first positions: the same as
+    ``dense_prefix`` computes, in every family. A sliding-window cache keeps only its window's
+    last positions, which must not be handed on as a whole prefix."""
+    from specee_compile.architecture import Architecture
     from specee_compile.calibrate.collect import target_pass
+    from specee_compile.calibrate.simulate import dense_prefix
 
-    target = make_tiny_model("mistral")
-    assert target.config.sliding_window < 30
-    assert target_pass(target, list(range(1, 31)), keep_prefix=20).prefix is None
-    assert target_pass(make_tiny_model("qwen2"), list(range(1, 31)), keep_prefix=20).prefix[1][0].shape[2] == 20
+    target = make_tiny_model(family)
+    ids = torch.randint(3, 300, (30,))
+    kept = target_pass(target, ids.tolist(), keep_prefix=20).prefix
+    window = getattr(target.config, "sliding_window", None)
+    if window and window < 30:
+        assert kept is None
+        return
+    keys, values = dense_prefix(target, ids[:20], Architecture(target).specs(30))
+    assert len(kept[0]) == len(keys) == target.config.num_hidden_layers
+    for got, want in zip(kept[0] + kept[1], keys + values):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_schedule_search_passes_over_a_policy_whose_propagated_kv_misses_the_target(monkeypatch):
