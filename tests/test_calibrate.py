@@ -567,3 +567,15 @@ def test_predictor_gradients_by_layer_group_equal_the_whole_batchs(group):
     accumulate_gradients(bank, features, labels, group)
     for got, want in zip((p.grad for p in bank.parameters()), whole):
         assert torch.allclose(got, want, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["full", "reduced"])
+def test_the_head_tokens_of_a_few_rows_are_the_batched_products(rule):
+    """``rule_tokens`` runs a few rows through torch and many through numpy's BLAS: the same tokens."""
+    from specee_compile.calibrate.simulate import FEW_ROWS, rule_tokens
+
+    target, draft, p, _ = _replay_setup(40)
+    many = rule_tokens(target, draft, p.z, rule)  # [L, 40]
+    assert p.z.shape[0] * 40 > FEW_ROWS
+    few = torch.cat([rule_tokens(target, draft, p.z[:, t:t + 1], rule) for t in range(40)], dim=1)
+    assert torch.equal(few, many)
