@@ -15,7 +15,7 @@ import sys
 import threading
 
 from specee_compile import __version__
-from specee_compile.errors import SpecEEError
+from specee_compile.errors import SpecEEError, disk_full
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -93,6 +93,9 @@ def _unexpected(e: Exception) -> str:
     if isinstance(e, MemoryError):
         return (f"out of memory ({e or 'an allocation failed'}). Free memory, use a smaller model, a smaller "
                 "--max-context, or a machine with more memory.")
+    if disk_full(e):
+        return (f"the disk is full ({reprlib.repr(str(e))}). Free disk space (or point "
+                "--out and XDG_CACHE_HOME at a disk with room), then run the command again.")
     if isinstance(e, OSError):
         return (f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}. Check the path, its permissions and "
                 "the free disk space, then run the command again.")

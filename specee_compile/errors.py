@@ -6,6 +6,17 @@ the message alone (exit code 1) unless ``-v`` is given.
 
 from __future__ import annotations
 
+from safetensors import SafetensorError
+
+# What a failed file write raises: OSError from Python and onnx, SafetensorError from
+# safetensors' Rust writer (a full disk reads "... (os error 28)" there).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` reports a full disk, whichever library's writer raised it."""
+    return getattr(e, "errno", None) == 28 or "(os error 28)" in str(e) or "No space left on device" in str(e)
+
 
 class SpecEEError(Exception):
     """Base class of every error a user can cause or fix."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from specee_compile import resources
 from specee_compile.bundle.files import sha256
-from specee_compile.errors import ModelLoadError, UnsupportedModelError
+from specee_compile.errors import WRITE_ERRORS, ModelLoadError, UnsupportedModelError
 from specee_compile.tokenizer import SAFE, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def gguf_to_directory(gguf: Path) -> Path:
     try:
         _convert_gguf(gguf, tmp)
         _publish(tmp, target)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise ModelLoadError(
             f"could not write the fp32 conversion of {gguf} to {target.parent} ({e}). Free disk "
             "space there or point XDG_CACHE_HOME at another folder, then run again."

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 
 from specee_compile import bundle, cli, load, resources
 from specee_compile.bundle import FORMAT, MANIFEST, read_manifest
@@ -61,6 +62,10 @@ def cache_home(tmp_path, monkeypatch) -> Path:
 def _cache_leftovers(cache: Path) -> list[str]:
     """Every file or folder under the cache, except the (empty) cache folder itself."""
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+
+
+# What safetensors' Rust writer raises on a full disk.
+SAFETENSORS_DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
 def _write_gguf(path: Path, arch: str, shape=(4, 8)) -> Path:
@@ -171,8 +176,9 @@ def test_sigterm_handler_exits_143_and_restores_previous_handler(capsys):
 
 @pytest.mark.parametrize(
     "failure, raised",
-    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), ModelLoadError)],
-    ids=["interrupt", "disk-full"],
+    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(errno.ENOSPC, "No space left on device"), ModelLoadError),
+     (SafetensorError(SAFETENSORS_DISK_FULL), ModelLoadError)],
+    ids=["interrupt", "disk-full", "disk-full-in-safetensors"],
 )
 def test_failed_gguf_conversion_leaves_no_cache_entry_and_rerun_converts(
     failure, raised, cache_home, tmp_path, monkeypatch
@@ -327,13 +333,25 @@ def test_read_only_output_parent_raises_naming_it(tiny_dirs, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_error_while_writing_bundle_raises_output_error_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     SafetensorError(SAFETENSORS_DISK_FULL)], ids=["os", "safetensors"])
+def test_disk_error_while_writing_bundle_raises_output_error_and_leaves_nothing(failure, tmp_path):
     out = tmp_path / "x.onnx"
     with pytest.raises(OutputError, match=r"writing the bundle .*x\.onnx failed .*No space left"):
         with bundle.staging(out, force=False) as tmp:
             (tmp / "model.onnx").write_bytes(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", [RuntimeError(SAFETENSORS_DISK_FULL), OSError(errno.ENOSPC, "No space left")])
+def test_a_full_disk_anywhere_is_named_not_reported_as_a_bug(failure, capsys):
+    def main(args):
+        raise failure
+
+    assert cli._run(main, argparse.Namespace(verbose=False)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full (") and "Free disk space" in err and "bug" not in err
 
 
 def test_failed_swap_keeps_the_old_bundle(tmp_path, monkeypatch):

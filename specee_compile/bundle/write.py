@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from specee_compile.bundle.files import FORMAT, MANIFEST, entries, parents, sha256
-from specee_compile.errors import OutputError
+from specee_compile.errors import WRITE_ERRORS, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def staging(out: Path, force: bool):
     """Yield a temporary sibling directory; on success move it to ``out`` atomically.
 
     On any failure or interruption (KeyboardInterrupt, which the CLI also raises for SIGTERM)
-    the temporary directory is removed and an existing ``out`` is left as it was. An OSError
-    while writing (e.g. a full disk) becomes an OutputError.
+    the temporary directory is removed and an existing ``out`` is left as it was. A failed
+    write (e.g. a full disk) becomes an OutputError.
     """
     check_output(out, force)
     parent = _parent(out)
@@ -102,7 +102,7 @@ def staging(out: Path, force: bool):
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary folder
         _swap_in(tmp, out, force)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise OutputError(
             f"writing the bundle {out} failed ({e}); nothing was kept. Free disk space in "
             f"{parent} or choose another --out, then compile again."
