@@ -273,6 +273,13 @@ def gguf_to_directory(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     _check_gguf(gguf)
+    with resources.cache_lock(f"model-{target.name}"):
+        if not (target / "config.json").is_file():  # else another process converted it while this one waited
+            _convert_into(gguf, target)
+    return target
+
+
+def _convert_into(gguf: Path, target: Path) -> None:
     logger.info("converting %s to an fp32 model directory in %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
@@ -286,7 +293,6 @@ def gguf_to_directory(gguf: Path) -> Path:
         ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _check_gguf(gguf: Path) -> None:

