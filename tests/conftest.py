@@ -53,8 +53,13 @@ def tiny_bundle(tiny_dirs, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_home(tmp_path_factory):
-    """Keep the user's cache unless CI points XDG_CACHE_HOME somewhere on purpose."""
-    os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    """Keep the user's cache unless CI points XDG_CACHE_HOME somewhere on purpose. The test
+    workers of one run share it (the cache locks its entries), so SmolLM2 is converted once:
+    its fp32 directory is half a GB."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xdg-cache"
+    shared.mkdir(exist_ok=True)
+    os.environ.setdefault("XDG_CACHE_HOME", str(shared))
 
 
 @pytest.fixture(scope="session")

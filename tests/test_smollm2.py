@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ PARITY_TOKENS = 32  # transformers' eager generate is the slow half of that test
 @pytest.fixture(scope="module")
 def smollm2_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "smollm2.onnx"
-    return compile_bundle(CompileConfig(model="smollm2", out=out, max_context=512), progress=False)
+    yield compile_bundle(CompileConfig(model="smollm2", out=out, max_context=512), progress=False)
+    shutil.rmtree(out)  # half a GB: free the disk for the rest of the run
 
 
 def test_bundle_matches_transformers_greedy_on_mtbench(smollm2_bundle):
