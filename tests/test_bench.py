@@ -120,6 +120,15 @@ def test_bad_bench_options_fail_before_any_work(tmp_path, capsys, args, message)
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("tps", [[10.0, 300.0], [10.0, 11.0, 300.0], [5.0, 50.0, 60.0, 400.0]])
+def test_speed_quartiles_stay_within_the_measured_speeds(tps):
+    from specee_compile.bench.measure import speed
+    from specee_compile.bench.systems import Run
+
+    got = speed([Run([1], 0.1, t) for t in tps])
+    assert min(tps) <= got["decode_tps_q1"] <= got["decode_tps_median"] <= got["decode_tps_q3"] <= max(tps)
+
+
 def test_tree_statistics_count_accepted_depths():
     from specee_compile.bench.measure import tree
     from specee_compile.bench.systems import Run
