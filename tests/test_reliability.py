@@ -211,6 +211,19 @@ def test_failed_gguf_conversion_leaves_no_cache_entry_and_rerun_converts(
     assert [p.name for p in (cache_home / "models").iterdir()] == [converted.name]
 
 
+def test_a_gguf_is_parsed_once_while_transformers_loads_it_and_gguf_is_restored_after(tmp_path):
+    import gguf
+
+    path = _write_gguf(tmp_path / "tiny.gguf", "llama")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with load._gguf_read_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
 def test_two_runs_that_need_the_same_gguf_at_once_convert_it_once(cache_home, tmp_path, monkeypatch):
     gguf_file = _write_gguf(tmp_path / "tiny.gguf", "llama")
     conversions = []

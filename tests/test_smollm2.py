@@ -49,6 +49,23 @@ def test_bundle_matches_transformers_greedy_on_mtbench(smollm2_bundle):
     assert not mismatches, f"{len(mismatches)} of {QUESTIONS} questions differ: {mismatches[:1]}"
 
 
+def test_the_converted_directory_holds_transformers_own_gguf_load():
+    """The conversion parses the GGUF once (load._gguf_read_once); what it saves must be what
+    transformers' unaided GGUF load gives: the same weights bit for bit, the same tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = resources.wheel_member(*resources.SMOLLM2_WHEEL)
+    converted = resolve("smollm2")
+    plain = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    saved = load_file(converted / "model.safetensors")
+    assert set(saved) <= set(plain) and "model.embed_tokens.weight" in saved
+    assert all(torch.equal(saved[k], plain[k]) for k in saved)
+    text = "Explain in two sentences why the sky is blue. 日本語 ünïcode\n\tcode()"
+    assert AutoTokenizer.from_pretrained(converted)(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)(text)["input_ids"]
+
+
 def test_standalone_example_reproduces_the_engine_on_smollm2(smollm2_bundle):
     """examples/standalone_ort.py (onnxruntime, numpy, tokenizers only) gives the engine's tokens."""
     example = Path(__file__).resolve().parents[1] / "examples" / "standalone_ort.py"
