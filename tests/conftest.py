@@ -53,13 +53,20 @@ def tiny_bundle(tiny_dirs, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_home(tmp_path_factory):
-    """Keep the user's cache unless CI points XDG_CACHE_HOME somewhere on purpose. The test
-    workers of one run share it (the cache locks its entries), so SmolLM2 is converted once:
-    its fp32 directory is half a GB."""
+    """Keep the user's cache unless CI points XDG_CACHE_HOME somewhere on purpose. Each test
+    worker has its own cache (calibrations replace their entries), but the workers of one run
+    share the converted models and the wheels, which are filled under a lock: SmolLM2 is then
+    converted once, and its fp32 directory is half a GB."""
+    if "XDG_CACHE_HOME" in os.environ:
+        return
+    own = tmp_path_factory.mktemp("xdg-cache")
     root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xdg-cache"
-    shared.mkdir(exist_ok=True)
-    os.environ.setdefault("XDG_CACHE_HOME", str(shared))
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "xdg-cache-shared"
+    (own / "specee-compile").mkdir()
+    for name in ("models", "wheels", ".locks"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (own / "specee-compile" / name).symlink_to(shared / name, target_is_directory=True)
+    os.environ["XDG_CACHE_HOME"] = str(own)
 
 
 @pytest.fixture(scope="session")
