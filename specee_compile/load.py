@@ -275,7 +275,7 @@ def gguf_to_directory(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     _check_gguf(gguf)
-    with resources.cache_lock(f"model-{target.name}"):
+    with resources.cache_lock(f"model-{target.name}", f"waiting for another run that is converting {gguf.name}"):
         if not (target / "config.json").is_file():  # else another process converted it while this one waited
             _convert_into(gguf, target)
     return target

@@ -41,17 +41,23 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def cache_lock(name: str):
+def cache_lock(name: str, waiting: str = ""):
     """Hold an exclusive lock named ``name`` in the cache while one process fills an entry.
 
     Two runs that need the same entry at once (two compiles, two test workers) then build it
-    once: the second waits, and finds the entry made. The lock is advisory (``flock``) and
-    released when the process exits, however it exits.
+    once: the second waits, and finds the entry made. ``waiting``, if given, is printed to
+    stderr when the lock is held elsewhere, so that a wait of minutes is not silent. The lock
+    is advisory (``flock``) and released when the process exits, however it exits.
     """
     folder = cache_dir() / ".locks"
     folder.mkdir(exist_ok=True)
     with open(folder / name, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -156,13 +156,25 @@ def calibrate(model: str | Path, settings: CalibrationSettings = CalibrationSett
         if progress:
             print(f"draft: the one shipped for this model ({shipped.parent.name}); --set shipped_draft=false "
                   "trains one instead", file=sys.stderr)
-    plan, budget_key = None, f"{mkey}-{settings.key()}"
+    budget_key = f"{mkey}-{settings.key()}"
     remembered = budget.remembered(budget_key) if settings.budget_minutes is not None and not force else None
     if remembered:
         settings = _sized(settings, remembered)
     out = artifact_dir(model_dir, settings, mkey)
     if _reusable(out, force):
         return out
+    # Two runs that calibrate the same model with the same settings at once calibrate it once:
+    # the second waits, then reuses the first's artifact (or, with force, makes its own after it).
+    waiting = "calibration: waiting for another run that is calibrating this model with the same settings"
+    with resources.cache_lock(f"calibration-{budget_key}", waiting if progress else ""):
+        if _reusable(out, force):  # the run this one waited for made it
+            return out
+        return _calibrate(model_dir, settings, mkey, budget_key, out, force, progress)
+
+
+def _calibrate(model_dir: Path, settings: CalibrationSettings, mkey: str, budget_key: str, out: Path, force: bool,
+               progress: bool) -> Path:
+    plan = None
     torch.manual_seed(settings.seed)
     clock = _Clock()
     target, tokenizer = model_load.load(model_dir)
