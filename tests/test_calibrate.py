@@ -74,32 +74,6 @@ def test_two_runs_that_calibrate_the_same_model_at_once_calibrate_it_once(tiny_d
     assert outs[0] == outs[1] and (outs[0] / pipeline.META).is_file() and len(runs) == 1
 
 
-def test_a_run_waiting_for_a_cache_lock_says_so(tmp_path, monkeypatch, capsys):
-    import fcntl
-    import threading
-
-    from specee_compile import resources
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with resources.cache_lock("x", "waiting for the other run"):
-        assert capsys.readouterr().err == ""  # free: no message
-        holder = open(resources.cache_dir() / ".locks" / "x")
-    fcntl.flock(holder, fcntl.LOCK_EX)  # another run holds it
-    entered = threading.Event()
-
-    def waiter():
-        with resources.cache_lock("x", "waiting for the other run"):
-            entered.set()
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    assert not entered.wait(0.3), "the lock must wait for its holder"
-    fcntl.flock(holder, fcntl.LOCK_UN)
-    thread.join(5)
-    holder.close()
-    assert entered.is_set() and "waiting for the other run" in capsys.readouterr().err
-
-
 def test_recalibration_replaces_the_artifact(tiny_dirs, settings):
     out = calibrate(tiny_dirs["llama"], settings, progress=False)
     before = (out / pipeline.WEIGHTS).stat().st_mtime_ns

@@ -11,6 +11,7 @@ import argparse
 import concurrent.futures
 import copy
 import errno
+import fcntl
 import json
 import os
 import re
@@ -238,6 +239,27 @@ def test_two_runs_that_need_the_same_gguf_at_once_convert_it_once(cache_home, tm
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: load.gguf_to_directory(gguf_file), range(2)))
     assert len(conversions) == 1 and paths[0] == paths[1]
+
+
+def test_a_run_waiting_for_a_cache_lock_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with resources.cache_lock("x", "waiting for the other run"):
+        assert capsys.readouterr().err == ""  # free: no message
+        holder = open(resources.cache_dir() / ".locks" / "x")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another run holds it
+    entered = threading.Event()
+
+    def waiter():
+        with resources.cache_lock("x", "waiting for the other run"):
+            entered.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not entered.wait(0.3), "the lock must wait for its holder"
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    thread.join(5)
+    holder.close()
+    assert entered.is_set() and "waiting for the other run" in capsys.readouterr().err
 
 
 def _fake_pip(member: str, content: bytes):
