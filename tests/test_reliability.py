@@ -429,6 +429,35 @@ def test_failed_swap_keeps_the_old_bundle(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
 
 
+# ---- ShareGPT text ---------------------------------------------------------------------
+
+
+def _turns(*pairs):
+    return [{"from": who, "value": text} for who, text in pairs]
+
+
+def test_sharegpt_first_turns_and_later_exchanges_come_from_usable_conversations_only(tmp_path, monkeypatch):
+    records = [
+        {"conversations": _turns(("human", "q1"), ("gpt", "a1"), ("human", "q1b"), ("gpt", "a1b"),
+                                 ("human", "q1c"), ("gpt", "a1c"))},
+        {"conversations": _turns(("gpt", "opens"), ("human", "x"), ("human", "q2b"), ("gpt", "a2b"))},  # unusable
+        {"conversations": _turns(("human", "q3"), ("gpt", "a3"), ("human", "q3b"), ("human", "again"),
+                                 ("gpt", "a3c"))},  # stops alternating after its first pair
+        {"conversations": _turns(("human", "q4"), ("gpt", "a4"), ("human", " "), ("gpt", "a4b"))},  # empty turn
+        {"conversations": _turns(("human", "q5"), ("gpt", "a5"), ("human", "q5b"), ("gpt", "a5b"))},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text("[" + ",\n".join(json.dumps(r) for r in records) + ',\n{"conversations": [{"from": "hu')
+    monkeypatch.setattr(data.resources, "wheel_member", lambda *_: path)
+    E = data.Example
+    assert data.sharegpt(10) == [E("q1", "a1"), E("q3", "a3"), E("q4", "a4"), E("q5", "a5")]
+    assert data.sharegpt(2, skip=1) == [E("q3", "a3"), E("q4", "a4")]
+    assert data.sharegpt_later(10) == [E("q1b", "a1b"), E("q1c", "a1c"), E("q5b", "a5b")]
+    assert data.sharegpt_later(10, conversations=3) == [E("q1b", "a1b"), E("q1c", "a1c")]
+    assert data.sharegpt_later(1, skip=1) == [E("q1c", "a1c")]
+    assert data.sharegpt_later(10, skip=2, conversations=3) == []
+
+
 # ---- calibration JSONL -------------------------------------------------------------------
 
 

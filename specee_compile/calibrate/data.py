@@ -7,7 +7,9 @@ record by record and the broken tail is dropped.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from specee_compile import resources
@@ -28,27 +30,76 @@ class Example:
 
 def sharegpt(limit: int, skip: int = 0) -> list[Example]:
     """First-turn (human, gpt) pairs of ShareGPT V3, records ``skip .. skip+limit``."""
-    path = resources.wheel_member(*SHAREGPT_WHEEL)
     out: list[Example] = []
+    for turns in _usable(_records(resources.wheel_member(*SHAREGPT_WHEEL))):
+        if len(out) >= limit:
+            break
+        if skip:
+            skip -= 1
+        else:
+            out.append(_pair(turns, 0))
+    return out
+
+
+def sharegpt_later(limit: int, skip: int = 0, conversations: int | None = None) -> list[Example]:
+    """The later (human, gpt) pairs of ShareGPT V3's usable conversations (the second
+    exchange on, each as a conversation of its own), pairs ``skip .. skip+limit`` in file
+    order, from the first ``conversations`` usable conversations only (all when None).
+    A conversation's pairs end where its turns stop alternating."""
+    out: list[Example] = []
+    usable = _usable(_records(resources.wheel_member(*SHAREGPT_WHEEL)))
+    for turns in (usable if conversations is None else islice(usable, conversations)):
+        for k in range(2, len(turns) - 1, 2):
+            pair = _pair(turns, k)
+            if pair is None:
+                break
+            if len(out) >= limit:
+                return out
+            if skip:
+                skip -= 1
+            else:
+                out.append(pair)
+    return out
+
+
+def _records(path: Path) -> Iterator[dict]:
+    """The file's records in order; the truncated tail is dropped."""
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8") as f:
         text = f.read()
     pos = text.index("[") + 1
-    seen = 0
-    while len(out) < limit:
+    while True:
         while pos < len(text) and text[pos] in " \n\r\t,":
             pos += 1
         try:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            break  # the truncated tail
+            return  # the truncated tail
+        yield record
+
+
+def _usable(records: Iterator[dict]) -> Iterator[list]:
+    """The turns of each conversation that opens with a (human, gpt) pair holding text."""
+    for record in records:
         turns = record.get("conversations") or []
-        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-            if turns[0]["value"].strip() and turns[1]["value"].strip():
-                if seen >= skip:
-                    out.append(Example(turns[0]["value"], turns[1]["value"]))
-                seen += 1
-    return out
+        if _pair(turns, 0) is not None:
+            yield turns
+
+
+def _pair(turns: list, k: int) -> Example | None:
+    """Turns ``k`` and ``k + 1`` as an example when they are a human turn and a gpt turn,
+    both with text."""
+    if len(turns) < k + 2:
+        return None
+    human, gpt = turns[k], turns[k + 1]
+    if not (isinstance(human, dict) and isinstance(gpt, dict)):
+        return None
+    if human.get("from") != "human" or gpt.get("from") != "gpt":
+        return None
+    prompt, response = human.get("value"), gpt.get("value")
+    if not (isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip()):
+        return None
+    return Example(prompt, response)
 
 
 def mtbench(limit: int | None = None) -> list[Example]:

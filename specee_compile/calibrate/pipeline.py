@@ -404,12 +404,16 @@ def calibration_sequences(target, tokenizer, settings: CalibrationSettings, prog
 
 
 def calibration_examples(target, tokenizer, settings: CalibrationSettings, progress: bool,
-                         skip: int = 0, count: int | None = None) -> list[tuple[list[int], int]]:
+                         skip: int = 0, count: int | None = None,
+                         examples: list[data.Example] | None = None) -> list[tuple[list[int], int]]:
     """``calibration_sequences`` (``count`` of them if given), each with the length of its
-    prompt (where its response begins)."""
-    wanted = count or settings.draft_sequences + settings.predictor_sequences
-    examples = (data.jsonl(settings.calib_file)[skip:] if settings.calib_file
-                else data.sharegpt(wanted, skip=skip))
+    prompt (where its response begins); of ``examples`` instead of the settings' text when
+    given."""
+    wanted = count or (len(examples) if examples is not None
+                       else settings.draft_sequences + settings.predictor_sequences)
+    if examples is None:
+        examples = (data.jsonl(settings.calib_file)[skip:] if settings.calib_file
+                    else data.sharegpt(wanted, skip=skip))
     if len(examples) < 3:
         raise ConfigError(f"calibration needs at least 3 examples, got {len(examples)}.")
     examples = examples[:wanted]

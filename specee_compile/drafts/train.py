@@ -1,9 +1,12 @@
 """Train (or train further) the shipped draft of a built-in model, one stage per call.
 
     python -m specee_compile.drafts.train smollm2 --conversations 0:2560 [--epochs 2]
+    python -m specee_compile.drafts.train smollm2 --conversations 0:1280 --later --fusion
 
-A stage trains on the ShareGPT conversations it is given, starting from the draft already
-in the folder (its weights and vocabulary) when there is one. So a long training is a row of
+A stage trains on the ShareGPT conversations it is given (their first turns; with
+``--later``, the later exchanges of the conversations the first-turn stages read), starting
+from the draft already in the folder (its weights and vocabulary) when there is one. So a
+long training is a row of
 stages, each short enough for one sitting, each committed when it ends; a stage
 interrupted mid-way resumes from its own checkpoint on the same machine (the feature store
 and the trainer's checkpoints live in the cache). At the end of a stage the draft is scored
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m specee_compile.drafts.train", description=__doc__.splitlines()[0])
     p.add_argument("model", help="model directory or built-in name (smollm2)")
     p.add_argument("--conversations", required=True, metavar="A:B", help="ShareGPT conversations A..B-1 to train on")
+    p.add_argument("--later", action="store_true",
+                   help="A:B count the later exchanges (second turn on) of the conversations the first-turn stages "
+                        "read, each as a conversation of its own, instead of first turns")
     p.add_argument("--out", default=None, help="the draft's folder (default: the package's drafts/<model name>)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -83,23 +89,38 @@ def main(argv: list[str] | None = None) -> int:
             if "fuse.weight" in f.keys():
                 raise SystemExit(f"the draft in {out} fuses several layers' features; train it further with --fusion.")
     usable = len(data.sharegpt(1 << 30))
-    if b > usable - HELD_SHAREGPT:
+    if b > usable - HELD_SHAREGPT and not args.later:
         raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
+    wkey = drafts.weights_key(model_dir)
+    record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
+    if record.get("weights_key") != wkey:
+        record = {}  # a draft of other weights is trained anew
+    read = max((int(e) for _, e in record.get("conversations_trained") or []), default=0)
+    if args.later:
+        # Only conversations the draft has read: the predictors' text (after them) and the
+        # held-out ones stay unseen, follow-up turns included.
+        later = data.sharegpt_later(b - a, skip=a, conversations=read)
+        if len(later) < b - a:
+            raise SystemExit(f"the first {read} conversations the draft has read hold only "
+                             f"{a + len(later)} later exchanges, fewer than {b}.")
     held = calibration_examples(target, tokenizer, settings, False, skip=usable - HELD_SHAREGPT, count=HELD_SHAREGPT)
     own = own_answers(out, target, tokenizer)
     held_passes = {"sharegpt": [target_pass(target, s) for s, _ in held], "own_answers": [target_pass(target, s) for s in own]}
     starts = {"sharegpt": [start for _, start in held], "own_answers": answer_starts(tokenizer, own)}
 
-    seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
-    store = FeatureStore.locate(mkey, ["sharegpt", a, settings.max_seq_len, settings.generate_tokens], exit_lo,
+    if args.later:
+        seqs = [ids for ids, _ in calibration_examples(target, tokenizer, settings, True, examples=later)]
+    else:
+        seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
+    text = "sharegpt-later" if args.later else "sharegpt"
+    store = FeatureStore.locate(mkey, [text, a, settings.max_seq_len, settings.generate_tokens], exit_lo,
                                 settings.seed, fusion_layers(L) if args.fusion else ())
     t = time.time()
     store.fill(target, seqs, exit_lo, settings.seed, True, desc=f"target passes {a}:{b}")
     pass_seconds = time.time() - t
     examples = store.read(len(seqs))
     previous = out / drafts.WEIGHTS
-    wkey = drafts.weights_key(model_dir)
-    if previous.is_file() and drafts.record(out).get("weights_key") == wkey:
+    if previous.is_file() and record:
         draft = load_draft(previous, target).float()
         if args.fusion and draft.fusion is None:  # the fused draft starts as this one
             fused = EagleDraft(target, draft.vocab_map, fusion=True)
@@ -108,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size),
                            fusion=args.fusion)
-    checkpoints = resources.cache_dir() / "drafts" / f"{mkey}-{a}-{b}-{previous.is_file()}{'-fusion' * args.fusion}"
+    checkpoints = (resources.cache_dir() / "drafts"
+                   / f"{mkey}-{'later-' * args.later}{a}-{b}-{previous.is_file()}{'-fusion' * args.fusion}")
     t = time.time()
     log = train_draft(draft, examples, settings, checkpoints, True)
     train_seconds = time.time() - t
@@ -117,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     scores["own_answers_slice"] = draft_metrics(draft, held_passes["own_answers"][:SLICE], exit_lo,
                                                 starts["own_answers"][:SLICE])
 
-    record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
-    stages = record.get("stages", []) if record.get("weights_key") == wkey else []
+    stages = record.get("stages", [])
     stages.append({
         "command": "python -m specee_compile.drafts.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "conversations": [a, b], "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
+        "conversations": [a, b],
+        "text": f"later exchanges of the first {read} conversations" if args.later else "first turns",
+        "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
         "training": log, "pass_seconds": round(pass_seconds, 1), "train_seconds": round(train_seconds, 1),
         "held_out": scores, "scored": "responses",
     })
@@ -134,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                           "own_answers_slice": f"its first {SLICE}",
                           "scored": "the responses' positions only (each stage's \"scored\"; the stages without "
                                     "it scored every position, the prompts' included)"},
-        "conversations_trained": sorted({tuple(s["conversations"]) for s in stages}),
+        "conversations_trained": sorted({tuple(s["conversations"]) for s in stages if _first_turns(s)}),
+        "later_exchanges_trained": sorted({tuple(s["conversations"]) for s in stages if not _first_turns(s)}),
         "stages": stages,
     }
     write_atomic(out / drafts.WEIGHTS, lambda tmp: save_file({k: v.half().contiguous() if v.is_floating_point() else
@@ -144,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: {m: round(v, 4) for m, v in s.items() if m.startswith("top")} for k, s in scores.items()}))
     print(f"stage {a}:{b} done in {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def _first_turns(stage: dict) -> bool:
+    return stage.get("text", "first turns") == "first turns"
 
 
 def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[int]]:
