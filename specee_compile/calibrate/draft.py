@@ -105,8 +105,8 @@ class EagleDraft(nn.Module):
             return normed[layer]
         return self.fuse(torch.cat([normed[min(i, layer)] for i in (*self.fusion, layer)], dim=-1))
 
-    def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.zeros(1, self.kv_heads, 0, self.head_dim)
+    def empty_cache(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.zeros(batch, self.kv_heads, 0, self.head_dim)
         return z, z.clone()
 
     def forward(self, tokens, features, cache=None, start: int = 0, mask=None):
@@ -114,13 +114,16 @@ class EagleDraft(nn.Module):
         ``mask`` (bool, [B, 1, S, T] or broadcastable) says which cached and new keys each query
         sees instead of causality by position."""
         if cache is None:
-            cache = self.empty_cache()
-            cache = (cache[0].expand(tokens.shape[0], -1, -1, -1), cache[1].expand(tokens.shape[0], -1, -1, -1))
+            cache = self.empty_cache(tokens.shape[0])
         x = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
-        positions = torch.arange(start, start + tokens.shape[1])
+        f, cache = self.decode(x, cache, torch.arange(start, start + tokens.shape[1]), mask)
+        return f, self.head(f), cache
+
+    def decode(self, x, cache, positions, mask=None):
+        """The draft's decoder over its fused inputs ``x`` [B, S, d] at ``positions``: (normed
+        states [B, S, d], the cache with their keys and values appended)."""
         f, keys, values = layer_step(self.spec, x, cache[0], cache[1], positions, mask=mask)
-        f = self.norm(f)
-        return f, self.head(f), (keys, values)
+        return self.norm(f), (keys, values)
 
     def unrolled(self, tokens, features, depth: int):
         """The draft run ``depth`` steps ahead on its own guesses, as a tree step reaches depth j
@@ -133,7 +136,7 @@ class EagleDraft(nn.Module):
         node) and step i's key at t-j+i for 1 < i <= j (the path's deeper nodes and itself).
         Returns [(predicted features [n-j+1, d], logits [n-j+1, Vd]) for j = 1..depth].
         """
-        f, logits, (keys, values) = self(tokens[None], features[None], None, 1)
+        f, logits, cache = self(tokens[None], features[None], None, 1)
         steps = [(f[0], logits[0])]
         n = tokens.shape[0]
         key_pos, key_step = torch.arange(1, n + 1), torch.ones(n, dtype=torch.long)
@@ -144,8 +147,7 @@ class EagleDraft(nn.Module):
             first = pos[:, None] - j  # t - j: step i's visible key is at t-j+i
             mask = torch.where(key_step[None, :] == 1, key_pos[None, :] <= first + 1,
                                key_pos[None, :] == first + key_step[None, :])
-            f, keys, values = layer_step(self.spec, x, keys, values, pos, mask=mask)
-            f = self.norm(f)
+            f, cache = self.decode(x, cache, pos, mask)
             steps.append((f[0], self.head(f)[0]))
         return steps
 
