@@ -109,6 +109,20 @@ def test_a_killed_training_resumes_to_the_uninterrupted_weights(target, tmp_path
         assert torch.equal(resumed.trainable_state()[name], tensor), name
 
 
+def test_a_draft_of_a_frozen_target_trains_its_layer_and_norm_but_not_the_shared_embedding(target, tmp_path):
+    seqs = sequences(6)
+    store = FeatureStore(tmp_path / "store")
+    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
+    examples = store.read(len(seqs))
+    draft = _draft(target, examples)
+    before = {n: w.detach().clone() for n, w in draft.named_parameters()}
+    train_draft(draft, examples, SETTINGS, progress=False)
+    for name, w in draft.named_parameters():
+        changed = not torch.equal(w, before[name])
+        assert changed != name.startswith("embed."), name
+    assert not any(w.requires_grad for w in target.parameters())
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(target, tmp_path):
     seqs = sequences(6)
     store = FeatureStore(tmp_path / "store")

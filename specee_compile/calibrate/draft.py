@@ -67,6 +67,10 @@ class EagleDraft(nn.Module):
         cos, sin = arch.table(self.attention.rope, capacity)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # the layer and norm are copies of a target that calibration freezes: they are the
+        # draft's own and train, only the shared embedding stays frozen
+        for name, w in self.named_parameters():
+            w.requires_grad_(not name.startswith("embed."))
 
     @property
     def spec(self) -> LayerSpec:

@@ -123,6 +123,8 @@ def _run_key(settings, examples, draft) -> str:
                                                  "exit_feature_rate", "seed")}
     if settings.draft_soft_labels:  # runs from before the setting keep their keys
         fields["draft_soft_labels"] = True
+    # which weights train: a checkpoint of a run that froze others is not this run
+    fields["trained"] = sorted(n for n, w in draft.named_parameters() if w.requires_grad)
     blob = json.dumps([fields, len(examples), draft.vocab_map.tolist()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
