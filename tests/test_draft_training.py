@@ -66,6 +66,13 @@ def _draft(target, examples):
     return EagleDraft(target, reduced_vocabulary(examples.next_tokens(), 64, TINY_VOCAB))
 
 
+def _stored(target, folder, seqs, layers=()):
+    """The store of the target's passes over ``seqs`` in ``folder``, and its examples."""
+    store = FeatureStore(folder, layers)
+    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
+    return store, store.read(len(seqs))
+
+
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     import torch
@@ -91,9 +98,7 @@ KILLED_RUN = textwrap.dedent("""
 
 def test_a_killed_training_resumes_to_the_uninterrupted_weights(target, tmp_path):
     seqs = sequences(20)
-    store = FeatureStore(tmp_path / "store")
-    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
-    examples = store.read(len(seqs))
+    store, examples = _stored(target, tmp_path / "store", seqs)
     whole = _draft(target, examples)
     train_draft(whole, examples, SETTINGS, progress=False)  # 40 steps, with the one-cycle schedule
 
@@ -111,9 +116,7 @@ def test_a_killed_training_resumes_to_the_uninterrupted_weights(target, tmp_path
 
 def test_a_draft_of_a_frozen_target_trains_its_layer_and_norm_but_not_the_shared_embedding(target, tmp_path):
     seqs = sequences(6)
-    store = FeatureStore(tmp_path / "store")
-    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
-    examples = store.read(len(seqs))
+    _, examples = _stored(target, tmp_path / "store", seqs)
     draft = _draft(target, examples)
     before = {n: w.detach().clone() for n, w in draft.named_parameters()}
     train_draft(draft, examples, SETTINGS, progress=False)
@@ -125,9 +128,7 @@ def test_a_draft_of_a_frozen_target_trains_its_layer_and_norm_but_not_the_shared
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(target, tmp_path):
     seqs = sequences(6)
-    store = FeatureStore(tmp_path / "store")
-    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
-    examples = store.read(len(seqs))
+    _, examples = _stored(target, tmp_path / "store", seqs)
     train_draft(_draft(target, examples), examples, SETTINGS, tmp_path / "ck", progress=False)
     log = train_draft(_draft(target, examples), examples, CalibrationSettings(draft_epochs=1, draft_lr=1e-3),
                       tmp_path / "ck", progress=False)
@@ -169,9 +170,7 @@ def test_a_budget_too_small_is_refused_with_the_budget_that_fits(tiny_dirs, tmp_
 def test_a_fusion_draft_starts_as_its_warm_start_and_trains_on_the_stored_layers(target, tmp_path):
     seqs = sequences(8)
     layers = fusion_layers(target.config.num_hidden_layers)
-    store = FeatureStore(tmp_path / "store", layers)
-    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
-    examples = store.read(len(seqs))
+    _, examples = _stored(target, tmp_path / "store", seqs, layers)
     plain = _draft(target, examples)
     fused = EagleDraft(target, plain.vocab_map, fusion=True)
     fused.load_state_dict(plain.state_dict(), strict=False)
@@ -211,9 +210,7 @@ def test_soft_labels_are_the_targets_distribution_over_the_draft_vocabulary(targ
     from specee_compile.calibrate.train import example_loss
 
     seqs = sequences(4, seed=3)
-    store = FeatureStore(tmp_path / "store")
-    store.fill(target, seqs, exit_lo=1, seed=0, progress=False)
-    examples = store.read(len(seqs))
+    _, examples = _stored(target, tmp_path / "store", seqs)
     draft = EagleDraft(target, torch.arange(TINY_VOCAB))  # every token in the vocabulary
     torch.testing.assert_close(draft.teacher_head, target.lm_head.weight.float())
     inverse = torch.arange(TINY_VOCAB)
