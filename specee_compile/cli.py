@@ -141,6 +141,8 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-block", type=int, default=0,
                    help="int4/int8 block size (default 32; TensorRT-ready graphs: 128, or 64 where 128 does not "
                         "divide a weight's inputs)")
+    p.add_argument("--quant-asymmetric", action="store_true",
+                   help="int4/int8 blocks with zero points (default: symmetric, no zero points)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
                    help="MatMulNBits activations: 4 int8 (default), 0 fp32")
     p.add_argument("--gguf", default=None, metavar="FILE.gguf",
@@ -187,7 +189,8 @@ def _compile_main(args) -> int:
         specee=args.specee, calib_file=args.calib, budget=args.budget, exit_rule=args.exit_rule, threshold=args.threshold,
         exit_mode=args.exit_mode or "segments", tree=args.tree, tree_shape=args.tree_shape, backend=args.backend, precision=args.precision,
         check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
-        quant_block=args.quant_block, accuracy_level=args.accuracy_level, gguf=args.gguf,
+        quant_block=args.quant_block, quant_symmetric=not args.quant_asymmetric, accuracy_level=args.accuracy_level,
+        gguf=args.gguf,
     )
     config = with_overrides(config, args.set)
     if not args.quiet:
@@ -203,6 +206,12 @@ def _compile_main(args) -> int:
                 counts[how] = counts.get(how, 0) + n
         for family, counts in families.items():
             print(f"{family} weights: " + ", ".join(f"{n} {how}" for how, n in counts.items()), file=sys.stderr)
+        if "gguf" in quant:
+            g = quant["gguf"]
+            print(f"GGUF {g['file']}: {len(g['kept'])} tensors kept as they are stored "
+                  f"({', '.join(f'{n} {f}' for f, n in g['formats'].items())})"
+                  + (f"; not kept: {', '.join(f'{t} ({f})' for t, f in g['not_kept'].items())}" if g["not_kept"]
+                     else ""), file=sys.stderr)
         tree = (manifest.get("specee") or {}).get("tree") or {}
         if "choice" in tree:
             print(_tree_choice_line(tree), file=sys.stderr)

@@ -119,6 +119,12 @@ def resolve_and_load(config: CompileConfig) -> Source:
     model_dir = load.resolve(config.model)
     info = load.inspect(model_dir)
     hf_model, tokenizer = load.load(model_dir)
+    spec = config.quant_spec
+    if (getattr(hf_model.config, "tie_word_embeddings", False) and config.quant_embedding
+            and spec.precision("embedding") != spec.precision("head")):
+        raise ConfigError(f"--quant-embedding {config.quant_embedding}: {model_dir} ties its embedding to its LM head "
+                          f"(one weight, stored as the head: {spec.precision('head')}). Leave out --quant-embedding, "
+                          "or set the precision of both with --quant-head.")
     capacity = min(config.max_context, info.max_positions)  # sliding windows are masks within it
     return Source(model_dir, info, hf_model, tokenizer, capacity)
 
@@ -249,7 +255,8 @@ def quant_facts(config: CompileConfig, kept: KeptBlocks | None, pass_log: list[d
     facts = {**spec.to_json(), "weights_stored": stored}
     if kept is not None:
         facts["gguf"] = {"file": kept.path.name, "tensors_kept": len(kept.kept),
-                         "formats": dict(Counter(kept.kept.values()))}
+                         "formats": dict(Counter(kept.kept.values())), "kept": dict(sorted(kept.kept.items())),
+                         "not_kept": dict(sorted(kept.not_kept().items()))}
     return facts
 
 

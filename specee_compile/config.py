@@ -202,8 +202,8 @@ class CompileConfig:
             raise ConfigError(f"--quant-embedding {self.quant_embedding}: {where} read the embedding in fp32 (their "
                               "quantized weights feed products only). Drop --quant-embedding.")
         if not self.quant_symmetric:
-            raise ConfigError(f"quant_symmetric=false: TensorRT's quantization is symmetric (zero points must be 0), "
-                              f"so {where} take symmetric blocks only. Drop the setting.")
+            raise ConfigError(f"--quant-asymmetric: TensorRT's quantization is symmetric (zero points must be 0), "
+                              f"so {where} take symmetric blocks only. Drop --quant-asymmetric.")
         if self.specee and self.exit_mode == "graph":
             raise ConfigError(f"--quant {self.quant} with --exit-mode graph cannot be built into {where}: TensorRT "
                               "builds segment engines only, and ONNX Runtime does not fuse the blocked weights that "

@@ -123,6 +123,7 @@ def test_a_weight_the_gguf_does_not_hold_is_requantized_and_reported(tmp_path):
     p(model)
     assert p.fired == {"int4 (not in the GGUF)": 1}
     assert p.report == [{"role": "layers", "shape": [16, 64], "stored": "int4 (not in the GGUF)"}]
+    assert p.kept.kept == {} and p.kept.not_kept() == {"w": "Q8_0"}  # the compile names it in the manifest
 
 
 @pytest.mark.parametrize("k, block", [(256, 128), (192, 64), (48, None)])
@@ -179,6 +180,36 @@ def test_quantized_logits_stay_within_the_stated_tolerance_of_fp32(family, preci
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE[precision]
 
 
+def test_the_head_and_embedding_take_their_own_precision_and_asymmetric_blocks_stay_within_tolerance(
+        tiny_dirs, fp32_bundles, tmp_path):
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx", max_context=64,
+                                       quant="int4", quant_head="int8", quant_embedding="int8", quant_symmetric=False),
+                         progress=False)
+    quant = json.loads((out / "manifest.json").read_text())["quant"]
+    assert (quant["weights"], quant["head"], quant["embedding"], quant["symmetric"]) == ("int4", "int8", "int8", False)
+    assert quant["weights_stored"] == {"step": {"int4": 3 * 4, "int8": 2}}
+    zero_points = [n for n in ir.load(out / "model.onnx").graph if n.op_type == "MatMulNBits"
+                   and len(n.inputs) > 3 and n.inputs[3] is not None]
+    assert zero_points  # asymmetric blocks carry their zero points
+    ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
+    want, got = _step_logits(fp32_bundles["llama"], ids), _step_logits(out, ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOLERANCE["int4"]
+
+
+def test_a_tied_embeddings_own_precision_is_refused_before_anything_is_written(tmp_path):
+    from specee_compile.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    tiny_tokenizer().save_pretrained(tmp_path / "tied")
+    with pytest.raises(ConfigError, match="ties its embedding to its LM head .*--quant-head"):
+        compile_bundle(CompileConfig(model=str(tmp_path / "tied"), out=tmp_path / "b.onnx", max_context=64,
+                                     quant="int4", quant_embedding="int8"), progress=False)
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def _gguf_model(family: str, folder, formats: dict[str, str]):
     """A tiny model whose weights are a GGUF's dequantized blocks, saved as a directory, and
     that GGUF (``formats``: projection name -> GGUF format; the rest Q8_0)."""
@@ -211,6 +242,8 @@ def test_a_gguf_bundle_keeps_every_block_and_computes_the_ggufs_model(tmp_path):
     assert quant["weights_stored"] == {"step": {"Q4_1 kept": 6, "Q4_0 kept": 3, "Q8_0 kept": 1,
                                                 "Q8_0 kept, products in fp32 (dequantized)": 4}}
     assert quant["gguf"]["tensors_kept"] == 3 * 7 + 2 and quant["gguf"]["formats"] == {"Q4_1": 15, "Q4_0": 3, "Q8_0": 5}
+    assert len(quant["gguf"]["kept"]) == 3 * 7 + 2 and quant["gguf"]["not_kept"] == {}
+    assert quant["gguf"]["kept"]["model.layers.0.self_attn.o_proj"] == "Q4_0"
     ids = np.array([[5, 9, 33, 2, 100, 7, 41]], np.int64)
     want, got = _step_logits(fp32, ids), _step_logits(kept, ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
@@ -258,6 +291,22 @@ def test_quantized_specee_and_tree_bundles_decode_their_own_dense_tokens(tiny_di
     want = dense.generate(PROMPT, max_new_tokens=16).token_ids
     assert load(out, tree="2x2x3+4").generate(PROMPT, max_new_tokens=16).token_ids == want  # lossless
     assert load(out, threshold=0.999999).generate(PROMPT, max_new_tokens=16).token_ids == want  # no exit fires
+    assert "inexact" not in json.loads((out / "manifest.json").read_text())["specee"]["tree"]
+
+
+def test_a_tree_bundle_on_int8_activations_says_in_its_manifest_and_on_load_that_trees_are_not_exact(
+        tiny_dirs, tiny_llama_calibration, tmp_path, caplog):
+    out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx", max_context=64,
+                                       specee=True, calibration=tiny_llama_calibration, tree=True, tree_shape="1",
+                                       quant="int4", accuracy_level=4), progress=False)
+    reason = json.loads((out / "manifest.json").read_text())["specee"]["tree"]["inexact"]
+    assert "--accuracy-level 0" in reason
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="specee_compile.runtimes"):
+        load(out, dense=True)
+        assert not caplog.records  # the dense graph is what trees are compared with
+        load(out, tree=True)
+    assert [r.getMessage() for r in caplog.records] == [f"{out}: {reason}"]
     assert len(load(out).generate(PROMPT, max_new_tokens=16).token_ids) == 16
 
 

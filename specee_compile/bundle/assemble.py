@@ -86,9 +86,11 @@ def write_bundle(config, facts: Facts, lowered, progress: bool = False) -> Path:
                 cfg.pad_token_id))
         finish_manifest(tmp, manifest.to_json())
         if spec is not None and spec.tree is not None:
+            tree = spec.tree
             if reason := inexact_tree(config):
                 logger.warning(reason)
-            tree = _default_tree(config, facts, spec.tree, tmp, progress)
+                tree = dataclasses.replace(tree, inexact=reason)
+            tree = _default_tree(config, facts, tree, tmp, progress)
             finish_manifest(tmp, dataclasses.replace(manifest, specee=dataclasses.replace(spec, tree=tree)).to_json())
     return config.out
 

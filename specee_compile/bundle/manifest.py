@@ -188,6 +188,9 @@ def _check_specee(f: _Fields, layers: int, vocab: int) -> None:
             except ConfigError:
                 raise f.fail("specee.tree.default_shape", f"a tree shape like 1x1x1+4 at most {width} wide",
                              shape) from None
+        inexact = f.get("specee.tree.inexact", optional=True)
+        if inexact is not None and not (isinstance(inexact, str) and inexact):
+            raise f.fail("specee.tree.inexact", "a non-empty string (why trees are not token-exact)", inexact)
         if "segments" in spec["tree"]:
             _check_segments(f, "specee.tree.segments", layers, predictors)
 
@@ -317,12 +320,13 @@ class Tree(Graph):
     segments: tuple[Segment, ...] = ()
     default_shape: str = ""  # the shape ``tree=True`` runs ("": the runtime's DEFAULT_TREE)
     choice: dict | None = None  # how default_shape was chosen (runtimes/tree_choice.py), informational
+    inexact: str = ""  # why trees do not give the dense graph's tokens ("": they do, lossless)
 
     @classmethod
     def from_json(cls, d: dict) -> "Tree":
         return cls(**cls.fields_from_json(d), max_width=d.get("max_width", 1), draft=Graph.from_json(d["draft"]),
                    segments=tuple(Segment.from_json(s) for s in d.get("segments", [])),
-                   default_shape=d.get("default_shape", ""), choice=d.get("choice"))
+                   default_shape=d.get("default_shape", ""), choice=d.get("choice"), inexact=d.get("inexact", ""))
 
     def to_json(self) -> dict:
         out = {**super().to_json(), "max_width": self.max_width, "draft": self.draft.to_json()}
@@ -332,6 +336,8 @@ class Tree(Graph):
             out["default_shape"] = self.default_shape
         if self.choice is not None:
             out["choice"] = self.choice
+        if self.inexact:
+            out["inexact"] = self.inexact
         return out
 
 

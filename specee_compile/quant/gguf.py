@@ -44,6 +44,14 @@ class KeptBlocks:
                 index.setdefault(row.tobytes(), (t, r))
         return index
 
+    def not_kept(self) -> dict[str, str]:
+        """The GGUF's matrices (tensor -> format) that no bundle weight was kept from: formats the
+        bundle cannot hold exactly, or weights the graphs do not use as they are stored."""
+        from gguf import GGUFReader
+
+        return {t.name: t.tensor_type.name for t in GGUFReader(self.path).tensors
+                if len(t.data.shape) == 2 and t.name not in self.kept}
+
     def find(self, rows: np.ndarray) -> Blocks | None:
         """The GGUF's blocks of a weight given as float32 rows [N, K], or None when any row is
         not a GGUF row, the rows mix formats, or the blocks do not reproduce the rows exactly."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from specee_compile.bundle import MANIFEST, read_manifest
@@ -17,6 +18,7 @@ from specee_compile.runtimes.backends.ort import share_threads
 from specee_compile.runtimes.engine import BundleFacts, Engine, Generation, Scored
 from specee_compile.tokenizer import bundle_tokenizer
 
+logger = logging.getLogger(__name__)
 __all__ = ["Engine", "Generation", "Scored", "check_threads", "load", "share_threads"]
 MAX_THREADS = 1024
 
@@ -64,6 +66,8 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
                           f"dense; {path} with these options is not one.")
     if tree is True and manifest.specee.tree is not None and manifest.specee.tree.default_shape:
         tree = manifest.specee.tree.default_shape
+    if tree is not None and manifest.specee.tree is not None and manifest.specee.tree.inexact:
+        logger.warning("%s: %s", path, manifest.specee.tree.inexact)
     if threshold is not None and not specee:
         raise BundleError(f"{path} has no early exits (not a SpecEE bundle, or dense=True); it takes no threshold.")
     return Engine(bundle, _decoder(bundle, backend, specee, tree, threads, profile_dir, threshold))
