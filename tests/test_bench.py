@@ -86,22 +86,31 @@ def test_quick_bench_writes_a_complete_report(tiny_dirs, tmp_path):
     assert bench_main([model, "--quick", "--out", str(out), "-q", *IN_PROCESS]) == 1
 
 
-def test_a_quantized_specee_bundle_is_not_charged_the_fp32_parts(tiny_dirs, tiny_llama_calibration, tmp_path):
-    """Its step time by exit layer would compare its int4 steps with fp32 layers and head: left out, said why."""
+def test_a_quantized_specee_bundle_is_measured_against_its_own_dense_graph_not_charged_the_fp32_parts(
+        tiny_dirs, tiny_llama_calibration, tmp_path):
+    """Its step time by exit layer would compare its int4 steps with fp32 layers and head: left out, said why.
+    Its exits and trees run against its own int4 dense graph, timed in the same run, next to the fp32 bundle."""
     from specee_compile.compiler import compile as compile_bundle
     from specee_compile.config import CompileConfig
 
-    bundle = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), out=tmp_path / "q.onnx", max_context=256,
-                                          specee=True, calibration=tiny_llama_calibration, quant="int4"),
-                            progress=False)
+    model = str(tiny_dirs["llama"])
+    dense = compile_bundle(CompileConfig(model=model, out=tmp_path / "d.onnx", max_context=256), progress=False)
+    bundle = compile_bundle(CompileConfig(model=model, out=tmp_path / "q.onnx", max_context=256, specee=True,
+                                          calibration=tiny_llama_calibration, quant="int4", accuracy_level=0,
+                                          tree=True, tree_shape="1+2"), progress=False)
     out, prompts = tmp_path / "bench", tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"hello world {i}"}) for i in range(2)))
-    assert bench_main([str(tiny_dirs["llama"]), "--quick", "--bundle", str(bundle), "--no-transformers",
-                       "--ppl-samples", "0", "--profile-prompts", "0", "--prompts", str(prompts), "--out", str(out),
-                       "-q", *IN_PROCESS]) == 0
-    spec = [s for s in json.loads((out / "report.json").read_text())["systems"].values() if s["kind"] == "specee"]
-    assert len(spec) == 1 and "step_vs_parts" not in spec[0] and "quantized" in spec[0]["step_parts_skipped"]
-    assert "not computed, its weights are quantized" in (out / "report.md").read_text()
+    assert bench_main([model, "--quick", "--bundle", str(dense), "--bundle", str(bundle), "--tree", "1+2",
+                       "--no-transformers", "--ppl-samples", "0", "--profile-prompts", "0", "--prompts", str(prompts),
+                       "--out", str(out), "-q", *IN_PROCESS]) == 0
+    systems = json.loads((out / "report.json").read_text())["systems"]
+    assert systems["dense@q"]["kind"] == "quantized" and systems["dense"].get("quant") is None
+    spec, tree = systems["q"], systems["tree-1x1x1+2"]
+    assert "step_vs_parts" not in spec and "quantized" in spec["step_parts_skipped"]
+    assert spec["own_dense"] == tree["own_dense"] == "dense@q" and spec["speedup_vs_own_dense"] > 0
+    assert tree["exact_match_vs_own_dense"] == 1.0 and "inexact" not in tree  # fp32 activations: lossless
+    md = (out / "report.md").read_text()
+    assert "not computed, its weights are quantized" in md and "× own dense graph" in md
 
 
 @pytest.mark.parametrize("args, message", [

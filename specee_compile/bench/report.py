@@ -26,6 +26,7 @@ def markdown(r: dict) -> str:
                                                      ("GenAI int4", "genai-int4", "speedup_vs_genai_int4"),
                                                      ("llama.cpp", "llama-cpp", "speedup_vs_llama_cpp"))
                if any(s["kind"] == kind for s in systems.values())]
+    own = any("speedup_vs_own_dense" in s for s in systems.values())  # quantized SpecEE bundles
     lines = [f"# specee-bench report: {r['model']['source']}", "",
              f"`{r['command']}`", "",
              f"{r['date']} · {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, "
@@ -39,12 +40,16 @@ def markdown(r: dict) -> str:
              "per-prompt ratios between systems timed in this run.", "",
              "## Speed", "",
              "| system | decode tok/s (median) | IQR | TTFT ms | × dense bundle |"
-             + "".join(f" × {title} |" for title, _ in against),
-             "|---|---|---|---|---|" + "---|" * len(against)]
+             + " × own dense graph |" * own + "".join(f" × {title} |" for title, _ in against),
+             "|---|---|---|---|---|" + "---|" * (own + len(against))]
     for name, s in systems.items():
         lines.append(f"| {name} | {s['decode_tps_median']:.1f} | {s['decode_tps_q1']:.1f}–{s['decode_tps_q3']:.1f} | "
                      f"{s['ttft_ms_median']:.0f} | {_x(s['speedup_vs_dense'])} |"
+                     + f" {_x(s.get('speedup_vs_own_dense'))} |" * own
                      + "".join(f" {_x(s[key])} |" for _, key in against))
+    if own:
+        lines += ["", "× own dense graph: a quantized SpecEE bundle's early exit and trees against that bundle's own "
+                  "dense graph (its row `dense@NAME`, timed in the same run), whose weights they share."]
     lines += ["", "## Quality against dense greedy (the dense bundle's tokens)", "",
               "Exact match and first divergence: free-running outputs of the timed runs. Teacher-forced agreement: "
               "fed the dense prefix, the share of positions where the system emits the dense token. Perplexity: "
@@ -112,7 +117,8 @@ def markdown(r: dict) -> str:
                   "Shares of decode time come from the runtime's timers. Forward cost: one target forward's decode "
                   "time (draft and host loop included) in dense decode steps, the median over prompts; the speed-up "
                   "over the dense bundle is about tokens per forward ÷ forward cost, so the forward cost is the "
-                  "tokens per forward a shape needs to break even.", "",
+                  "tokens per forward a shape needs to break even. A quantized bundle's forward cost and exact "
+                  "match are against its own dense graph (`dense@NAME`), the decoding its trees reproduce.", "",
                   "| system | shape | tokens per target forward | forward cost | forwards accepting a tree token | draft "
                   "| verification | mean executed layers | exit rate | exact match vs dense |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -121,7 +127,10 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {s['shape']} | {s['tokens_per_forward']:.3f} | {_num(s.get('forward_cost'), 2)} | "
                          f"{s['acceptance_rate']:.1%} | "
                          f"{_pct(s.get('draft_share'))} | {_pct(s.get('verify_share'))} | {layers} | "
-                         f"{_pct(s.get('exit_rate'))} | {s['exact_match']:.0%} |")
+                         f"{_pct(s.get('exit_rate'))} | {s.get('exact_match_vs_own_dense', s['exact_match']):.0%} |")
+        inexact = {n: s["inexact"] for n, s in trees.items() if s.get("inexact")}
+        if inexact:
+            lines += ["", "Not token-exact: " + "; ".join(f"{n}: {why}" for n, why in inexact.items())]
         drafts = {s["path"]: s["draft"] for s in trees.values() if s.get("draft")}
         if drafts:
             lines += ["", "Drafts: how each tree bundle's draft was trained (calibration sequences x epochs, steps "

@@ -136,8 +136,14 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
     dense_bundle = next((b for b in bundles if not b.specee), None)
     dense_engine = load(dense_bundle.path if dense_bundle else spec[0].path, threads=s.threads, dense=True)
     systems = [bundle_system("dense", "dense", dense_engine, s.new_tokens)]
+    own_dense = {}  # a quantized SpecEE bundle's path -> the system running its own (quantized) dense graph
     for b in spec:
         engine = load(b.path, threads=s.threads)
+        if engine.manifest.quant != dense_engine.manifest.quant:  # weights unlike the dense bundle's
+            own_dense[str(b.path)] = f"dense@{b.name}"
+            systems.append(bundle_system(own_dense[str(b.path)], "quantized" if engine.manifest.quant else "dense",
+                                         load(b.path, threads=s.threads, dense=True), s.new_tokens,
+                                         {"quant": engine.manifest.quant, "path": str(b.path)}))
         if s.reference and not Path(engine.manifest.specee.calibration).is_dir():
             raise ConfigError(f"--reference needs the calibration {b.path} was compiled from, and "
                               f"{engine.manifest.specee.calibration} is gone; recompile the bundle or leave "
@@ -150,8 +156,10 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         if quant is None:
             raise ConfigError(f"--quantized {path} holds fp32 weights; pass a bundle compiled with --quant (or give it "
                               "with --bundle).")
-        systems.append(bundle_system(f"dense-{quant['weights']}", "quantized", engine, s.new_tokens,
-                                     {"quant": quant, "path": str(path)}))
+        name = f"dense-{quant['weights']}"
+        if any(x.name == name for x in systems):  # several of one precision: told apart by their folders
+            name = f"{name}@{Path(path).stem}"
+        systems.append(bundle_system(name, "quantized", engine, s.new_tokens, {"quant": quant, "path": str(path)}))
     if s.tree_shapes:
         with_tree = [b for b in spec if "tree" in read_manifest(b.path, verify=False)["specee"]]
         if not with_tree:
@@ -214,8 +222,16 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
             row["speedup_vs_genai_int4"] = measure.paired_ratio(r, runs["ort-genai-int4"])
         if "llama-cpp" in runs:
             row["speedup_vs_llama_cpp"] = measure.paired_ratio(r, runs["llama-cpp"])
+        own = own_dense.get(system.settings.get("path")) if system.kind in ("specee", "tree") else None
+        if own:  # against its own dense graph too: the speed-up its quantized weights leave to early exit or trees
+            own_tokens = [x.token_ids for x in runs[own][:n]]
+            row.update(own_dense=own, speedup_vs_own_dense=measure.paired_ratio(r, runs[own]),
+                       exact_match_vs_own_dense=measure.agreement_free_running(r[:n], own_tokens)["exact_match"])
         if system.kind == "tree":
-            row.update(measure.tree(r), **measure.time_shares(r), forward_cost=measure.forward_cost(r, runs["dense"]))
+            row.update(measure.tree(r), **measure.time_shares(r),
+                       forward_cost=measure.forward_cost(r, runs[own or "dense"]))
+            if system.engine.manifest.specee.tree.inexact:
+                row["inexact"] = system.engine.manifest.specee.tree.inexact
             if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles
                 row.update(measure.exits(r, L), threshold=system.engine.threshold)
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,

@@ -1,7 +1,7 @@
 """Teacher-forced agreement with the fp32 bundle and decode speed of `gguf` bundle variants that
 differ only in MatMulNBits' accuracy level (see README.md next to this file).
 
-    python accuracy.py FP32_BUNDLE GGUF_BUNDLE [NAME=BUNDLE ...] [--variants] [--prompts N]
+    python accuracy.py FP32_BUNDLE GGUF_BUNDLE [NAME=BUNDLE ...] [--variants] [--prompts N] [--base-name NAME]
 
 ``--variants`` also writes copies of GGUF_BUNDLE's step graph with level 0 (fp32 activations)
 on some of its MatMulNBits nodes only, next to it: ``down0`` (the MLP's down projections) and
@@ -11,7 +11,8 @@ attributes only, so they are loaded without checking the manifest's file hashes.
 Per MT-Bench prompt, the fp32 bundle's greedy 128 tokens are the reference; every variant
 scores them (fed the reference prefix) and decodes 64 tokens on its own, the variants in a
 rotating order; the speed ratio is the median over prompts of each prompt's ratio to
-GGUF_BUNDLE.
+GGUF_BUNDLE (named ``--base-name``, default ``gguf``; docs/benchmarks/quant-defaults passes an
+int4 bundle there).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def main() -> None:
     ap.add_argument("more", nargs="*", help="NAME=BUNDLE")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--base-name", default="gguf", help="what the second bundle, the speed ratios' base, is called")
     args = ap.parse_args()
-    bundles = {"gguf": args.gguf, **dict(m.split("=", 1) for m in args.more)}
+    base = args.base_name
+    bundles = {base: args.gguf, **dict(m.split("=", 1) for m in args.more)}
     if args.variants:
         bundles["down0"] = variant(args.gguf, "down0", lambda a: a["bits"] == 4 and a["N"] < a["K"])
         bundles["layers0"] = variant(args.gguf, "layers0", lambda a: a["bits"] == 4)
@@ -68,10 +71,10 @@ def main() -> None:
             agree[k][0] += sum(a == b for a, b in zip(predicted, want))
             agree[k][1] += len(want)
         print(i, {k: round(a / max(n, 1), 4) for k, (a, n) in agree.items()}, flush=True)
-    print("| bundle | teacher-forced agreement | decode tok/s (median) | x gguf |")
+    print(f"| bundle | teacher-forced agreement | decode tok/s (median) | x {base} |")
     print("|---|---|---|---|")
     for k in names:
-        ratio = statistics.median(a / b for a, b in zip(speed[k], speed["gguf"]))
+        ratio = statistics.median(a / b for a, b in zip(speed[k], speed[base]))
         print(f"| {k} | {100 * agree[k][0] / agree[k][1]:.2f}% ({agree[k][1]} positions) | "
               f"{statistics.median(speed[k]):.1f} | {ratio:.3f} |")
 
