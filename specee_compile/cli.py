@@ -361,7 +361,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-running", type=int, default=0, metavar="M",
                    help="also decode the first M of them free-running with every rule and KV policy")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per question for --evaluate")
-    p.add_argument("--dense-bundle", default=None, help="compiled dense bundle for fast dense-greedy references")
+    p.add_argument("--dense-bundle", default=None,
+                   help="a compiled bundle (dense, or SpecEE: its dense graph) for fast dense-greedy references")
     _common(p)
     return p
 

@@ -86,7 +86,7 @@ def evaluate_and_report(model, artifact: Path, questions: int, free: int, new_to
     if dense_bundle:
         from specee_compile.runtimes import load
 
-        engine = load(dense_bundle)
+        engine = load(dense_bundle, dense=True)  # a SpecEE bundle holds its dense graph too
         dense = [engine.generate(ids, max_new_tokens=new_tokens).token_ids for ids in chat]
     else:
         dense = dense_greedy(target, chat, new_tokens, eos, progress)
