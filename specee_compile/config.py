@@ -64,7 +64,8 @@ class CompileConfig:
         quant_block: block size of int4/int8 (GGUF blocks are 32); 0 = 32 for ONNX Runtime graphs,
             128 for TensorRT-ready ones (TensorRT's INT4 blocks are 64 or 128: a weight whose
             inputs 128 does not divide takes 64).
-        quant_symmetric: int4/int8 without zero points (default; measured faster and as accurate on SmolLM2).
+        quant_symmetric: int4/int8 without zero points (default; at blocks of 32 measured faster and closer
+            to fp32 on SmolLM2, docs/benchmarks/quant-defaults).
         accuracy_level: MatMulNBits' activation precision, 4 (int8) or 0 (fp32); recorded in the manifest.
         gguf: the GGUF whose blocks ``quant`` "gguf" keeps (default: MODEL itself when it is one).
     """
