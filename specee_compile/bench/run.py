@@ -230,8 +230,8 @@ def run(settings: BenchSettings, progress: bool = True) -> dict:
         if system.kind == "tree":
             row.update(measure.tree(r), **measure.time_shares(r),
                        forward_cost=measure.forward_cost(r, runs[own or "dense"]))
-            if system.engine.manifest.specee.tree.inexact:
-                row["inexact"] = system.engine.manifest.specee.tree.inexact
+            if inexact := system.engine.manifest.specee.tree.inexact:
+                row["inexact"] = inexact
             if system.engine.shape.exits:  # merged mapping: lossy, so measured like the early-exit bundles
                 row.update(measure.exits(r, L), threshold=system.engine.threshold)
                 row["teacher_forced_agreement"] = _agreement(system.engine, prompts, dense_tokens, progress,

@@ -25,12 +25,16 @@ class KeptBlocks:
     kept: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> format, of every tensor a found weight used
 
     @cached_property
-    def _tensors(self) -> list[tuple[str, str, np.ndarray]]:
+    def _matrices(self) -> list[tuple[str, str, np.ndarray]]:
+        """(name, format, raw blocks) of every 2-D tensor of the GGUF."""
         from gguf import GGUFReader
 
-        reader = GGUFReader(self.path)
-        return [(t.name, t.tensor_type.name, np.asarray(t.data)) for t in reader.tensors
-                if t.tensor_type.name in KEPT and len(t.data.shape) == 2]
+        return [(t.name, t.tensor_type.name, np.asarray(t.data)) for t in GGUFReader(self.path).tensors
+                if len(t.data.shape) == 2]
+
+    @cached_property
+    def _tensors(self) -> list[tuple[str, str, np.ndarray]]:
+        return [m for m in self._matrices if m[1] in KEPT]
 
     @cached_property
     def _rows(self) -> dict[bytes, tuple[int, int]]:
@@ -47,10 +51,7 @@ class KeptBlocks:
     def not_kept(self) -> dict[str, str]:
         """The GGUF's matrices (tensor -> format) that no bundle weight was kept from: formats the
         bundle cannot hold exactly, or weights the graphs do not use as they are stored."""
-        from gguf import GGUFReader
-
-        return {t.name: t.tensor_type.name for t in GGUFReader(self.path).tensors
-                if len(t.data.shape) == 2 and t.name not in self.kept}
+        return {name: fmt for name, fmt, _ in self._matrices if name not in self.kept}
 
     def find(self, rows: np.ndarray) -> Blocks | None:
         """The GGUF's blocks of a weight given as float32 rows [N, K], or None when any row is
