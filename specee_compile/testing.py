@@ -85,6 +85,28 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0) -> P
     return path
 
 
+def save_gguf_model(folder: str | Path, family: str, formats: dict[str, str]) -> tuple[Path, Path]:
+    """A tiny model whose weights are a GGUF's dequantized blocks: returns (its directory, that
+    GGUF), both under ``folder``. ``formats`` maps a projection's name (``q_proj``...) to its GGUF
+    format; the rest are Q8_0."""
+    import gguf
+
+    folder = Path(folder)
+    model = make_tiny_model(family)
+    writer = gguf.GGUFWriter(folder / "tiny.gguf", "llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                fmt = gguf.GGMLQuantizationType[formats.get(name.rsplit(".", 1)[-1], "Q8_0")]
+                raw = gguf.quants.quantize(module.weight.numpy(), fmt)
+                module.weight.copy_(torch.from_numpy(gguf.quants.dequantize(raw, fmt)))
+                writer.add_tensor(name, raw, raw_dtype=fmt)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    model.save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    return folder / "model", folder / "tiny.gguf"
+
+
 def write_calibration_jsonl(path: str | Path, examples: int = 12) -> Path:
     """A tiny calibration JSONL (prompt + response per line) for tests."""
     import json

@@ -22,7 +22,7 @@ from specee_compile.lower.trt_check import find_problems
 from specee_compile.quant import KEPT, KeptBlocks, QuantSpec, from_gguf
 from specee_compile.quant.blocks import quantize as quantize_blocks
 from specee_compile.runtimes import load
-from specee_compile.testing import FAMILIES, make_tiny_model, tiny_tokenizer
+from specee_compile.testing import FAMILIES, make_tiny_model, save_gguf_model, tiny_tokenizer
 
 # Logits of a quantized bundle against its fp32 bundle over a prefill, as ||difference|| / ||logits||:
 # the tolerance each precision is held to on the tiny random models (measured 0.011-0.014 for int8 and
@@ -210,28 +210,10 @@ def test_a_tied_embeddings_own_precision_is_refused_before_anything_is_written(t
     assert not (tmp_path / "b.onnx").exists()
 
 
-def _gguf_model(family: str, folder, formats: dict[str, str]):
-    """A tiny model whose weights are a GGUF's dequantized blocks, saved as a directory, and
-    that GGUF (``formats``: projection name -> GGUF format; the rest Q8_0)."""
-    model = make_tiny_model(family)
-    writer = gguf.GGUFWriter(folder / "tiny.gguf", "llama")
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                fmt = gguf.GGMLQuantizationType[formats.get(name.rsplit(".", 1)[-1], "Q8_0")]
-                raw = gguf.quants.quantize(module.weight.numpy(), fmt)
-                module.weight.copy_(torch.from_numpy(gguf.quants.dequantize(raw, fmt)))
-                writer.add_tensor(name, raw, raw_dtype=fmt)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    model.save_pretrained(folder / "model")
-    tiny_tokenizer().save_pretrained(folder / "model")
-    return folder / "model", folder / "tiny.gguf"
-
-
 def test_a_gguf_bundle_keeps_every_block_and_computes_the_ggufs_model(tmp_path):
     formats = {"q_proj": "Q4_1", "k_proj": "Q4_1", "v_proj": "Q4_1", "o_proj": "Q4_0", "gate_proj": "Q4_1",
                "up_proj": "Q4_1", "down_proj": "Q8_0"}
-    model_dir, path = _gguf_model("llama", tmp_path, formats)
+    model_dir, path = save_gguf_model(tmp_path, "llama", formats)
     fp32 = compile_bundle(CompileConfig(model=str(model_dir), out=tmp_path / "fp32.onnx", max_context=64),
                           progress=False)
     kept = compile_bundle(CompileConfig(model=str(model_dir), out=tmp_path / "gguf.onnx", max_context=64, quant="gguf",
