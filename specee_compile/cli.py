@@ -228,8 +228,12 @@ def _tree_choice_line(tree: dict) -> str:
 
         return f"default tree shape: not measured ({choice.get('reason')}); runs {DEFAULT_TREE}"
     rows = ", ".join(f"{r['shape']} {r['predicted_speedup']:.2f}x" for r in choice["candidates"])
-    return (f"default tree shape: {tree['default_shape']}, the highest predicted speed-up over dense on this machine "
+    line = (f"default tree shape: {tree['default_shape']}, the highest predicted speed-up over dense on this machine "
             f"({rows})")
+    if max(r["predicted_speedup"] for r in choice["candidates"]) < 1:
+        line += ("\nwarning: no tree shape is predicted faster than this bundle's dense decoding here; decode "
+                 "without --tree (each tree forward costs more dense steps than the tokens it emits)")
+    return line
 
 
 def compile_main(argv=None) -> int:

@@ -324,6 +324,17 @@ def test_the_default_tree_shape_is_the_candidate_measured_fastest(bundle):
     assert str(load(out, tree=True).shape) == tree["default_shape"]
 
 
+def test_the_compile_warns_when_no_tree_shape_is_predicted_faster_than_dense():
+    from specee_compile.cli import _tree_choice_line
+
+    def line(*speedups):
+        rows = [{"shape": s, "predicted_speedup": p} for s, p in zip(("1x1x1", "1x1x1+4"), speedups)]
+        return _tree_choice_line({"default_shape": "1x1x1", "choice": {"candidates": rows}})
+
+    assert "1x1x1 0.96x, 1x1x1+4 0.89x" in line(0.96, 0.89) and "decode without --tree" in line(0.96, 0.89)
+    assert "warning" not in line(1.02, 0.89)
+
+
 @pytest.mark.parametrize("stop_early", [False, True])
 def test_a_replay_on_the_dense_text_accepts_what_tree_decoding_does(bundle, stop_early):
     """``accepted_lengths`` (what the compile's shape choice measures) gives the accepted
