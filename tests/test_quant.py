@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torch
 
 from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
@@ -22,7 +21,7 @@ from specee_compile.lower.trt_check import find_problems
 from specee_compile.quant import KEPT, KeptBlocks, QuantSpec, from_gguf
 from specee_compile.quant.blocks import quantize as quantize_blocks
 from specee_compile.runtimes import load
-from specee_compile.testing import FAMILIES, make_tiny_model, save_gguf_model, tiny_tokenizer
+from specee_compile.testing import FAMILIES, save_gguf_model, tiny_tokenizer
 
 # Logits of a quantized bundle against its fp32 bundle over a prefill, as ||difference|| / ||logits||:
 # the tolerance each precision is held to on the tiny random models (measured 0.011-0.014 for int8 and
