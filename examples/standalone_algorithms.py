@@ -100,13 +100,13 @@ def parse_shape(text: str) -> TreeShape:
 
 
 def lookup_chain(context: list[int], length: int) -> list[int]:
-    """The up to ``length`` tokens after the latest earlier occurrence of the context's last
-    3 tokens (else 2, else 1)."""
+    """The tokens after the latest earlier occurrence of the context's last 3 tokens (else 2,
+    else 1): up to ``length`` after a 3-token match, at most k after a k-token one."""
     for k in range(min(3, len(context) - 1), 0, -1):
         tail = context[-k:]
         for start in range(len(context) - k - 1, -1, -1):
             if context[start:start + k] == tail:
-                return context[start + k:start + k + length]
+                return context[start + k:start + k + (length if k == 3 else min(k, length))]
     return []
 
 

@@ -95,8 +95,9 @@ def test_tree_shapes_parse_and_count_their_nodes():
 
 
 def test_context_lookup_continues_the_latest_earlier_occurrence():
-    assert context_lookup([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6], 3) == [9, 2, 5]  # the latest [5, 6], not the first
-    assert context_lookup([1, 2, 3, 9, 2, 3, 4, 7, 3], 2) == [4, 7]  # [2, 3] and [7, 3] are not there before: [3]
+    assert context_lookup([1, 2, 3, 9, 8, 7, 1, 2, 3], 4) == [9, 8, 7, 1]  # a 3-token match: up to the length
+    assert context_lookup([5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6], 3) == [9, 2]  # the latest [5, 6]; a 2-token match: 2
+    assert context_lookup([1, 2, 3, 9, 2, 3, 4, 7, 3], 2) == [4]  # [4, 7, 3] and [7, 3] are not there before: [3]
     assert context_lookup([1, 2, 3], 4) == []
     assert context_lookup([4, 4], 3) == [4]
     assert context_lookup([1, 2, 1, 2], 0) == []

@@ -75,8 +75,10 @@ DEFAULT_TREE = TreeShape(1, 1, 1, 4)
 
 
 def context_lookup(context: list[int], length: int, longest: int = 3) -> list[int]:
-    """Up to ``length`` tokens that followed the latest earlier occurrence of the context's
-    last k tokens (k = ``longest`` down to 1, the first k that occurs)."""
+    """The tokens that followed the latest earlier occurrence of the context's last k tokens
+    (k = ``longest`` down to 1, the first k that occurs): up to ``length`` after a match of
+    ``longest`` tokens, at most k after a shorter one, whose continuation is right less often
+    (a row it would add to the verification costs as much either way)."""
     if length <= 0 or len(context) < 2:
         return []
     tokens = np.asarray(context)
@@ -85,7 +87,7 @@ def context_lookup(context: list[int], length: int, longest: int = 3) -> list[in
         hits = np.flatnonzero((windows == tokens[-k:]).all(axis=1))
         if len(hits):
             start = hits[-1] + k
-            return [int(t) for t in tokens[start:start + length]]
+            return [int(t) for t in tokens[start:start + (length if k == longest else min(k, length))]]
     return []
 
 

@@ -15,7 +15,8 @@ position n, and a tree shape of width w, depth D and budget N (``TreeShape``):
    path's summed log-probability;
 2. the N best-scored nodes (a child never scores above its parent, so they form a tree),
    parents first, plus with a lookup of L the up to L tokens that followed the latest
-   earlier occurrence of the newest 1-3 tokens in the context (merged in as a chain from t),
+   earlier occurrence of the newest 1-3 tokens in the context (after a match of k < 3
+   tokens, at most k of them; merged in as a chain from t),
    follow t in one target forward of the tree graph (``specee/tree.onnx``):
    node s at position n + its depth sees the past, its ancestors and itself
    (``attention_bias``); the graph returns every node's greedy token and writes node s's K/V

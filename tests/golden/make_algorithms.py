@@ -105,6 +105,8 @@ def lookup_cases() -> list[dict]:
         ("latest-earlier-occurrence-wins", [7, 1, 7, 2, 7, 3, 7], 2),
         ("falls-back-to-two-tokens", [5, 6, 1, 9, 6, 1], 3),
         ("falls-back-to-one-token", [4, 8, 2, 9, 3, 8], 3),
+        ("one-token-match-gives-one-token", [4, 8, 2, 9, 3, 4, 6, 8], 4),
+        ("two-token-match-gives-two-tokens", [7, 5, 6, 1, 2, 3, 9, 5, 6], 4),
         ("longest-tail-preferred-over-later-shorter", [1, 2, 3, 10, 11, 2, 3, 20, 1, 2, 3], 2),
         ("overlapping-run", [5, 5, 5, 5], 4),
         ("no-earlier-occurrence", [1, 2, 3, 4], 4),
