@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -223,3 +224,28 @@ def test_soft_labels_are_the_targets_distribution_over_the_draft_vocabulary(targ
         assert not torch.isclose(loss_soft, loss_hard)
         draft.teacher_head = draft.teacher_head * 1e4  # one-hot at the greedy token
         torch.testing.assert_close(example_loss(draft, ex, soft, inverse, 0)[0], loss_hard)
+
+
+def test_own_answers_are_each_prompts_greedy_answer_and_resume_where_they_stopped(target, tmp_path, monkeypatch):
+    """``--own``'s text: batched, left-padded greedy answers equal one prompt's greedy answer,
+    and a run that stopped after some batches makes only the rest."""
+    from specee_compile.drafts.train import greedy_answers
+    from specee_compile.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    prompts = sequences(7, seed=5)
+    progress = tmp_path / "answers.json"
+    got = greedy_answers(target, tokenizer, prompts, 6, progress, batch=3)
+    for prompt, ids in zip(prompts, got):
+        alone = target.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)[0].tolist()
+        eos = [k for k in range(len(prompt), len(alone)) if alone[k] == tokenizer.eos_token_id]
+        assert ids == alone[: eos[0] + 1 if eos else None]
+
+    kept = json.loads(progress.read_text())
+    progress.write_text(json.dumps({k: v for k, v in kept.items() if int(k) < 4}))  # stopped after 4 answers
+    made = []
+    real = target.generate
+    monkeypatch.setattr(target, "generate", lambda **kw: made.append(len(kw["input_ids"])) or real(**kw))
+    assert greedy_answers(target, tokenizer, prompts, 6, progress, batch=3) == got
+    assert sum(made) == 3 and json.loads(progress.read_text()) == kept

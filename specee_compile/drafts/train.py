@@ -2,9 +2,12 @@
 
     python -m specee_compile.drafts.train smollm2 --conversations 0:2560 [--epochs 2]
     python -m specee_compile.drafts.train smollm2 --conversations 0:1280 --later --fusion
+    python -m specee_compile.drafts.train smollm2 --conversations 0:1280 --own --fusion
 
 A stage trains on the ShareGPT conversations it is given (their first turns; with
-``--later``, the later exchanges of the conversations the first-turn stages read), starting
+``--later``, the later exchanges of the conversations the first-turn stages read; with
+``--own``, the first turns' questions the stages read, each answered by the model itself,
+greedily, as it answers at decode time), starting
 from the draft already in the folder (its weights and vocabulary) when there is one. So a
 long training is a row of
 stages, each short enough for one sitting, each committed when it ends; a stage
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from specee_compile import drafts, resources
 from specee_compile import load as model_load
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--later", action="store_true",
                    help="A:B count the later exchanges (second turn on) of the conversations the first-turn stages "
                         "read, each as a conversation of its own, instead of first turns")
+    p.add_argument("--own", action="store_true",
+                   help="train on the model's own greedy answers (OWN_TOKENS tokens) to the first turns A:B, "
+                        "questions the first-turn stages read, instead of ShareGPT's answers (self-distillation)")
     p.add_argument("--out", default=None, help="the draft's folder (default: the package's drafts/<model name>)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", action="store_true",
                    help="EAGLE-3's multi-layer input (a draft without it is the warm start; a fused draft stays fused)")
     args = p.parse_args(argv)
+    if args.later and args.own:
+        p.error("--later and --own choose different text; give one of them.")
     a, b = (int(x) for x in args.conversations.split(":"))
     out = Path(args.out) if args.out else drafts.ROOT / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             if "fuse.weight" in f.keys():
                 raise SystemExit(f"the draft in {out} fuses several layers' features; train it further with --fusion.")
     usable = len(data.sharegpt(1 << 30))
-    if b > usable - HELD_SHAREGPT and not args.later:
+    if b > usable - HELD_SHAREGPT and not args.later and not args.own:
         raise SystemExit(f"conversations {a}:{b} reach into the held-out last {HELD_SHAREGPT} of {usable}.")
     wkey = drafts.weights_key(model_dir)
     record = drafts.record(out) if (out / drafts.RECORD).is_file() else {}
@@ -103,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(later) < b - a:
             raise SystemExit(f"the first {read} conversations the draft has read hold only "
                              f"{a + len(later)} later exchanges, fewer than {b}.")
+    if args.own and b > read:
+        # The questions of text the draft has read: the predictors' text stays unseen.
+        raise SystemExit(f"--own answers questions the draft has read: conversations {a}:{b} reach past the "
+                         f"first {read}.")
     held = calibration_examples(target, tokenizer, settings, False, skip=usable - HELD_SHAREGPT, count=HELD_SHAREGPT)
     own = own_answers(out, target, tokenizer)
     held_passes = {"sharegpt": [target_pass(target, s) for s, _ in held], "own_answers": [target_pass(target, s) for s in own]}
@@ -110,9 +123,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.later:
         seqs = [ids for ids, _ in calibration_examples(target, tokenizer, settings, True, examples=later)]
+    elif args.own:
+        questions = [data.Example(ex.prompt, "") for ex in data.sharegpt(b - a, skip=a)]
+        prompts = [ids for ids, _ in calibration_examples(target, tokenizer, settings, True, examples=questions)]
+        seqs = [ids[: settings.max_seq_len] for ids in greedy_answers(
+            target, tokenizer, prompts, OWN_TOKENS,
+            resources.cache_dir() / "drafts" / f"{mkey}-own-{a}-{b}-{OWN_TOKENS}.json")]
     else:
         seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
-    text = "sharegpt-later" if args.later else "sharegpt"
+    text = {"later": "sharegpt-later", "own": "sharegpt-own"}.get(_kind(args), "sharegpt")
     store = FeatureStore.locate(mkey, [text, a, settings.max_seq_len, settings.generate_tokens], exit_lo,
                                 settings.seed, fusion_layers(L) if args.fusion else ())
     t = time.time()
@@ -130,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         draft = EagleDraft(target, reduced_vocabulary(examples.next_tokens(), args.vocab, target.config.vocab_size),
                            fusion=args.fusion)
     checkpoints = (resources.cache_dir() / "drafts"
-                   / f"{mkey}-{'later-' * args.later}{a}-{b}-{previous.is_file()}{'-fusion' * args.fusion}")
+                   / f"{mkey}-{'later-' * args.later}{'own-' * args.own}{a}-{b}-{previous.is_file()}"
+                     f"{'-fusion' * args.fusion}")
     t = time.time()
     log = train_draft(draft, examples, settings, checkpoints, True)
     train_seconds = time.time() - t
@@ -144,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m specee_compile.drafts.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "conversations": [a, b],
-        "text": f"later exchanges of the first {read} conversations" if args.later else "first turns",
+        "text": {"later": f"later exchanges of the first {read} conversations",
+                 "own": f"the model's own greedy answers ({OWN_TOKENS} tokens) to the first turns"}.get(
+                     _kind(args), "first turns"),
         "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
         "training": log, "pass_seconds": round(pass_seconds, 1), "train_seconds": round(train_seconds, 1),
         "held_out": scores, "scored": "responses",
@@ -158,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                           "scored": "the responses' positions only (each stage's \"scored\"; the stages without "
                                     "it scored every position, the prompts' included)"},
         "conversations_trained": sorted({tuple(s["conversations"]) for s in stages if _first_turns(s)}),
-        "later_exchanges_trained": sorted({tuple(s["conversations"]) for s in stages if not _first_turns(s)}),
+        "later_exchanges_trained": sorted({tuple(s["conversations"]) for s in stages
+                                           if s.get("text", "").startswith("later")}),
+        "own_answers_trained": sorted({tuple(s["conversations"]) for s in stages
+                                       if s.get("text", "").startswith("the model's own")}),
         "stages": stages,
     }
     write_atomic(out / drafts.WEIGHTS, lambda tmp: save_file({k: v.half().contiguous() if v.is_floating_point() else
@@ -170,33 +195,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kind(args) -> str:
+    return "later" if args.later else "own" if args.own else "first"
+
+
 def _first_turns(stage: dict) -> bool:
     return stage.get("text", "first turns") == "first turns"
 
 
-def own_answers(folder: Path, target, tokenizer, batch: int = 8) -> list[list[int]]:
-    """The held-out own answers: made once (greedy, batches of left-padded prompts), then
-    read from the folder."""
+def own_answers(folder: Path, target, tokenizer) -> list[list[int]]:
+    """The held-out own answers: made once, then read from the folder."""
     path = folder / OWN_ANSWERS
     if path.is_file():
         return json.loads(path.read_text())
-    prompts = question_prompts(tokenizer, OWN_QUESTIONS)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    seqs = []
-    for k in range(0, len(prompts), batch):
-        group = prompts[k:k + batch]
-        width = max(len(x) for x in group)
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in group])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in group])
-        with torch.no_grad():
-            gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=OWN_TOKENS, do_sample=False,
-                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for x, row in zip(group, gen[:, width:].tolist()):
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
-            seqs.append(x + row)
+    seqs = greedy_answers(target, tokenizer, question_prompts(tokenizer, OWN_QUESTIONS), OWN_TOKENS, batch=8)
     path.write_text(json.dumps(seqs) + "\n")
     return seqs
+
+
+def greedy_answers(target, tokenizer, prompts: list[list[int]], tokens: int, progress_file: Path | None = None,
+                   batch: int = 16) -> list[list[int]]:
+    """Each prompt followed by the model's greedy answer (at most ``tokens`` tokens, ending
+    with its end-of-sequence token when it stops): batches of left-padded prompts, the
+    prompts of each batch alike in length. With ``progress_file``, the answers made so far
+    are kept there after every batch, and a run started again makes only the rest."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    done: dict[str, list[int]] = {}
+    if progress_file is not None and progress_file.is_file():
+        done = json.loads(progress_file.read_text())
+    order = sorted((k for k in range(len(prompts)) if str(k) not in done), key=lambda k: len(prompts[k]))
+    with tqdm(total=len(prompts), initial=len(done), desc="own answers", unit="answer") as bar:
+        for g in range(0, len(order), batch):
+            group = order[g:g + batch]
+            width = max(len(prompts[k]) for k in group)
+            ids = torch.tensor([[pad] * (width - len(prompts[k])) + prompts[k] for k in group])
+            mask = torch.tensor([[0] * (width - len(prompts[k])) + [1] * len(prompts[k]) for k in group])
+            with torch.no_grad():
+                gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                      pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for k, row in zip(group, gen[:, width:].tolist()):
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                done[str(k)] = row
+            if progress_file is not None:
+                progress_file.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(progress_file, lambda tmp: Path(tmp).write_text(json.dumps(done)))
+            bar.update(len(group))
+    return [prompts[k] + done[str(k)] for k in range(len(prompts))]
 
 
 def question_prompts(tokenizer, n: int) -> list[list[int]]:
