@@ -124,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.later:
         seqs = [ids for ids, _ in calibration_examples(target, tokenizer, settings, True, examples=later)]
     elif args.own:
+        t = time.time()
         questions = [data.Example(ex.prompt, "") for ex in data.sharegpt(b - a, skip=a)]
         prompts = [ids for ids, _ in calibration_examples(target, tokenizer, settings, True, examples=questions)]
         seqs = [ids[: settings.max_seq_len] for ids in greedy_answers(
             target, tokenizer, prompts, OWN_TOKENS,
             resources.cache_dir() / "drafts" / f"{mkey}-own-{a}-{b}-{OWN_TOKENS}.json")]
+        answer_seconds = time.time() - t
     else:
         seqs = calibration_sequences(target, tokenizer, settings, True, skip=a)[: b - a]
     text = {"later": "sharegpt-later", "own": "sharegpt-own"}.get(_kind(args), "sharegpt")
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                      _kind(args), "first turns"),
         "tokens": sum(len(s) for s in seqs), "settings": dataclasses.asdict(settings),
         "training": log, "pass_seconds": round(pass_seconds, 1), "train_seconds": round(train_seconds, 1),
+        **({"answer_seconds": round(answer_seconds, 1)} if args.own else {}),
         "held_out": scores, "scored": "responses",
     })
     record = {
