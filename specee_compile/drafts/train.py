@@ -62,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m specee_compile.drafts.train", description=__doc__.splitlines()[0])
     p.add_argument("model", help="model directory or built-in name (smollm2)")
     p.add_argument("--conversations", required=True, metavar="A:B", help="ShareGPT conversations A..B-1 to train on")
-    p.add_argument("--later", action="store_true",
-                   help="A:B count the later exchanges (second turn on) of the conversations the first-turn stages "
-                        "read, each as a conversation of its own, instead of first turns")
-    p.add_argument("--own", action="store_true",
-                   help="train on the model's own greedy answers (OWN_TOKENS tokens) to the first turns A:B, "
-                        "questions the first-turn stages read, instead of ShareGPT's answers (self-distillation)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--later", action="store_true",
+                        help="A:B count the later exchanges (second turn on) of the conversations the first-turn "
+                             "stages read, each as a conversation of its own, instead of first turns")
+    source.add_argument("--own", action="store_true",
+                        help=f"train on the model's own greedy answers (up to {OWN_TOKENS} tokens) to the first turns "
+                             "A:B, questions the first-turn stages read, instead of ShareGPT's answers "
+                             "(self-distillation)")
     p.add_argument("--out", default=None, help="the draft's folder (default: the package's drafts/<model name>)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -76,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", action="store_true",
                    help="EAGLE-3's multi-layer input (a draft without it is the warm start; a fused draft stays fused)")
     args = p.parse_args(argv)
-    if args.later and args.own:
-        p.error("--later and --own choose different text; give one of them.")
     a, b = (int(x) for x in args.conversations.split(":"))
     out = Path(args.out) if args.out else drafts.ROOT / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)
