@@ -138,6 +138,9 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="the LM head's precision (default: as --quant; a tied embedding follows it)")
     p.add_argument("--quant-embedding", choices=["fp32", "int8", "int4", "gguf"], default="",
                    help="the embedding's precision (default: as the head)")
+    p.add_argument("--quant-draft", choices=["fp32", "int8", "int4"], default="",
+                   help="the SpecEE draft graphs' weight precision (default: int8 for the tree draft, whose tokens the "
+                        "target verifies, and --quant's for the autoregressive draft, whose candidates decide exits)")
     p.add_argument("--quant-block", type=int, default=0,
                    help="int4/int8 block size (default 32; TensorRT-ready graphs: 128, or 64 where 128 does not "
                         "divide a weight's inputs)")
@@ -189,7 +192,7 @@ def _compile_main(args) -> int:
         specee=args.specee, calib_file=args.calib, budget=args.budget, exit_rule=args.exit_rule, threshold=args.threshold,
         exit_mode=args.exit_mode or "segments", tree=args.tree, tree_shape=args.tree_shape, backend=args.backend, precision=args.precision,
         check=args.check, quant=args.quant, quant_head=args.quant_head, quant_embedding=args.quant_embedding,
-        quant_block=args.quant_block, quant_symmetric=not args.quant_asymmetric, accuracy_level=args.accuracy_level,
+        quant_draft=args.quant_draft, quant_block=args.quant_block, quant_symmetric=not args.quant_asymmetric, accuracy_level=args.accuracy_level,
         gguf=args.gguf,
     )
     config = with_overrides(config, args.set)
@@ -204,6 +207,9 @@ def _compile_main(args) -> int:
             counts = families.setdefault(graph.split("[")[0], {})
             for how, n in stored.items():
                 counts[how] = counts.get(how, 0) + n
+        for family, weights in ((manifest.get("specee") or {}).get("draft_weights") or {}).items():
+            if weights["stored"] and family not in families:  # a draft quantized in a bundle that is not
+                families[family] = weights["stored"]
         for family, counts in families.items():
             print(f"{family} weights: " + ", ".join(f"{n} {how}" for how, n in counts.items()), file=sys.stderr)
         if "gguf" in quant:

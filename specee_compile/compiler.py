@@ -108,7 +108,8 @@ def compile(config: CompileConfig, progress: bool = True) -> Path:  # noqa: A001
         stage("write bundle" + (" and build TensorRT engines" if config.backend == "trt" else ""))
         layers = plan.exits.layers if plan.exits is not None else ()
         facts = Facts(config, source.info.family, shapes, source.hf_model, source.tokenizer, pass_log, calibration,
-                      layers, quant_facts(config, kept, pass_log), tree_prompts(config, calibration))
+                      layers, quant_facts(config, kept, pass_log), tree_prompts(config, calibration),
+                      draft_weight_facts(config, pass_log))
         out = write_bundle(config, facts, lowered, progress)
         bar.update()
         return out
@@ -190,6 +191,7 @@ def export(config: CompileConfig, source: Source, calibration):
 
 
 GENERATED_NAME = re.compile(r"val_\d+")
+DRAFT_FAMILIES = ("draft", "draft_tree")
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -212,8 +214,9 @@ def pass_plan(config: CompileConfig, calibration=None, kept: KeptBlocks | None =
     exits = None
     if calibration is not None:
         exits = exit_weights(config, calibration, calibration.meta["num_layers"])
+    draft_quant = {family: config.draft_quant_spec(family) for family in DRAFT_FAMILIES}
     plan = default_plan(config.opt_level, config.graph_target, config.specee, config.tree, config.exit_mode, exits,
-                        config.quant_spec, kept)
+                        config.quant_spec, kept, draft_quant)
     custom = config.pipeline
     if isinstance(custom, Pipeline):  # a pipeline of its own for the step graph
         plan.pipelines["step"] = custom
@@ -257,6 +260,22 @@ def quant_facts(config: CompileConfig, kept: KeptBlocks | None, pass_log: list[d
         facts["gguf"] = {"file": kept.path.name, "tensors_kept": len(kept.kept),
                          "formats": dict(Counter(kept.kept.values())), "kept": dict(sorted(kept.kept.items())),
                          "not_kept": dict(sorted(kept.not_kept().items()))}
+    return facts
+
+
+def draft_weight_facts(config: CompileConfig, pass_log: list[dict]) -> dict:
+    """The manifest's ``specee.draft_weights``: per draft graph, the precision of its products'
+    weights and how many weights it stores how (from the pass log)."""
+    if not config.specee:
+        return {}
+    facts = {}
+    for family in DRAFT_FAMILIES[:2 if config.tree else 1]:
+        spec = config.draft_quant_spec(family)
+        stored = next((e["fired"] for e in pass_log if e.get("pass") == QuantizeWeightsPass.name
+                       and e.get("graph") == family and e.get("fired")), {})
+        facts[family] = {"weights": spec.weights, "head": spec.precision("head"),
+                         **({"block_size": spec.block_size, "accuracy_level": spec.accuracy_level} if stored else {}),
+                         "stored": stored}
     return facts
 
 

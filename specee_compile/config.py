@@ -13,6 +13,11 @@ OPT_LEVELS = ("O0", "O1")
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKS = ("", "trt")
 EXIT_MODES = ("segments", "graph")
+DRAFT_PRECISIONS = ("", "fp32", "int8", "int4")
+# The tree draft's default on ONNX Runtime: its proposals are verified, so only their speed and
+# hit rate count (docs/benchmarks/draft-int8: int8 kept SmolLM2's tokens per forward, int4 lost some).
+TREE_DRAFT_PRECISION = "int8"
+DRAFT_BLOCK = 32  # the draft's int8/int4 blocks (ONNX Runtime's MatMulNBits)
 BUNDLE_SUFFIXES = {".onnx": "ort", ".plan": "trt", ".engine": "trt"}
 
 
@@ -67,6 +72,13 @@ class CompileConfig:
         quant_symmetric: int4/int8 without zero points (default; at blocks of 32 measured faster and closer
             to fp32 on SmolLM2, docs/benchmarks/quant-defaults).
         accuracy_level: MatMulNBits' activation precision, 4 (int8) or 0 (fp32); recorded in the manifest.
+        quant_draft: the draft graphs' weight precision, "fp32", "int8" or "int4" (ONNX Runtime's
+            block quantizer, blocks of 32, int8 activations). "" (default): for ONNX Runtime graphs
+            the tree draft (``specee/draft_tree.onnx``) is int8, since the target verifies every
+            token it proposes (on SmolLM2 its trees accepted the same tokens per forward as with
+            fp32 and decoded 4.5% faster, docs/benchmarks/draft-int8), and the autoregressive
+            draft keeps ``quant``'s precision, since its candidates decide the exits (which the
+            eager reference decoder reproduces); TensorRT-ready graphs keep ``quant``'s.
         gguf: the GGUF whose blocks ``quant`` "gguf" keeps (default: MODEL itself when it is one).
     """
 
@@ -97,6 +109,7 @@ class CompileConfig:
     quant_block: int = 0
     quant_symmetric: bool = True
     accuracy_level: int = 4
+    quant_draft: str = ""
     gguf: Path | None = None
     pipeline: object | None = field(default=None, compare=False)  # edits the PassPlan, or the step's Pipeline
 
@@ -178,6 +191,7 @@ class CompileConfig:
                 raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget}.")
         if self.quant_spec.active and self.graph_target == "trt":
             self._check_trt_quant()
+        self._check_quant_draft()
         if self.gguf is not None:
             object.__setattr__(self, "gguf", Path(self.gguf))
             if self.gguf.suffix != ".gguf" or not self.gguf.is_file():
@@ -212,6 +226,30 @@ class CompileConfig:
         if self.quant_block not in (0, 64, 128):
             raise ConfigError(f"--quant-block {self.quant_block}: TensorRT's INT4 blocks are 64 or 128 values (the "
                               f"default for {where} is 128, 64 where 128 does not divide a weight's inputs).")
+
+    def _check_quant_draft(self) -> None:
+        if self.quant_draft not in DRAFT_PRECISIONS:
+            raise ConfigError(f"--quant-draft {self.quant_draft!r} is unknown; choose one of "
+                              f"{', '.join(p for p in DRAFT_PRECISIONS if p)}.")
+        if self.quant_draft and not self.specee:
+            raise ConfigError(f"--quant-draft {self.quant_draft} sets the precision of a SpecEE bundle's draft graphs; "
+                              "add --specee or drop --quant-draft.")
+        if self.quant_draft == "int8" and self.graph_target == "trt":
+            raise ConfigError("--quant-draft int8 cannot be built into TensorRT-ready graphs (--check trt, a .plan "
+                              "output): TensorRT takes INT8 weights per tensor or per channel, not in blocks. Use "
+                              "--quant-draft int4 or fp32 for them.")
+
+    def draft_quant_spec(self, family: str):
+        """The weight quantization of the draft graph ``family`` ("draft" or "draft_tree")."""
+        from specee_compile.quant.spec import QuantSpec
+
+        precision = self.quant_draft or (TREE_DRAFT_PRECISION if family == "draft_tree" and self.graph_target == "ort"
+                                         else "")
+        if not precision:
+            return self.quant_spec
+        if self.graph_target == "trt":  # TensorRT's INT4 blocks, its own activations
+            return QuantSpec(precision, precision, "fp32", self.quant_block or 128, True, self.accuracy_level)
+        return QuantSpec(precision, precision, precision, DRAFT_BLOCK, True, 4)
 
     @property
     def quant_spec(self):

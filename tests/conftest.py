@@ -94,7 +94,7 @@ def calibrations(tiny_dirs, tiny_llama_calibration, tmp_path_factory) -> dict[st
 
 @pytest.fixture(scope="session")
 def bundle(tiny_dirs, calibrations, tmp_path_factory):
-    """bundle(family, threshold, rule, exit_mode="segments", check="", tree=False) -> a compiled tiny
+    """bundle(family, threshold, rule, exit_mode="segments", check="", tree=False, quant_draft="") -> a compiled tiny
     SpecEE bundle (capacity 64), compiled once per session: tests that change a bundle copy it
     first. Tests take the tree bundle (a superset) where the tree graphs do not matter, so that
     they share its compile."""
@@ -103,13 +103,14 @@ def bundle(tiny_dirs, calibrations, tmp_path_factory):
 
     built = {}
 
-    def get(family, threshold, rule, exit_mode="segments", check="", tree=False):
-        key = (family, threshold, rule, exit_mode, check, tree)
+    def get(family, threshold, rule, exit_mode="segments", check="", tree=False, quant_draft=""):
+        key = (family, threshold, rule, exit_mode, check, tree, quant_draft)
         if key not in built:
             out = tmp_path_factory.mktemp("specee") / f"{family}.onnx"
             built[key] = compile_bundle(CompileConfig(
                 model=str(tiny_dirs[family]), out=out, max_context=64, specee=True, calibration=calibrations[family],
-                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check, tree=tree), progress=False)
+                threshold=threshold, exit_rule=rule, exit_mode=exit_mode, check=check, tree=tree, quant_draft=quant_draft),
+                progress=False)
         return built[key]
 
     return get

@@ -142,8 +142,9 @@ def test_tree_graph_nodes_see_only_their_ancestors(bundle):
 
 
 def test_draft_tree_graph_equals_the_draft_graph_on_a_chain(bundle):
-    """The tree draft graph over a causal chain proposes what the one-token draft graph does."""
-    out = bundle("llama", 0.3, "full", tree=True)
+    """The tree draft graph over a causal chain proposes what the one-token draft graph does
+    (both fp32: by default the tree draft is int8, test below)."""
+    out = bundle("llama", 0.3, "full", tree=True, quant_draft="fp32")
     engine = load(out, tree=4)
     decoder = engine.decoder
     request = decoder.new_request()
@@ -156,6 +157,43 @@ def test_draft_tree_graph_equals_the_draft_graph_on_a_chain(bundle):
     want = decoder.draft(request, ids, feats)
     np.testing.assert_array_equal(top[-1, :4], want)
     assert (np.diff(logp, axis=1) <= 0).all() and (logp <= 0).all()
+
+
+@pytest.mark.parametrize("quant_draft", ["", "int8", "int4"])
+def test_the_tree_draft_is_int8_by_default_and_the_trees_stay_lossless(bundle, quant_draft):
+    """By default the tree draft's products and gathers read int8 blocks and the autoregressive
+    draft stays fp32; --quant-draft sets both. The manifest says so, the graphs hold it, and
+    the trees still emit the dense tokens (the target verifies every proposal)."""
+    import onnx
+
+    out = bundle("llama", 0.3, "full", tree=True, quant_draft=quant_draft)
+    weights = read_manifest(out)["specee"]["draft_weights"]
+    want = {"draft": quant_draft or "fp32", "draft_tree": quant_draft or "int8"}
+    for family, precision in want.items():
+        graph = onnx.load(out / f"specee/{family}.onnx", load_external_data=False)
+        quantized = {n.op_type for n in graph.graph.node} & {"MatMulNBits", "GatherBlockQuantized"}
+        assert weights[family]["weights"] == weights[family]["head"] == precision
+        if precision == "fp32":
+            assert weights[family]["stored"] == {} and not quantized
+        else:  # the fusion, q|k|v, o, gate|up, down, head and embedding
+            assert weights[family]["stored"] == {precision: 7}, weights
+            assert quantized == {"MatMulNBits", "GatherBlockQuantized"}
+    engine, dense = load(out, tree="2x2x3+4"), load(out, dense=True)
+    for prompt in PROMPTS:
+        got = engine.generate(prompt, max_new_tokens=NEW)
+        assert got.token_ids == dense.generate(prompt, max_new_tokens=NEW).token_ids
+        assert max(got.accepted_lengths) > 1  # the int8 draft's tokens were accepted
+
+
+def test_quant_draft_is_checked():
+    with pytest.raises(ConfigError, match="--quant-draft int8 sets the precision of a SpecEE bundle's draft"):
+        CompileConfig(model="m", out="m.onnx", quant_draft="int8")
+    with pytest.raises(ConfigError, match="--quant-draft 'int2' is unknown"):
+        CompileConfig(model="m", out="m.onnx", specee=True, quant_draft="int2")
+    with pytest.raises(ConfigError, match="TensorRT takes INT8 weights per tensor"):
+        CompileConfig(model="m", out="m.onnx", specee=True, quant_draft="int8", check="trt")
+    trt = CompileConfig(model="m", out="m.onnx", specee=True, tree=True, check="trt")
+    assert not trt.draft_quant_spec("draft_tree").active  # TensorRT-ready graphs keep --quant's precision
 
 
 def test_tensorrt_ready_tree_graphs_pass_the_check_and_decode_as_the_ort_ones(bundle):

@@ -56,6 +56,7 @@ class Facts:
     predictor_layers: tuple[int, ...] = ()
     quant: dict | None = None  # the weight quantization: settings and what each graph stores
     tree_prompts: tuple[str, ...] = ()  # held-out prompts the default tree shape is chosen on
+    draft_weights: dict = dataclasses.field(default_factory=dict)  # per draft graph: its weights' precision
 
 
 def write_bundle(config, facts: Facts, lowered, progress: bool = False) -> Path:
@@ -178,7 +179,7 @@ def _save_specee(facts: Facts, lowered, bundle_dir: Path) -> SpecEE:
                   threshold=config.threshold or cal.threshold, exit_mode=config.exit_mode,
                   predictor_layers=tuple(facts.predictor_layers), schedule=cal.schedule.to_dict(), draft=draft,
                   kv_fill_file=f"{prefix}kv_fill.safetensors", kv_fill_eps=rms_eps(facts.hf_model),
-                  segments=segments, decode=decode, tree=tree,
+                  segments=segments, decode=decode, tree=tree, draft_weights=facts.draft_weights,
                   cost_model={k: v for k, v in cal.meta["cost_model"].items() if k != "seconds_per_layer"})
 
 

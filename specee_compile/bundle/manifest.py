@@ -359,6 +359,8 @@ class SpecEE:
     tree: Tree | None = None
     cost_model: dict = field(default_factory=dict)
     kv_policy: str = "propagate"
+    # per draft graph ("draft", "draft_tree"): its weights' precision and how many are stored how
+    draft_weights: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict) -> "SpecEE":
@@ -369,7 +371,7 @@ class SpecEE:
                    segments=tuple(Segment.from_json(s) for s in d.get("segments", [])),
                    decode=Graph.from_json(d["decode"]) if "decode" in d else None,
                    tree=Tree.from_json(d["tree"]) if "tree" in d else None, cost_model=d.get("cost_model", {}),
-                   kv_policy=d.get("kv_policy", "propagate"))
+                   kv_policy=d.get("kv_policy", "propagate"), draft_weights=d.get("draft_weights", {}))
 
     def to_json(self) -> dict:
         out = {"calibration": self.calibration, "rule": self.rule, "threshold": self.threshold,
@@ -383,6 +385,8 @@ class SpecEE:
             out["decode"] = self.decode.to_json()
         if self.tree is not None:
             out["tree"] = self.tree.to_json()
+        if self.draft_weights:
+            out["draft_weights"] = self.draft_weights
         return out
 
 

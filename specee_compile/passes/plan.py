@@ -117,7 +117,7 @@ class PassPlan:
 
 def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = False, tree: bool = False,
                  exit_mode: str = "segments", exits: ExitWeights | None = None, quant=None,
-                 kept=None) -> PassPlan:
+                 kept=None, draft_quant: dict | None = None) -> PassPlan:
     """The passes ``specee-compile`` runs for these options.
 
     ``exits`` carries the calibrated predictors; without it the SpecEE passes are listed
@@ -126,6 +126,8 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
     ``quant`` (a :class:`specee_compile.quant.QuantSpec`) adds the weight quantization, with
     ``kept`` (:class:`specee_compile.quant.KeptBlocks`) the GGUF whose blocks ``gguf`` keeps;
     graphs for TensorRT take it as blocked DequantizeLinear instead of ``MatMulNBits``.
+    ``draft_quant`` maps a draft family ("draft", "draft_tree") to its own QuantSpec (default:
+    ``quant``).
     """
     fused = opt_level != "O0" and target == "ort"
 
@@ -145,10 +147,10 @@ def default_plan(opt_level: str = "O1", target: str = "ort", specee: bool = Fals
             for family in ("step", "decode", "tree", "tree_decode"):
                 if family in plan:
                     plan[family].append("specee", FuseDraftInputPass(layers, weight, per_node=family == "tree_decode"))
-    if quant is not None and quant.active:
-        for family, pipeline in plan.items():
-            if family not in ("decode", "tree_decode"):
-                pipeline.append("quantize", QuantizeWeightsPass(quant, kept, qdq=target == "trt"))
+    for family, pipeline in plan.items():
+        spec = (draft_quant or {}).get(family, quant)
+        if spec is not None and spec.active and family not in ("decode", "tree_decode"):
+            pipeline.append("quantize", QuantizeWeightsPass(spec, kept, qdq=target == "trt"))
     return PassPlan(plan, exits)
 
 
