@@ -117,6 +117,7 @@ def test_a_quantized_specee_bundle_is_measured_against_its_own_dense_graph_not_c
     (["--sweep", "0.5,high"], "--sweep takes comma-separated thresholds"),
     (["--sweep", "1.5"], "sweep thresholds must be in [0, 1]"),
     (["--limit", "0"], "--limit must be positive"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be positive"),
     (["--tree", "9"], "the width must be from 1 to 8"),
     (["--tree", "two"], "a tree shape is WIDTHxDEPTHxBUDGET"),
     (["--prompts", "nowhere.jsonl"], "--prompts must be 'mtbench', 'sharegpt' or a JSONL file"),

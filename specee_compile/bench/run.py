@@ -64,6 +64,7 @@ class BenchSettings:
     configs: tuple[str, ...] = ()  # "key=value,..." compile overrides, one SpecEE bundle each
     prompts: str = "mtbench"  # mtbench | sharegpt | a JSONL file
     limit: int = 80
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # longer prompts are left out
     new_tokens: int = 128
     repeats: int = 1
     warmup: int = 2
@@ -88,7 +89,7 @@ class BenchSettings:
     def resolved(self) -> "BenchSettings":
         """Apply --quick's presets and check every field."""
         s = dataclasses.replace(self, **QUICK, sweep=self.sweep or QUICK_SWEEP) if self.quick else self
-        for name in ("limit", "new_tokens", "repeats", "sweep_prompts", "max_context"):
+        for name in ("limit", "max_prompt_tokens", "new_tokens", "repeats", "sweep_prompts", "max_context"):
             if getattr(s, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(s, name)}.")
         if any(type(n) is not int or n <= 0 for n in s.verify_contexts):
@@ -337,9 +338,10 @@ def _prompts(s: BenchSettings, engine) -> list[list[int]]:
     else:
         texts = [e.prompt for e in data.jsonl(s.prompts)][: s.limit]
     ids = [engine.encode(t) for t in texts]
-    kept = [x for x in ids if len(x) <= min(MAX_PROMPT_TOKENS, engine.capacity - s.new_tokens)]
+    longest = min(s.max_prompt_tokens, engine.capacity - s.new_tokens)
+    kept = [x for x in ids if len(x) <= longest]
     if len(kept) < len(ids):
-        logger.warning("left out %d prompts longer than %d tokens", len(ids) - len(kept), MAX_PROMPT_TOKENS)
+        logger.warning("left out %d prompts longer than %d tokens", len(ids) - len(kept), longest)
     if not kept:
         raise ConfigError(f"no prompt of {s.prompts} fits the bundle's context with {s.new_tokens} new tokens.")
     return kept
