@@ -208,7 +208,7 @@ def _compile_main(args) -> int:
             for how, n in stored.items():
                 counts[how] = counts.get(how, 0) + n
         for family, weights in ((manifest.get("specee") or {}).get("draft_weights") or {}).items():
-            if weights["stored"] and family not in families:  # a draft quantized in a bundle that is not
+            if weights["stored"] and family not in families:  # a quantized draft in an fp32 bundle
                 families[family] = weights["stored"]
         for family, counts in families.items():
             print(f"{family} weights: " + ", ".join(f"{n} {how}" for how, n in counts.items()), file=sys.stderr)
