@@ -269,7 +269,7 @@ def draft_weight_facts(config: CompileConfig, pass_log: list[dict]) -> dict:
     if not config.specee:
         return {}
     facts = {}
-    for family in DRAFT_FAMILIES[:2 if config.tree else 1]:
+    for family in DRAFT_FAMILIES if config.tree else ("draft",):
         spec = config.draft_quant_spec(family)
         stored = next((e["fired"] for e in pass_log if e.get("pass") == QuantizeWeightsPass.name
                        and e.get("graph") == family and e.get("fired")), {})
