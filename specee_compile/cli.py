@@ -168,8 +168,9 @@ def compile_parser() -> argparse.ArgumentParser:
                         "exit; default) or graph (one decode graph with a nested If exit after every predictor)")
     p.add_argument("--tree", action="store_true",
                    help="with --specee: also export the tree verification graph for lossless tree speculation "
-                        "(specee-run --tree) and, in exit mode segments, its segments with per-node predictors for "
-                        "early exit inside verification (specee-run --tree SHAPE:exit); the bundle's default shape is "
+                        "(specee-run --tree; a TensorRT output builds engines of it and of the tree draft) and, in an "
+                        "ONNX Runtime bundle with exit mode segments, its segments with per-node predictors for early "
+                        "exit inside verification (specee-run --tree SHAPE:exit); the bundle's default shape is "
                         "the candidate measured fastest on this machine")
     p.add_argument("--tree-shape", default="", metavar="SHAPE",
                    help="with --tree: the bundle's default tree shape, without measuring (e.g. 1x1x1+4)")

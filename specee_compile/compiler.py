@@ -184,7 +184,7 @@ def export(config: CompileConfig, source: Source, calibration):
     graphs["draft"] = exporter.export_draft(calibration.draft, capacity, target)
     if config.tree:
         graphs["tree"] = exporter.export_tree(hf_model, capacity, target)
-        if config.exit_mode == "segments":
+        if config.exit_mode == "segments" and config.backend == "ort":  # TensorRT bundles: lossless trees only
             graphs["tree_decode"] = _copy(graphs["tree"])
         graphs["draft_tree"] = exporter.export_draft(calibration.draft, capacity, target, tree_top_k=TREE_MAX_WIDTH)
     return graphs, shapes, exporter.kv_fill(hf_model, capacity)

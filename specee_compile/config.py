@@ -51,8 +51,9 @@ class CompileConfig:
             TensorRT bundles take "segments" only: one engine per segment and one for the draft.
         tree: with ``specee``, also export the tree verification and tree draft graphs
             (``specee/tree.onnx``, ``specee/draft_tree.onnx``) that lossless tree speculation
-            runs (``load(bundle, tree="4x2x6")``). ONNX Runtime bundles only (``check`` "trt"
-            checks them too).
+            runs (``load(bundle, tree="4x2x6")``); ``check`` "trt" checks them too, and a TensorRT
+            bundle holds an engine of each. Only ONNX Runtime bundles (exit mode "segments") also
+            hold the tree segments that early exit inside verification (``":exit"``) runs.
         tree_shape: the bundle's default tree shape (``specee-run --tree`` without one). Empty:
             chosen at compile time by measuring the candidates
             (:mod:`specee_compile.runtimes.tree_choice`) on ``tree_prompts`` held-out prompts x
@@ -162,10 +163,6 @@ class CompileConfig:
         if self.tree and not self.specee:
             raise ConfigError("tree speculation needs the draft of a SpecEE bundle; add --specee (specee=true) or drop "
                               "--tree.")
-        if self.tree and self.backend != "ort":
-            raise ConfigError("tree speculation runs on ONNX Runtime only (no TensorRT engines of the tree graphs are "
-                              "built yet); compile --out NAME.onnx (add --check trt to check its graphs against "
-                              "TensorRT's parser), or drop --tree.")
         if self.tree_shape:
             from specee_compile.contract import TREE_MAX_WIDTH
             from specee_compile.runtimes.speculation import TreeShape

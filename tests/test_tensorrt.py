@@ -21,7 +21,7 @@ from specee_compile.bundle import MANIFEST, read_manifest
 from specee_compile.calibrate import CalibrationSettings, calibrate, load_calibration
 from specee_compile.compiler import compile as compile_bundle
 from specee_compile.config import CompileConfig
-from specee_compile.errors import BackendError, ConfigError
+from specee_compile.errors import BackendError, BundleError, ConfigError
 from specee_compile.export import export_step
 from specee_compile.lower import tensorrt as trt_lowering
 from specee_compile.lower.trt_check import TensorRTCompatibilityError
@@ -235,10 +235,9 @@ def test_parser_errors_are_reported_with_their_nodes(tmp_path):
 
 
 # ---- SpecEE on TensorRT, up to the hardware call ------------------------------------------------
-@pytest.fixture(scope="module")
-def trt_specee_bundle(tiny_dirs, calibration, tmp_path_factory):
-    """A TensorRT SpecEE bundle compiled with the builder replaced: every engine file holds only
-    the name of its ONNX graph. Returns the bundle and the calls in order (check, builds)."""
+def _fake_build(config: CompileConfig):
+    """Compile ``config`` (a TensorRT SpecEE bundle) with the builder replaced: every engine file
+    holds only the name of its ONNX graph. Returns the bundle and the calls in order (check, builds)."""
     calls = []
     check = trt_lowering.check_graphs
 
@@ -252,10 +251,24 @@ def trt_specee_bundle(tiny_dirs, calibration, tmp_path_factory):
         mp.setattr(trt_lowering, "check_graphs", lambda graphs: calls.append(("check", list(graphs))) or check(graphs))
         mp.setattr(trt_lowering, "build_engine", build)
         mp.setattr(trt_lowering, "engine_facts", lambda precision, profile: {"precision": precision, "profile": profile})
-        out = compile_bundle(CompileConfig(model=str(tiny_dirs["llama"]), max_context=CAPACITY, specee=True,
-                                           out=tmp_path_factory.mktemp("trt-specee") / "spec.plan",
-                                           calibration=calibration, threshold=0.3, precision="fp32"), progress=False)
+        out = compile_bundle(config, progress=False)
     return out, calls
+
+
+@pytest.fixture(scope="module")
+def trt_specee_bundle(tiny_dirs, calibration, tmp_path_factory):
+    """A TensorRT SpecEE bundle compiled with the builder replaced (``_fake_build``)."""
+    return _fake_build(CompileConfig(model=str(tiny_dirs["llama"]), max_context=CAPACITY, specee=True,
+                                     out=tmp_path_factory.mktemp("trt-specee") / "spec.plan",
+                                     calibration=calibration, threshold=0.3, precision="fp32"))
+
+
+@pytest.fixture(scope="module")
+def trt_tree_bundle(tiny_dirs, calibration, tmp_path_factory):
+    """The same with the tree graphs, its default tree shape given (measuring one needs the engines)."""
+    return _fake_build(CompileConfig(model=str(tiny_dirs["llama"]), max_context=CAPACITY, specee=True, tree=True,
+                                     tree_shape="2x2x3+4", out=tmp_path_factory.mktemp("trt-tree") / "tree.plan",
+                                     calibration=calibration, threshold=0.3, precision="fp32"))
 
 
 @pytest.fixture
@@ -365,6 +378,61 @@ def test_specee_runtime_on_emulated_engines_equals_the_reference_decoder(trt_spe
 def test_loading_a_tensorrt_specee_bundle_without_hardware_names_what_is_missing(trt_specee_bundle):
     with pytest.raises(BackendError, match=r"TensorRT bundle.*--out NAME\.onnx --specee --check trt"):
         load(trt_specee_bundle[0])
+
+
+# ---- tree speculation on TensorRT, up to the hardware call ---------------------------------------
+def test_tensorrt_tree_bundle_has_engines_of_the_tree_graphs_and_no_tree_segments(trt_tree_bundle):
+    out, calls = trt_tree_bundle
+    tree = read_manifest(out)["specee"]["tree"]
+    assert calls[0][0] == "check" and calls[0][1][-2:] == ["tree", "draft_tree"]
+    assert not any(name.startswith("tree_segment") for name in calls[0][1])
+    assert [c[1] for c in calls[-2:]] == ["specee/tree.onnx", "specee/draft_tree.onnx"]
+    assert "segments" not in tree and tree["default_shape"] == "2x2x3+4"
+    rows = trt_lowering.TREE_OPT_ROWS
+    for graph, name in ((tree, "tree"), (tree["draft"], "draft_tree")):
+        assert (graph["file"], graph["onnx"]) == (f"specee/{name}.plan", f"specee/{name}.onnx")
+        assert (out / graph["file"]).read_bytes() == f"fake engine of {name}.onnx".encode()
+        # rows and bias columns (past + rows) from 1 to the capacity, tuned for a tree of TREE_OPT_ROWS nodes
+        assert graph["profile"]["input_ids"] == [[1, 1], [1, rows], [1, CAPACITY]]
+        assert graph["profile"]["attention_bias"] == [[1, 1, 1, 1], [1, 1, rows, rows], [1, 1, CAPACITY, CAPACITY]]
+    assert tree["draft"]["profile"]["features"][2] == [1, CAPACITY, 64]
+
+
+def test_tree_runtime_on_emulated_engines_gives_the_dense_tokens(trt_tree_bundle, emulated_tensorrt):
+    from specee_compile.runtimes.backends.tensorrt_tree import TrtTree
+    from specee_compile.runtimes.tree import TreeDecoder
+    from tests.test_tree import _oracle_draft
+
+    out, _ = trt_tree_bundle
+    engine, dense = load(out, tree=True), load(out, dense=True)
+    assert (type(engine.decoder), type(engine.decoder.backend)) == (TreeDecoder, TrtTree)
+    assert str(engine.shape) == "2x2x3+4"
+    backend = engine.decoder.backend
+    assert backend.segment_engines == []  # trees decode without the segments
+    for shape in ("1", "2x2x3+4", "3x2x5", "1+8"):
+        for prompt in PROMPTS:
+            want = dense.generate(prompt, max_new_tokens=12).token_ids
+            got = engine.generate(prompt, max_new_tokens=12, tree=shape)
+            assert got.token_ids == want, shape
+            assert len(got.step_seconds) == len(got.accepted_lengths)
+    assert backend.tree_engine.runs > 0 and backend.draft_tree_engine.runs > 0
+    # a draft that knows the next tokens, each after a wrong sibling: every step accepts a path whose K/V
+    # rows are moved down on the device, and the output is still dense greedy decoding's
+    oracle = load(out, tree="2x3x6")
+    oracle.decoder._real_draft = oracle.decoder._draft_tree
+    for prompt in PROMPTS:
+        want = dense.generate(prompt, max_new_tokens=12).token_ids
+        oracle.decoder._draft_tree = _oracle_draft(oracle, list(prompt) + want, 1)
+        got = oracle.generate(prompt, max_new_tokens=12)
+        assert got.token_ids == want and got.accepted_lengths[:2] == [4, 4]
+    with pytest.raises(BundleError, match="holds the lossless tree engines only"):
+        load(out, tree="1+4:exit")
+
+
+@without_hardware
+def test_loading_a_tensorrt_tree_bundle_without_hardware_names_what_is_missing(trt_tree_bundle):
+    with pytest.raises(BackendError, match="TensorRT bundle"):
+        load(trt_tree_bundle[0], tree=True)
 
 
 def test_an_int4_tensorrt_bundle_builds_its_engines_from_blocked_dequantization(tiny_dirs, tmp_path, monkeypatch,

@@ -80,8 +80,6 @@ def test_tree_speculation_refuses_what_it_cannot_run(bundle):
             load(tree, tree=shape)
     with pytest.raises(ConfigError, match="add --specee"):
         CompileConfig(model="m", out="o.onnx", tree=True)
-    with pytest.raises(ConfigError, match="runs on ONNX Runtime only"):
-        CompileConfig(model="m", out="o.plan", specee=True, tree=True)
 
 
 def test_tree_shapes_parse_and_count_their_nodes():

@@ -191,8 +191,8 @@ def _save_segments(cut: Segmented, folder: Path, stem: str = "segment") -> tuple
 
 
 def _build_specee_engines(spec: SpecEE, bundle_dir: Path, capacity: int, precision: str) -> SpecEE:
-    """One TensorRT engine per segment and one for the draft, each next to its ONNX file;
-    returns the ``specee`` manifest section that names them."""
+    """One TensorRT engine per segment, one for the draft and, with trees, one for each tree
+    graph, each next to its ONNX file; returns the ``specee`` manifest section that names them."""
     jobs = trt_lowering.engine_jobs(spec.to_json(), capacity)
     for job in jobs:
         plan = trt_lowering.build_engine(bundle_dir / job.onnx, job.profile, precision)

@@ -100,8 +100,11 @@ class _Fields:
 
     def graph(self, key: str) -> None:
         """A graph entry: its file and its I/O lists of named values (with an optional dtype
-        string and a shape of integers and symbolic names)."""
+        string and a shape of integers and symbolic names); a TensorRT engine's entry also names
+        the ONNX file it was built from (``onnx``)."""
         self.file(f"{key}.file")
+        if isinstance(self.get(key), dict) and "onnx" in self.get(key):
+            self.file(f"{key}.onnx")
         for part in ("inputs", "outputs"):
             value = self.get(f"{key}.{part}")
             if not (isinstance(value, list) and value and all(isinstance(v, dict) and isinstance(v.get("name"), str)
@@ -137,8 +140,6 @@ def check_fields(manifest: dict, path: Path) -> None:
             w is None or (type(w) is int and 1 <= w <= capacity) for w in windows)):
         raise f.fail("cache.sliding_windows", f"a list of {layers} windows (integers 1..{capacity} or null)", windows)
     f.graph("graphs.step")
-    if "onnx" in manifest["graphs"]["step"]:
-        f.file("graphs.step.onnx")
     if "specee" in manifest:
         _check_specee(f, layers, vocab)
     if "quant" in manifest:
@@ -206,8 +207,6 @@ def _check_segments(f: _Fields, key: str, layers: int, predictors: list[int]) ->
         if not isinstance(seg, dict):
             raise f.fail(at, "an object", seg)
         f.graph(at)
-        if "onnx" in seg:
-            f.file(f"{at}.onnx")
         first = f.int(f"{at}.first_layer", start, start)
         last = f.int(f"{at}.last_layer", first, layers - 1)
         exit_layer = seg.get("exit_layer")

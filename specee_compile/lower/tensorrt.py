@@ -72,17 +72,20 @@ def optimization_profile(model: ir.Model, capacity: int) -> dict[str, list[list[
     return io_profile(io_contract(model)["inputs"], capacity)
 
 
-def io_profile(inputs: list[dict], longest: int) -> dict[str, list[list[int]]]:
+def io_profile(inputs: list[dict], longest: int, opt: int = 1) -> dict[str, list[list[int]]]:
     """The same from a manifest's I/O entries (``{name, dtype, shape}``, symbolic dims as
-    strings): each symbolic dimension 1 to ``longest``, tuned for 1. ``longest=1`` fixes them
-    all at 1, for a graph that only runs decode steps (a SpecEE segment)."""
+    strings): each symbolic dimension 1 to ``longest``, tuned for ``opt`` (default 1).
+    ``longest=1`` fixes them all at 1, for a graph that only runs decode steps (a SpecEE
+    segment). Every symbolic dimension takes the same value at each point, which keeps the
+    shapes consistent (a tree graph's attention bias spans past + rows: at past 0, its rows)."""
+    opt = min(opt, longest)
     profile = {}
     for v in inputs:
         dims = list(v["shape"])
         if all(isinstance(d, int) for d in dims):
             continue
         pick = lambda n: [d if isinstance(d, int) else n for d in dims]  # noqa: E731
-        profile[v["name"]] = [pick(1), pick(1), pick(longest)]
+        profile[v["name"]] = [pick(1), pick(opt), pick(longest)]
     return profile
 
 
@@ -200,13 +203,19 @@ class EngineJob:
     profile: dict[str, list[list[int]]]  # min / opt / max shape of every input with symbolic dimensions
 
 
+TREE_OPT_ROWS = 8  # what the tree engines are tuned for: a tree of about the size the default shapes verify
+
+
 def engine_jobs(spec: dict, capacity: int) -> list[EngineJob]:
     """The engines of a TensorRT SpecEE bundle, from the ``specee`` section ``save`` returned.
 
     One per segment, in run order, with every symbolic dimension fixed at 1: segments run
     decode steps only (prefill uses the step engine), so the token and the hidden states
     crossing a cut are [1, 1] and [1, 1, d]. One for the draft, which also runs over the
-    prompt at prefill: its sequence dimension spans 1 to ``capacity``, tuned for 1.
+    prompt at prefill: its sequence dimension spans 1 to ``capacity``, tuned for 1. With tree
+    speculation, one for the tree verification graph and one for the tree draft: their rows
+    (the tree's nodes, or the tokens the draft catches up on) and the attention bias's
+    columns (past + rows) span 1 to ``capacity``, tuned for ``TREE_OPT_ROWS``.
     """
     if "segments" not in spec:
         raise BackendError(f"TensorRT SpecEE engines are built per segment; exit mode '{spec.get('exit_mode')}' "
@@ -215,15 +224,26 @@ def engine_jobs(spec: dict, capacity: int) -> list[EngineJob]:
             for k, g in enumerate(spec["segments"])]
     draft = spec["draft"]
     jobs.append(EngineJob("draft", draft["file"], _engine_file(draft["file"]), io_profile(draft["inputs"], capacity)))
+    tree = spec.get("tree")
+    if tree is not None:
+        if tree.get("segments"):
+            raise BackendError("TensorRT bundles take the lossless tree graphs only; the tree segments (early exit "
+                               "inside verification) run on ONNX Runtime bundles. Recompile without them.")
+        for name, g in (("tree", tree), ("draft_tree", tree["draft"])):
+            jobs.append(EngineJob(name, g["file"], _engine_file(g["file"]),
+                                  io_profile(g["inputs"], capacity, TREE_OPT_ROWS)))
     return jobs
 
 
 def with_engines(spec: dict, jobs: list[EngineJob]) -> dict:
-    """The ``specee`` section of a TensorRT bundle: each segment's and the draft's ``file`` is
-    its engine, ``onnx`` the graph it was built from and ``profile`` the shapes it takes."""
+    """The ``specee`` section of a TensorRT bundle: each segment's, the draft's and the tree
+    graphs' ``file`` is its engine, ``onnx`` the graph it was built from and ``profile`` the
+    shapes it takes."""
     spec = copy.deepcopy(spec)
     graphs = {f"segment_{k}": g for k, g in enumerate(spec["segments"])}
     graphs["draft"] = spec["draft"]
+    if spec.get("tree") is not None:
+        graphs.update(tree=spec["tree"], draft_tree=spec["tree"]["draft"])
     for job in jobs:
         graphs[job.name].update(file=job.engine, onnx=job.onnx, profile=job.profile)
     return spec

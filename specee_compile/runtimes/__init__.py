@@ -61,9 +61,9 @@ def load(path: str | Path, threads: int | None = None, verify: bool | str = "cac
         raise BundleError(f"{path} is a '{backend}' bundle; the runtimes load 'onnxruntime' and 'tensorrt' bundles.")
     bundle = BundleFacts(path, manifest, bundle_tokenizer(path, raw, BundleError))
     specee = manifest.specee is not None and not dense
-    if tree is not None and (manifest.specee is None or backend != "onnxruntime" or dense):
-        raise BundleError(f"tree speculation runs ONNX Runtime SpecEE bundles compiled with --tree, without "
-                          f"dense; {path} with these options is not one.")
+    if tree is not None and (manifest.specee is None or dense):
+        raise BundleError(f"tree speculation runs SpecEE bundles compiled with --tree, without dense; {path} with "
+                          "these options is not one.")
     if tree is True and manifest.specee.tree is not None and manifest.specee.tree.default_shape:
         tree = manifest.specee.tree.default_shape
     if tree is not None and manifest.specee.tree is not None and manifest.specee.tree.inexact:
@@ -87,8 +87,13 @@ def _decoder(bundle: BundleFacts, backend: str, specee: bool, tree, threads, pro
         return DenseDecoder(OrtStep(bundle, threads, profile_dir), bundle)
     spec = SpecEEFacts.read(bundle)
     if tree is not None:
-        from specee_compile.runtimes.backends.ort_tree import OrtTree
         from specee_compile.runtimes.tree import TreeDecoder
+
+        if backend == "tensorrt":
+            from specee_compile.runtimes.backends.tensorrt_tree import TrtTree
+
+            return TreeDecoder(TrtTree(bundle, spec), bundle, spec, tree, threshold)
+        from specee_compile.runtimes.backends.ort_tree import OrtTree
 
         return TreeDecoder(OrtTree(bundle, spec, threads, profile_dir), bundle, spec, tree, threshold)
     if backend == "tensorrt":

@@ -1,6 +1,7 @@
 """Lossless tree speculation (EAGLE-2 style) over a SpecEE bundle's draft and tree graphs.
 
-``TreeDecoder`` is the algorithm; ``backends/ort_tree.py`` runs its graphs and
+``TreeDecoder`` is the algorithm; ``backends/ort_tree.py`` (ONNX Runtime) or
+``backends/tensorrt_tree.py`` (TensorRT engines) runs its graphs and
 ``speculation.py`` holds the pure pieces (tree shapes, token trees, context lookup).
 
 Per target forward (batch 1, greedy), with ``t`` the newest token, not yet in the cache, at
@@ -61,7 +62,8 @@ class TreeRequest(Request):
 
 class TreeDecoder(SegmentedDecoder):
     """Decoding by lossless tree speculation with trees of ``shape`` over a SpecEE bundle
-    compiled with ``--tree`` (the backend: ``backends.ort_tree.OrtTree``)."""
+    compiled with ``--tree`` (the backend: ``backends.ort_tree.OrtTree`` or, for a TensorRT
+    bundle, ``backends.tensorrt_tree.TrtTree``)."""
 
     speculative = True
 
@@ -202,9 +204,8 @@ class TreeDecoder(SegmentedDecoder):
             path, layer = tree.accepted(greedy), self.num_layers - 1
         lap(request.breakdown, "verify", clock)
         rows = [n + s for s in path]
-        if rows != list(range(n + 1, n + 1 + len(path))):
-            for array in request.buffers.cache.arrays:  # the accepted nodes' K/V goes to the path's rows
-                array[0, :, n + 1:n + 1 + len(path), :] = array[0][:, rows, :]
+        if rows != list(range(n + 1, n + 1 + len(path))):  # the accepted nodes' K/V goes to the path's rows
+            self.backend.keep_path(request.buffers, n, rows)
         producers = [0, *path]  # the node whose target feature produced each emitted token
         request.history.append(layer)
         return [int(greedy[s]) for s in producers], producers, feats, layer

@@ -88,6 +88,11 @@ class OrtTree(OrtSpecEE):
         buf.tree_normed = out[-1].numpy()
         return out[-2].numpy()[0], buf.tree_normed
 
+    def keep_path(self, buf: OrtBuffers, n: int, rows: list[int]) -> None:
+        """Move the K/V of the accepted nodes (cache rows ``rows``) to rows n+1, n+2, ..."""
+        for array in buf.cache.arrays:
+            array[0, :, n + 1:n + 1 + len(rows), :] = array[0][:, rows, :]
+
     def run_tree_segment(self, buf: OrtBuffers, k: int, values: dict) -> dict:
         if buf.tree_segment_bindings is None:
             buf.tree_segment_bindings = [buf.cache.bind(s.io_binding(), layers)

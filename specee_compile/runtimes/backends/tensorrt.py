@@ -168,14 +168,15 @@ class TrtSpecEE(TrtStep):
     """The SpecEE engines besides the step engine: one per segment and one for the draft,
     with the values they pass each other in buffers bound once per request."""
 
-    def __init__(self, bundle, spec):
+    def __init__(self, bundle, spec, decode_graphs: bool = True):
         import torch
         from safetensors.numpy import load_file
 
         super().__init__(bundle)  # the hardware check, then the step engine
         self.spec = spec  # decoders.SpecEEFacts
         manifest = bundle.manifest.specee
-        self.segment_graphs = [g.to_json() for g in manifest.segments]
+        # tree speculation (decode_graphs=False) decodes with the tree engines, not the segments
+        self.segment_graphs = [g.to_json() for g in manifest.segments] if decode_graphs else []
         draft_graph = manifest.draft.to_json()
         self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path)
         self.segment_engines = [self.open(g, bundle.cache_shape) for g in self.segment_graphs]
@@ -226,7 +227,7 @@ class TrtSpecEE(TrtStep):
 
         ctx = buf.draft_context
         tokens = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        features = features.contiguous()
+        features = torch.as_tensor(features, dtype=torch.float32, device=self.device).contiguous()
         ctx.set_input_shape(INPUT_IDS, tuple(tokens.shape))
         ctx.set_input_shape(FEATURES, tuple(features.shape))
         ctx.set_tensor_address(INPUT_IDS, tokens.data_ptr())
