@@ -75,6 +75,24 @@ def test_file_names_that_are_not_plain_relative_paths_raise(dense, name):
         read_manifest(dense)
 
 
+@pytest.mark.parametrize("field", ["draft", "tree", "tree.draft"])
+def test_an_engines_onnx_path_outside_the_files_list_raises(specee, tmp_path, field):
+    """A TensorRT engine's entry names the ONNX file it was built from (``onnx``); that path is
+    checked like ``file`` in every graph entry."""
+    target = os.path.relpath(_outside_file(tmp_path), specee)
+
+    def point(m):
+        section = m["specee"]
+        for part in field.split("."):
+            section = section[part]
+        section["onnx"] = target
+
+    _rewrite(specee, point)
+    with pytest.raises(BundleError, match="which 'files' does not list") as e:
+        load(specee, tree=field.startswith("tree") or None)
+    assert f"specee.{field}.onnx" in str(e.value)
+
+
 def test_symlinked_graph_pointing_outside_raises(dense, tmp_path):
     secret = _outside_file(tmp_path)
     data = dense / "model.onnx.data"
