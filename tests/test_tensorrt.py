@@ -427,6 +427,13 @@ def test_tree_runtime_on_emulated_engines_gives_the_dense_tokens(trt_tree_bundle
         assert got.token_ids == want and got.accepted_lengths[:2] == [4, 4]
     with pytest.raises(BundleError, match="holds the lossless tree engines only"):
         load(out, tree="1+4:exit")
+    # the compile-time shape choice (run on the GPU for a real bundle) drives the same engines
+    from specee_compile.runtimes.tree_choice import choose_tree
+
+    choice = choose_tree(out, ["hello world, how are you", "tell me a story"], count=2, new_tokens=8,
+                         candidates=("1x1x1", "2x2x3+4"))
+    assert choice["shape"] in ("1x1x1", "2x2x3+4") and choice["prompts"] == 2
+    assert all(r["tokens_per_forward"] >= 1.0 and r["verify_ms"] > 0 for r in choice["candidates"])
 
 
 @without_hardware
