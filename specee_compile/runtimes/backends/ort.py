@@ -23,11 +23,13 @@ from specee_compile.bundle.manifest import Graph
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, GRAPH_EXIT_OUTPUTS, INPUT_IDS,
                                      KINDS, NORMED_FEATURES, LOGITS, PAST, PAST_LENGTH, is_cache, past, present)
 from specee_compile.errors import BundleError
+from specee_compile.runtimes.backends.exchange import exchange_buffers
 from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
 logger = logging.getLogger(__name__)
 
 SPINNING = ("always", "during_run", "never")
+NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}  # exchanged values
 _shared_pool: dict = {}  # set by share_threads: {"threads": n}
 
 
@@ -298,6 +300,9 @@ class OrtSpecEE(OrtStep):
         field = "specee.segments.file" if spec.exit_mode == "segments" else "specee.decode.file"
         self.segments = [self.graphs.open(g, field) for g in graphs] if decode_graphs else []
         self.segment_io = [io_names(s) for s in self.segments]
+        # exit mode "segments": the values the draft and the segments pass each other, in fixed buffers
+        self.exchange = exchange_buffers([g.to_json() for g in graphs], manifest.draft.to_json(), bundle.path,
+                                         tuple(NUMPY_DTYPES)) if self.segments and spec.exit_mode == "segments" else {}
         kv_path = bundle.file(manifest.kv_fill_file, "specee.kv_fill.file")
         try:
             self.kv = load_file(kv_path)
@@ -310,6 +315,16 @@ class OrtSpecEE(OrtStep):
         buf.draft_binding = buf.draft_cache.bind(self.draft.io_binding(), [0])
         buf.segment_bindings = [buf.cache.bind(s.io_binding(), layers)
                                 for s, layers in zip(self.segments, self.spec.segment_layers)]
+        if self.exchange:  # bound once: a decode step writes its inputs in place and runs the graphs
+            buf.values = {name: np.zeros(shape, NUMPY_DTYPES[dtype]) for name, (shape, dtype) in self.exchange.items()}
+            bound = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in buf.values.items()}
+            for binding, (inputs, outputs) in zip(buf.segment_bindings, self.segment_io):
+                for name in inputs:
+                    binding.bind_ortvalue_input(name, bound[name])
+                for name in outputs:
+                    binding.bind_ortvalue_output(name, bound[name])
+            buf.segment_outputs = [{name: buf.values[name] for name in outputs} for _, outputs in self.segment_io]
+            buf.draft_binding.bind_ortvalue_output(DRAFT_IDS, bound[DRAFT_IDS])
         if self.spec.exit_mode == "graph" and self.segments:  # the decode graph's results land in fixed buffers
             buf.out = {"token": np.zeros(1, np.int64), "exit_layer": np.zeros(1, np.int64),
                        "feature": np.zeros((1, 1, self.bundle.hidden_size), np.float32),
@@ -322,8 +337,8 @@ class OrtSpecEE(OrtStep):
                     buf.out[name] = buf.out["feature"]
         return buf
 
-    def array(self, value: ort.OrtValue) -> np.ndarray:
-        return value.numpy()
+    def array(self, value) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()
 
     def draft_step(self, buf: OrtBuffers, ids: list[int], features: np.ndarray, past_len: int) -> np.ndarray:
         """The draft's candidates after ``ids`` (fed ``features``) written from row ``past_len``."""
@@ -331,16 +346,28 @@ class OrtSpecEE(OrtStep):
         b.bind_cpu_input(INPUT_IDS, np.asarray([ids], np.int64))
         b.bind_cpu_input(FEATURES, np.ascontiguousarray(features, np.float32))
         b.bind_cpu_input(PAST_LENGTH, np.array([past_len], np.int64))
+        if self.exchange:  # its fixed buffer, bound once
+            self.draft.run_with_iobinding(b)
+            return buf.values[DRAFT_IDS]
         b.bind_output(DRAFT_IDS)
         self.draft.run_with_iobinding(b)
         return b.get_outputs()[-1].numpy()  # bound after the presents, so listed last
 
     def step_values(self, buf: OrtBuffers, token: int, n: int, draft_ids: np.ndarray, active: np.ndarray,
                     threshold: np.ndarray) -> dict:
-        return {INPUT_IDS: np.array([[token]], np.int64), PAST_LENGTH: np.array([n], np.int64),
-                DRAFT_IDS: draft_ids.astype(np.int64), ACTIVE_LAYERS: active, EXIT_THRESHOLD: threshold}
+        if not self.exchange:
+            return {INPUT_IDS: np.array([[token]], np.int64), PAST_LENGTH: np.array([n], np.int64),
+                    DRAFT_IDS: draft_ids.astype(np.int64), ACTIVE_LAYERS: active, EXIT_THRESHOLD: threshold}
+        values = buf.values  # the fixed buffers the graphs read; the draft wrote draft_ids into its own
+        for name, value in ((INPUT_IDS, token), (PAST_LENGTH, n), (ACTIVE_LAYERS, active), (EXIT_THRESHOLD, threshold)):
+            if name in values:
+                values[name][...] = value
+        return values
 
-    def run_segment(self, buf: OrtBuffers, k: int, values: dict) -> dict[str, ort.OrtValue]:
+    def run_segment(self, buf: OrtBuffers, k: int, values: dict) -> dict:
+        if self.exchange:  # every input and output is bound to its fixed buffer
+            self.segments[k].run_with_iobinding(buf.segment_bindings[k])
+            return buf.segment_outputs[k]
         inputs, outputs = self.segment_io[k]
         return run_bound(self.segments[k], buf.segment_bindings[k], inputs, outputs, values)
 

@@ -26,16 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from specee_compile.contract import (ACTIVE_LAYERS, DRAFT_IDS, EXIT_THRESHOLD, FEATURES, INPUT_IDS, KINDS, LOGITS,
-                                     NORMED_FEATURES, PAST_LENGTH, PRESENT, PAST, past, present)
+                                     NORMED_FEATURES, PAST_LENGTH, past, present)
 from specee_compile.errors import BackendError, BundleError, GenerationError
 from specee_compile.lower.tensorrt import unavailable_reason
+from specee_compile.runtimes.backends.exchange import CACHE_PREFIXES, exchange_buffers
 from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
 logger = logging.getLogger(__name__)
 
-CACHE_PREFIXES = (PAST, PRESENT)
-STEP_INPUTS = (INPUT_IDS, PAST_LENGTH, ACTIVE_LAYERS, EXIT_THRESHOLD)  # fed by the runtime
-_DTYPES = ("float32", "int64", "bool")  # of the values the graphs exchange
+DTYPES = ("float32", "int64", "bool")  # of the values the engines exchange
 
 
 class _SwapCaches:
@@ -178,7 +177,7 @@ class TrtSpecEE(TrtStep):
         # tree speculation (decode_graphs=False) decodes with the tree engines, not the segments
         self.segment_graphs = [g.to_json() for g in manifest.segments] if decode_graphs else []
         draft_graph = manifest.draft.to_json()
-        self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path)
+        self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path, DTYPES)
         self.segment_engines = [self.open(g, bundle.cache_shape) for g in self.segment_graphs]
         self.draft_engine = self.open(draft_graph, spec.draft_cache_shape)
         kv_path = bundle.file(manifest.kv_fill_file, "specee.kv_fill.file")
@@ -267,51 +266,6 @@ class TrtSpecEE(TrtStep):
                                  self.spec.kv_heads)
             buf.caches.cache(j, 0)[0, :, n, :] = k
             buf.caches.cache(j, 1)[0, :, n, :] = v
-
-
-def exchange_buffers(segments: list[dict], draft: dict, bundle: Path | str = "the bundle") -> dict[str, tuple]:
-    """name -> (shape, dtype) of every value the graphs of a decode step pass each other.
-
-    From the manifest's I/O lists: the draft's ``draft_ids``, the step inputs the runtime
-    feeds (``STEP_INPUTS``) and every segment output but the caches, at their decode-step
-    shape (symbolic dimensions are 1). Segments run in manifest order, so a segment input
-    must be a step input or an output of the draft or of an earlier segment, with the same
-    shape and dtype; anything else is a damaged bundle.
-    """
-    buffers: dict[str, tuple] = {}
-
-    def entry(v: dict) -> tuple:
-        return tuple(d if isinstance(d, int) else 1 for d in v["shape"]), v["dtype"]
-
-    def damaged(what: str) -> BundleError:
-        return BundleError(f"{bundle}: {what}; the bundle is damaged or mixed from two compiles. Recompile it.")
-
-    for v in draft["outputs"]:
-        if not v["name"].startswith(CACHE_PREFIXES):
-            buffers[v["name"]] = entry(v)
-    for k, seg in enumerate(segments):
-        for v in seg["inputs"]:
-            name = v["name"]
-            if name.startswith(CACHE_PREFIXES):
-                continue
-            if name in buffers:
-                if buffers[name] != entry(v):
-                    raise damaged(f"segment {k} reads '{name}' as {entry(v)}, but it is written as {buffers[name]}")
-            elif name in STEP_INPUTS:
-                buffers[name] = entry(v)
-            else:
-                raise damaged(f"segment {k} reads '{name}', which neither the runtime, the draft nor an earlier "
-                              "segment provides")
-        for v in seg["outputs"]:
-            if v["name"].startswith(CACHE_PREFIXES):
-                continue
-            if v["name"] in buffers:
-                raise damaged(f"segment {k} writes '{v['name']}', which an earlier graph or the runtime provides")
-            buffers[v["name"]] = entry(v)
-    for name, (_, dtype) in buffers.items():
-        if dtype not in _DTYPES:
-            raise damaged(f"'{name}' has dtype {dtype!r}; the engines exchange {sorted(_DTYPES)}")
-    return buffers
 
 
 def _torch_dtype(name: str):
