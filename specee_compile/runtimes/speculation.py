@@ -82,11 +82,13 @@ def context_lookup(context: list[int], length: int, longest: int = 3) -> list[in
     if length <= 0 or len(context) < 2:
         return []
     tokens = np.asarray(context)
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where an earlier match of the last token ends
     for k in range(min(longest, len(tokens) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], k)
-        hits = np.flatnonzero((windows == tokens[-k:]).all(axis=1))
+        hits = ends[ends >= k - 1]
+        for j in range(1, k):  # ... and of the k - 1 tokens before it
+            hits = hits[tokens[hits - j] == tokens[-1 - j]]
         if len(hits):
-            start = hits[-1] + k
+            start = hits[-1] + 1
             return [int(t) for t in tokens[start:start + (length if k == longest else min(k, length))]]
     return []
 

@@ -50,6 +50,7 @@ class OrtTree(OrtSpecEE):
         buf.tree_binding = buf.cache.bind(self.tree.io_binding(), range(self.bundle.num_layers))
         buf.draft_tree_binding = buf.draft_cache.bind(self.draft_tree.io_binding(), [0])
         buf.tree_segment_bindings = None  # bound when the first shape with ':exit' runs
+        buf.tree_outputs = {}  # per tree size: the verification's output buffers
         return buf
 
     def run_draft_tree(self, buf: OrtBuffers, ids: list[int], features: np.ndarray, positions: list[int],
@@ -70,23 +71,32 @@ class OrtTree(OrtSpecEE):
 
     def verify(self, buf: OrtBuffers, tokens: list[int], n: int, positions: np.ndarray, bias: np.ndarray):
         """One target forward over a token tree rooted at position n; its nodes' greedy tokens
-        [S] and features [1, S, d] (their normed states stay in ``buf.tree_normed``)."""
+        [S] and features [1, S, d] (their normed states stay in ``buf.tree_normed``). The arrays
+        are the request's buffers for trees of S nodes: the next forward of that size reuses them."""
         b = buf.tree_binding
         b.bind_cpu_input(INPUT_IDS, np.array([tokens], np.int64))
         b.bind_cpu_input(PAST_LENGTH, np.array([n], np.int64))
         b.bind_cpu_input(POSITION_IDS, positions)
         b.bind_cpu_input(ATTENTION_BIAS, bias)
-        b.bind_output(TOKENS)  # rebound each run: their shapes change with the tree's size
-        b.bind_output(FEATURES)
-        if self.tree_normed:
-            b.bind_output(NORMED_FEATURES)
+        out = self._tree_outputs(buf, len(tokens))
+        for name, (_, value) in out.items():  # rebound each run: their shapes change with the tree's size
+            b.bind_ortvalue_output(name, value)
         self.tree.run_with_iobinding(b)
-        out = b.get_outputs()  # the presents, then tokens and features (bound after them)
-        if self.tree_normed:
-            buf.tree_normed = out[-1].numpy()
-            return out[-3].numpy()[0], out[-2].numpy()
-        buf.tree_normed = out[-1].numpy()
-        return out[-2].numpy()[0], buf.tree_normed
+        features = out[FEATURES][0]
+        buf.tree_normed = out[NORMED_FEATURES][0] if self.tree_normed else features
+        return out[TOKENS][0][0], features
+
+    def _tree_outputs(self, buf: OrtBuffers, s: int) -> dict:
+        """name -> (array, OrtValue over it): the verification's outputs for trees of s nodes,
+        made the first time a tree of that size runs (reading them back is then no copy)."""
+        out = buf.tree_outputs.get(s)
+        if out is None:
+            d = self.bundle.hidden_size
+            arrays = {TOKENS: np.zeros((1, s), np.int64), FEATURES: np.zeros((1, s, d), np.float32)}
+            if self.tree_normed:
+                arrays[NORMED_FEATURES] = np.zeros((1, s, d), np.float32)
+            out = buf.tree_outputs[s] = {name: (a, ort.OrtValue.ortvalue_from_numpy(a)) for name, a in arrays.items()}
+        return out
 
     def keep_path(self, buf: OrtBuffers, n: int, rows: list[int]) -> None:
         """Move the K/V of the accepted nodes (cache rows ``rows``) to rows n+1, n+2, ..."""
