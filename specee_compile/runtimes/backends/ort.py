@@ -358,7 +358,9 @@ class OrtSpecEE(OrtStep):
         if not self.exchange:
             return {INPUT_IDS: np.array([[token]], np.int64), PAST_LENGTH: np.array([n], np.int64),
                     DRAFT_IDS: draft_ids.astype(np.int64), ACTIVE_LAYERS: active, EXIT_THRESHOLD: threshold}
-        values = buf.values  # the fixed buffers the graphs read; the draft wrote draft_ids into its own
+        values = buf.values  # the fixed buffers the graphs read
+        if draft_ids is not values[DRAFT_IDS]:  # draft_step writes its candidates there itself
+            values[DRAFT_IDS][...] = draft_ids
         for name, value in ((INPUT_IDS, token), (PAST_LENGTH, n), (ACTIVE_LAYERS, active), (EXIT_THRESHOLD, threshold)):
             if name in values:
                 values[name][...] = value
