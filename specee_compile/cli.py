@@ -417,7 +417,7 @@ def bench_parser() -> argparse.ArgumentParser:
                         "--bundle nor --config, one is compiled with the defaults")
     p.add_argument("--prompts", default="mtbench", help="mtbench (default), sharegpt (held out) or a JSONL file")
     p.add_argument("--limit", type=int, default=80, help="number of prompts (default 80: all of MT-Bench)")
-    p.add_argument("--max-prompt-tokens", type=int, default=512,
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="leave out prompts longer than this (default 512); raise it to time long contexts, up to the "
                         "bundle's capacity less --new-tokens")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -474,7 +474,8 @@ def _bench_main(args) -> int:
     shapes = tuple(TreeShape.parse(t) for t in args.tree.split(",") if t.strip())
     settings = BenchSettings(
         model=args.model, out=Path(args.out), bundles=tuple(args.bundle), configs=tuple(args.config),
-        prompts=args.prompts, limit=args.limit, max_prompt_tokens=args.max_prompt_tokens,
+        prompts=args.prompts, limit=args.limit,
+        **({} if args.max_prompt_tokens is None else {"max_prompt_tokens": args.max_prompt_tokens}),
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, transformers=not args.no_transformers, genai=not args.no_genai,
         llama_cpp=not args.no_llama_cpp, sweep=sweep, sweep_prompts=args.sweep_prompts, ppl_samples=args.ppl_samples, profile_prompts=args.profile_prompts,

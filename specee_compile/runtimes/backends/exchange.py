@@ -14,10 +14,11 @@ from specee_compile.errors import BundleError
 
 CACHE_PREFIXES = (PAST, PRESENT)
 STEP_INPUTS = (INPUT_IDS, PAST_LENGTH, ACTIVE_LAYERS, EXIT_THRESHOLD)  # fed by the runtime
+ENGINE_DTYPES = ("float32", "int64", "bool")  # what TensorRT engines exchange (ONNX Runtime graphs add int32)
 
 
 def exchange_buffers(segments: list[dict], draft: dict, bundle: Path | str = "the bundle",
-                     dtypes=("float32", "int64", "bool")) -> dict[str, tuple]:
+                     dtypes=ENGINE_DTYPES) -> dict[str, tuple]:
     """name -> (shape, dtype) of every value the graphs of a decode step pass each other.
 
     From the manifest's I/O lists: the draft's ``draft_ids``, the step inputs the runtime

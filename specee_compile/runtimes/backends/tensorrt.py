@@ -34,8 +34,6 @@ from specee_compile.runtimes.propagation import propagated_kv, rope_rows
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "int64", "bool")  # of the values the engines exchange
-
 
 class _SwapCaches:
     """Two buffer sets per cache and, per layer, which set holds the cache. A graph that runs
@@ -177,7 +175,7 @@ class TrtSpecEE(TrtStep):
         # tree speculation (decode_graphs=False) decodes with the tree engines, not the segments
         self.segment_graphs = [g.to_json() for g in manifest.segments] if decode_graphs else []
         draft_graph = manifest.draft.to_json()
-        self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path, DTYPES)
+        self.buffers = exchange_buffers(self.segment_graphs, draft_graph, bundle.path)
         self.segment_engines = [self.open(g, bundle.cache_shape) for g in self.segment_graphs]
         self.draft_engine = self.open(draft_graph, spec.draft_cache_shape)
         kv_path = bundle.file(manifest.kv_fill_file, "specee.kv_fill.file")
